@@ -1,0 +1,137 @@
+#include "stoker/pipeline/array_pipeline.h"
+
+#include <algorithm>
+
+#include "stoker/common/check.h"
+
+namespace stoker {
+
+ArrayPipeline::ArrayPipeline(std::shared_ptr<const ArraySource> source, std::shared_ptr<BufferPool> pool,
+                             std::optional<IndexStream> stream, int64_t start_batch, int num_threads,
+                             int depth)
+    : source_(std::move(source)),
+      pool_(std::move(pool)),
+      stream_(std::move(stream)),
+      start_batch_(start_batch),
+      depth_(std::max(1, depth)) {
+  STOKER_CHECK_AS(ValueError, !stream_ || (start_batch >= 0 && start_batch <= stream_->num_batches()),
+                  "start batch ", start_batch, " out of range [0, ", stream_ ? stream_->num_batches() : 0,
+                  "]");
+  const int n = std::max(1, num_threads);
+  threads_.reserve(n);
+  for (int i = 0; i < n; ++i) threads_.emplace_back([this] { work(); });
+}
+
+ArrayPipeline::~ArrayPipeline() { stop(); }
+
+void ArrayPipeline::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  done_cv_.notify_all();
+  for (std::thread& t : threads_)
+    if (t.joinable()) t.join();
+  threads_.clear();
+}
+
+bool ArrayPipeline::has_task() const {
+  if (stream_) return start_batch_ + next_seq_ < stream_->num_batches();
+  return !queue_.empty();
+}
+
+bool ArrayPipeline::all_claimed() const {
+  if (stream_) return start_batch_ + next_seq_ >= stream_->num_batches();
+  return closed_ && queue_.empty();
+}
+
+void ArrayPipeline::submit(std::vector<int64_t> indices) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    STOKER_CHECK(!stream_ && !closed_, "submit() on a pipeline that takes no more batches");
+    queue_.push_back(std::move(indices));
+    ++submitted_;
+  }
+  work_cv_.notify_one();
+}
+
+void ArrayPipeline::close_submissions() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+  }
+  work_cv_.notify_all();
+}
+
+void ArrayPipeline::work() {
+  std::vector<int64_t> indices;
+  for (;;) {
+    GatheredBatch out;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [this] {
+        return stop_ || all_claimed() || (has_task() && next_seq_ < consumed_ + depth_);
+      });
+      if (stop_ || !has_task()) return;
+      out.seq = next_seq_++;
+      if (!stream_) {
+        indices = std::move(queue_.front());
+        queue_.pop_front();
+      }
+    }
+    try {
+      if (stream_) {
+        const int64_t b = start_batch_ + out.seq;
+        indices.resize(static_cast<size_t>(stream_->batch_len(b)));
+        stream_->batch_indices(b, indices.data());
+      }
+      out.rows = static_cast<int64_t>(indices.size());
+      const size_t bytes = source_->batch_layout(out.rows, &out.offsets);
+      out.block = pool_->acquire(bytes);
+      source_->gather(indices.data(), out.rows, static_cast<uint8_t*>(out.block->data), out.offsets);
+    } catch (const IndexError& e) {
+      out.block.reset();
+      out.error = std::make_exception_ptr(
+          IndexError(detail::concat(e.what(), " (in batch ", start_batch_ + out.seq, ")")));
+    } catch (...) {
+      out.block.reset();
+      out.error = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ready_.emplace(out.seq, std::move(out));
+    }
+    done_cv_.notify_all();
+  }
+}
+
+bool ArrayPipeline::next(GatheredBatch* out) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    auto it = ready_.find(consumed_);
+    if (it != ready_.end()) {
+      *out = std::move(it->second);
+      ready_.erase(it);
+      ++consumed_;
+      lock.unlock();
+      work_cv_.notify_all();
+      if (out->error) std::rethrow_exception(out->error);
+      return true;
+    }
+    if (stop_) return false;
+    if (stream_ && start_batch_ + consumed_ >= stream_->num_batches()) return false;
+    if (!stream_ && consumed_ >= submitted_) {
+      if (closed_) return false;
+      STOKER_CHECK(false, "next() with no batch submitted");
+    }
+    done_cv_.wait(lock);
+  }
+}
+
+int64_t ArrayPipeline::delivered() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return consumed_;
+}
+
+}  // namespace stoker

@@ -1,0 +1,73 @@
+"""default_collate with torch's exact semantics, stacking arrays and tensors into pooled buffers.
+
+torch's own ``collate`` walks the structure (mappings, namedtuples, sequences, scalars, strings) with a map
+of per-type functions. We hand it a copy of ``default_collate_fn_map`` in which torch's two stacking
+functions are replaced by ours, so every other rule, and every user extension of the map, stays torch's.
+Ours stack a regular batch natively into a block of stoker's pool; anything irregular (mixed dtypes or
+shapes, negative strides, tensors needing autograd, subclasses) is passed to torch's function, which gives
+torch's result or torch's error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data._utils import collate as _tc
+
+from stoker._arrays import dlpack_type_of_torch
+from stoker._native import POOL, core, from_dlpack
+
+__all__ = ["default_collate"]
+
+_Tensor = torch.Tensor
+
+
+def _stack_numpy(batch, *, collate_fn_map=None):
+    if _tc.np_str_obj_array_pattern.search(batch[0].dtype.str) is None:
+        capsule = core.stack_arrays(batch if type(batch) is list else list(batch), POOL)
+        if capsule is not None:
+            return from_dlpack(capsule)
+    return _tc.collate_numpy_array_fn(batch, collate_fn_map=collate_fn_map)
+
+
+def _stack_tensors(batch, *, collate_fn_map=None):
+    elem = batch[0]
+    if type(elem) is _Tensor and elem.layout is torch.strided and elem.device.type == "cpu":
+        dtype = elem.dtype
+        code_bits = dlpack_type_of_torch(dtype)
+        if code_bits is not None and all(type(t) is _Tensor and t.dtype is dtype for t in batch):
+            out = from_dlpack(POOL.empty([len(batch), *elem.shape], *code_bits))
+            try:
+                return torch.stack(batch, 0, out=out)
+            except RuntimeError:
+                pass  # shapes, devices or autograd: torch's function decides
+    return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+
+
+_fast_map_for: tuple = (None, None)  # (items of the map it was built from, fast map)
+
+
+def _fast_map() -> dict:
+    global _fast_map_for
+    items = tuple(_tc.default_collate_fn_map.items())
+    if items != _fast_map_for[0]:
+        fast = dict(_tc.default_collate_fn_map)
+        if fast.get(torch.Tensor) is _tc.collate_tensor_fn:
+            fast[torch.Tensor] = _stack_tensors
+        if fast.get(np.ndarray) is _tc.collate_numpy_array_fn:
+            fast[np.ndarray] = _stack_numpy
+        _fast_map_for = (items, fast)
+    return _fast_map_for[1]
+
+
+def default_collate(batch):
+    """torch.utils.data.default_collate, same output and errors, with arrays stacked into pooled buffers."""
+    return _tc.collate(batch, collate_fn_map=_fast_map())
+
+
+_PRISTINE = tuple(_tc.default_collate_fn_map.items())
+
+
+def map_is_pristine() -> bool:
+    """True while nobody has changed default_collate_fn_map (the native array path relies on it)."""
+    return tuple(_tc.default_collate_fn_map.items()) == _PRISTINE

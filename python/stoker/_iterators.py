@@ -1,0 +1,267 @@
+"""The iterators stoker.DataLoader returns: native gather for array datasets, threads for Python ones."""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import threading
+import warnings
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as _FutureTimeout
+
+import numpy as np
+import torch
+from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
+
+from stoker._native import POOL, core, from_dlpack
+
+__all__ = ["ArrayIterator", "PythonIterator"]
+
+_live: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+    # Threads reading user arrays must stop before the interpreter frees them; the set holds only weak
+    # references, so this hook keeps no iterator alive.
+    for it in list(_live):
+        it.close()
+
+
+def _draw_seed(generator) -> int:
+    """One int64 draw from the loader's generator (or torch's global RNG), as torch draws its base_seed."""
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+def _pin_requested(loader) -> bool:
+    if not loader.pin_memory:
+        return False
+    if loader.pin_memory_device:
+        warnings.warn(
+            "pin_memory_device is deprecated, the current accelerator will be used as the device,"
+            f"ignore pin_memory_device='{loader.pin_memory_device}'."
+        )
+    if not torch.accelerator.is_available():
+        warnings.warn(
+            "'pin_memory' argument is set as true but no accelerator is found, "
+            "then device pinned memory won't be used."
+        )
+        return False
+    return True
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+class _Iterator:
+    """Common protocol: iter/next/len, close(), no pickling, the epoch's seed drawn at creation."""
+
+    def __init__(self, loader) -> None:
+        self._loader = loader
+        self._index_sampler = loader._index_sampler
+        self._num_threads = int(loader.num_workers)
+        self._pin = _pin_requested(loader)
+        self._seed = _draw_seed(loader.generator)
+        self._epoch = loader._stoker_next_epoch()
+        if loader.seed is not None:
+            self._seed = loader.seed
+        self._served = 0
+        self._closed = False
+        _live.add(self)
+
+    def _native_stream(self, batch_size: int, drop_last: bool):
+        """(n, batch_size, drop_last, shuffle, seed, epoch) for the native index stream."""
+        loader = self._loader
+        return (len(loader.dataset), batch_size, drop_last, loader._stoker_shuffle,
+                self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch)
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._index_sampler)
+
+    def __next__(self):
+        with torch.autograd.profiler.record_function(f"enumerate(DataLoader)#{type(self).__name__}.__next__"):
+            batch = self._next()
+        self._served += 1
+        return _pin_memory(batch) if self._pin else batch
+
+    def __getstate__(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class ArrayIterator(_Iterator):
+    """Batches of an array dataset, gathered by native threads into pooled blocks and handed over zero-copy."""
+
+    def __init__(self, loader, plan) -> None:
+        super().__init__(loader)
+        self._plan = plan
+        threads = max(1, self._num_threads)
+        depth = (loader.prefetch_factor or 2) * threads + 2
+        row_bytes = sum(spec[4] for spec in plan.specs)
+        batch_rows = loader.batch_size or 1
+        depth = max(2, min(depth, (32 << 20) // max(1, row_bytes * batch_rows)))
+        self._depth = depth
+        source = core.ArraySource(plan.specs)
+        self._source_owners = plan.owners  # the arrays the native source points into
+        if loader._stoker_native_sampler:
+            stream = self._native_stream(loader.batch_size, loader.drop_last)
+            self._batches = None
+        else:
+            stream = None
+            self._batches = iter(self._index_sampler)
+        self._pipe = core.ArrayPipeline(source, POOL, stream, 0, threads, depth)
+        self._submitted = 0
+        if self._batches is not None:
+            self._top_up()
+
+    def _top_up(self) -> None:
+        while self._batches is not None and self._submitted - self._pipe.delivered < self._depth:
+            try:
+                indices = next(self._batches)
+            except StopIteration:
+                self._batches = None
+                self._pipe.close_submissions()
+                return
+            try:
+                array = np.asarray(indices, dtype=np.int64).reshape(-1)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(
+                    f"the sampler yielded {indices!r}, but an array dataset is indexed by integers"
+                ) from exc
+            self._pipe.submit(array)
+            self._submitted += 1
+
+    def _next(self):
+        if self._closed:
+            raise StopIteration
+        if self._batches is not None:
+            self._top_up()
+        capsules = self._pipe.next()
+        if capsules is None:
+            self.close()
+            raise StopIteration
+        return self._plan.shape_batch([from_dlpack(c) for c in capsules])
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._pipe.stop()
+
+
+class PythonIterator(_Iterator):
+    """Batches of any map-style dataset: `__getitems__`/`__getitem__` in Python, collated into pooled
+    buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order."""
+
+    def __init__(self, loader, collate) -> None:
+        super().__init__(loader)
+        self._dataset = loader.dataset
+        self._auto = loader._auto_collation
+        self._collate = collate
+        getitems = getattr(self._dataset, "__getitems__", None)
+        self._getitems = getitems if getitems else None
+        if loader._stoker_native_sampler:
+            bs = loader.batch_size if self._auto else 1
+            stream = core.IndexStream(*self._native_stream(bs, loader.drop_last if self._auto else False))
+            if self._auto:
+                self._indices = (stream.batch(b).tolist() for b in range(len(stream)))
+            else:
+                self._indices = (int(stream.batch(b)[0]) for b in range(len(stream)))
+        else:
+            self._indices = iter(self._index_sampler)
+        self._count = itertools.count()
+        self._pool = None
+        if self._num_threads > 0:
+            worker_ids = itertools.count()
+            init = loader.worker_init_fn
+
+            def start_worker() -> None:
+                wid = next(worker_ids)
+                threading.current_thread().name = f"stoker_worker_{wid}"
+                if init is not None:
+                    init(wid)
+
+            self._pool = ThreadPoolExecutor(self._num_threads, "stoker_worker", initializer=start_worker)
+            self._depth = (loader.prefetch_factor or 2) * self._num_threads
+            self._pending: collections.deque = collections.deque()
+            self._top_up()
+
+    def _load(self, number: int, indices):
+        dataset = self._dataset
+        if not self._auto:
+            try:
+                return self._collate(dataset[indices])
+            except StopIteration:
+                raise
+            except Exception as exc:
+                _add_note(exc, f"stoker: raised while loading dataset index {indices!r} (batch {number})")
+                raise
+        if self._getitems is not None:
+            try:
+                data = self._getitems(indices)
+            except StopIteration:
+                raise
+            except Exception as exc:
+                _add_note(exc, f"stoker: raised by __getitems__ for dataset indices {list(indices)!r} "
+                               f"(batch {number})")
+                raise
+        else:
+            data = []
+            for i in indices:
+                try:
+                    data.append(dataset[i])
+                except StopIteration:
+                    raise
+                except Exception as exc:
+                    _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
+                    raise
+        return self._collate(data)
+
+    def _top_up(self) -> None:
+        while self._indices is not None and len(self._pending) < self._depth:
+            try:
+                indices = next(self._indices)
+            except StopIteration:
+                self._indices = None
+                return
+            self._pending.append(self._pool.submit(self._load, next(self._count), indices))
+
+    def _next(self):
+        if self._closed:
+            raise StopIteration
+        if self._pool is None:
+            try:
+                indices = next(self._indices)
+            except StopIteration:
+                self.close()
+                raise
+            return self._load(next(self._count), indices)
+        self._top_up()
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        future = self._pending.popleft()
+        try:
+            return future.result(self._loader.timeout or None)
+        except _FutureTimeout:
+            raise RuntimeError(f"DataLoader timed out after {self._loader.timeout} seconds") from None
+        except StopIteration:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
