@@ -19,6 +19,7 @@ from stoker._native import POOL, core, from_dlpack
 
 __all__ = ["ArrayIterator", "PythonIterator"]
 
+_profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -86,7 +87,10 @@ class _Iterator:
         return len(self._index_sampler)
 
     def __next__(self):
-        with torch.autograd.profiler.record_function(f"enumerate(DataLoader)#{type(self).__name__}.__next__"):
+        if _profiler_enabled():  # the range torch's loader records, at no cost when nobody profiles
+            with torch.autograd.profiler.record_function(f"enumerate(DataLoader)#{type(self).__name__}.__next__"):
+                batch = self._next()
+        else:
             batch = self._next()
         self._served += 1
         return _pin_memory(batch) if self._pin else batch

@@ -1,0 +1,71 @@
+"""Throughput of stoker beside torch's DataLoader (and a numpy gather), one group per workload.
+
+Run: pytest benchmarks/ --benchmark-only --benchmark-group-by=group
+pytest-benchmark prints each group's loaders side by side; compare their means within a group.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader as TorchDataLoader
+
+import stoker
+
+
+def epoch(loader) -> int:
+    n = 0
+    for batch in loader:
+        n += 1
+    return n
+
+
+LOADERS = {
+    "torch": lambda ds, bs, nw: TorchDataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw,
+                                                persistent_workers=nw > 0),
+    "stoker": lambda ds, bs, nw: stoker.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw),
+}
+
+
+@pytest.mark.benchmark(group="arrays: TensorDataset float32[256] + label, batch 256")
+@pytest.mark.parametrize("kind", ["torch", "stoker"])
+def test_dense(benchmark, dense, kind):
+    loader = LOADERS[kind](dense, 256, 0)
+    benchmark.pedantic(epoch, args=(loader,), rounds=3 if kind == "stoker" else 1, warmup_rounds=0)
+
+
+@pytest.mark.benchmark(group="arrays: TensorDataset float32[256] + label, batch 256")
+def test_dense_numpy_gather(benchmark, dense):
+    x, y = dense.tensors[0].numpy(), dense.tensors[1].numpy()
+
+    def gather():
+        perm = np.random.default_rng().permutation(len(x))
+        for i in range(0, len(x), 256):
+            j = perm[i:i + 256]
+            torch.from_numpy(x[j]), torch.from_numpy(y[j])
+
+    benchmark.pedantic(gather, rounds=3)
+
+
+@pytest.mark.benchmark(group="memory-mapped .npy float32[256] + label, batch 256")
+@pytest.mark.parametrize("kind", ["torch", "stoker"])
+def test_memmap(benchmark, memmap_npy, kind):
+    loader = LOADERS[kind](stoker.ArrayDataset(*memmap_npy), 256, 0)
+    benchmark.pedantic(epoch, args=(loader,), rounds=3 if kind == "stoker" else 1)
+
+
+@pytest.mark.benchmark(group="tiny: one float + label, batch 1024")
+@pytest.mark.parametrize("kind", ["torch", "stoker"])
+def test_tiny(benchmark, tiny, kind):
+    benchmark.pedantic(epoch, args=(LOADERS[kind](tiny, 1024, 0),), rounds=3 if kind == "stoker" else 1)
+
+
+@pytest.mark.benchmark(group="large: 256 KiB samples, batch 16")
+@pytest.mark.parametrize("kind", ["torch", "stoker"])
+def test_large(benchmark, large, kind):
+    benchmark.pedantic(epoch, args=(LOADERS[kind](large, 16, 0),), rounds=3)
+
+
+@pytest.mark.benchmark(group="Python dataset: crop + flip of uint8 3x64x64, batch 256")
+@pytest.mark.parametrize("kind,nw", [("torch", 0), ("torch", 2), ("stoker", 0), ("stoker", 2)])
+def test_crop_flip(benchmark, crop_flip, kind, nw):
+    benchmark.pedantic(epoch, args=(LOADERS[kind](crop_flip, 256, nw),), rounds=2)

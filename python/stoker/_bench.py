@@ -1,0 +1,201 @@
+"""`python -m stoker bench`: stoker against torch's DataLoader on built-in synthetic workloads.
+
+Each workload builds its data once, then runs its loaders interleaved for several rounds after a warm-up
+and reports the median samples/s, the ratio to torch's best configuration on that workload, and the time
+from iter() to the first batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import Dataset, TensorDataset
+
+import stoker
+
+__all__ = ["main"]
+
+
+class CropFlip(Dataset):
+    """A Python dataset doing numpy work per sample: random 56x56 crop and horizontal flip of uint8 3x64x64."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+        rng = np.random.default_rng(0)  # the "random" choices, drawn once so they cost nothing per sample
+        self.offsets = rng.integers(0, 9, size=(len(images), 2)).tolist()
+        self.flips = (rng.random(len(images)) < 0.5).tolist()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        y, x = self.offsets[i]
+        crop = self.images[i, :, y:y + 56, x:x + 56]
+        if self.flips[i]:
+            crop = crop[:, :, ::-1]
+        return np.ascontiguousarray(crop), int(self.labels[i])
+
+
+@dataclass
+class Case:
+    name: str
+    make: Callable[[], object]  # returns an iterable of batches (a loader)
+    baseline: bool = False  # a torch configuration: the ratio is taken to the best of these
+    results: list = field(default_factory=list)
+    first_batch: list = field(default_factory=list)
+
+
+@dataclass
+class Workload:
+    name: str
+    samples: int
+    cases: list
+
+
+def _first_len(batch) -> int:
+    while isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        batch = next(iter(batch.values()))
+    return int(batch.shape[0])
+
+
+def _run_once(case: Case, limit: int) -> None:
+    start = time.perf_counter()
+    it = iter(case.make())
+    batch = next(it)
+    case.first_batch.append(time.perf_counter() - start)
+    seen = _first_len(batch)
+    for batch in it:
+        seen += _first_len(batch)
+        if seen >= limit:
+            break
+    case.results.append(seen / (time.perf_counter() - start))
+
+
+def _workloads(scale: float, tmp: str) -> list[Workload]:
+    g = torch.Generator().manual_seed(0)
+    n = max(1024, int(200_000 * scale))
+    x = torch.randn(n, 256, generator=g)
+    y = torch.randint(0, 1000, (n,), generator=g)
+    dense = TensorDataset(x, y)
+    xn, yn = x.numpy(), y.numpy()
+
+    def numpy_gather(bs: int = 256):
+        perm = np.random.default_rng().permutation(n)
+        for i in range(0, n, bs):
+            j = perm[i:i + bs]
+            yield torch.from_numpy(xn[j]), torch.from_numpy(yn[j])
+
+    path = os.path.join(tmp, "features.npy")
+    np.save(path, xn)
+    mm = np.load(path, mmap_mode="r")
+    mmap_ds = stoker.ArrayDataset(mm, yn)
+
+    tiny = TensorDataset(torch.randn(n, generator=g), torch.randint(0, 10, (n,), generator=g))
+    n_large = max(64, int(2_000 * scale))
+    large = TensorDataset(torch.randn(n_large, 65536, generator=g), torch.arange(n_large))
+    n_img = max(512, int(20_000 * scale))
+    images = np.random.default_rng(0).integers(0, 256, size=(n_img, 3, 64, 64), dtype=np.uint8)
+    crop = CropFlip(images, np.arange(n_img))
+
+    def torch_dl(ds, bs, nw=0, **kw):
+        return lambda: TorchDataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw,
+                                       persistent_workers=nw > 0, **kw)
+
+    def stoker_dl(ds, bs, nw=0):
+        return lambda: stoker.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw)
+
+    return [
+        Workload("arrays: TensorDataset float32[256]+label, batch 256", n, [
+            Case("torch num_workers=0", torch_dl(dense, 256), baseline=True),
+            Case("numpy fancy-index gather", numpy_gather),
+            Case("stoker num_workers=0", stoker_dl(dense, 256)),
+            Case("stoker num_workers=2", stoker_dl(dense, 256, 2)),
+        ]),
+        Workload("memory-mapped .npy float32[256]+label, batch 256", n, [
+            Case("torch num_workers=0", torch_dl(mmap_ds, 256), baseline=True),
+            Case("stoker num_workers=0", stoker_dl(mmap_ds, 256)),
+            Case("stoker num_workers=2", stoker_dl(mmap_ds, 256, 2)),
+        ]),
+        Workload("tiny: one float + label, batch 1024", n, [
+            Case("torch num_workers=0", torch_dl(tiny, 1024), baseline=True),
+            Case("stoker num_workers=0", stoker_dl(tiny, 1024)),
+        ]),
+        Workload("large: 256 KiB samples, batch 16", n_large, [
+            Case("torch num_workers=0", torch_dl(large, 16), baseline=True),
+            Case("stoker num_workers=0", stoker_dl(large, 16)),
+            Case("stoker num_workers=2", stoker_dl(large, 16, 2)),
+        ]),
+        Workload("Python dataset: crop 56 + flip of uint8 3x64x64, batch 256", n_img, [
+            Case("torch num_workers=0", torch_dl(crop, 256), baseline=True),
+            Case("torch num_workers=2", torch_dl(crop, 256, 2), baseline=True),
+            Case("stoker num_workers=0", stoker_dl(crop, 256)),
+            Case("stoker num_workers=2", stoker_dl(crop, 256, 2)),
+        ]),
+    ]
+
+
+def run(scale: float = 1.0, rounds: int = 3, budget_s: float = 4.0, only: str | None = None,
+        out=sys.stdout) -> list[dict]:
+    """Runs every workload and returns one record per (workload, loader)."""
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for w in _workloads(scale, tmp):
+            if only and only.lower() not in w.name.lower():
+                continue
+            print(f"\n{w.name} ({w.samples} samples)", file=out, flush=True)
+            # Warm-up: one short pass of each case, which also sizes the rounds to the time budget.
+            limits = {}
+            for case in w.cases:
+                t = time.perf_counter()
+                _run_once(case, min(w.samples, 4096))
+                rate = case.results.pop()
+                case.first_batch.pop()
+                limits[case.name] = int(min(w.samples, max(4096, rate * budget_s / rounds)))
+                del t
+            for _ in range(rounds):
+                for case in w.cases:
+                    _run_once(case, limits[case.name])
+            best_torch = max(statistics.median(c.results) for c in w.cases if c.baseline)
+            for case in w.cases:
+                rate = statistics.median(case.results)
+                rec = {
+                    "workload": w.name, "loader": case.name, "samples_per_s": rate,
+                    "ratio_to_torch_best": rate / best_torch,
+                    "first_batch_ms": 1e3 * statistics.median(case.first_batch),
+                }
+                records.append(rec)
+                print(f"  {case.name:<28} {rate / 1e6:9.3f} M samples/s   x{rec['ratio_to_torch_best']:7.2f}"
+                      f"   first batch {rec['first_batch_ms']:8.2f} ms", file=out, flush=True)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__)
+    parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (default 1.0)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per loader (default 3)")
+    parser.add_argument("--budget", type=float, default=3.0,
+                        help="seconds of measurement per loader over all rounds (default 3)")
+    parser.add_argument("--only", help="run only workloads whose name contains this text")
+    parser.add_argument("--json", metavar="FILE", help="also write the records as JSON to FILE")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"stoker {stoker.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
+          "ratio = samples/s over torch's best configuration in the same run")
+    records = run(args.scale, args.rounds, args.budget, args.only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0
