@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -182,6 +183,40 @@ def run(scale: float = 1.0, rounds: int = 3, budget_s: float = 4.0, only: str | 
     return records
 
 
+_MEMORY_SCRIPT = """
+import resource, sys, torch
+from torch.utils.data import DataLoader, TensorDataset
+import stoker
+n = int(sys.argv[2])
+g = torch.Generator().manual_seed(0)
+ds = TensorDataset(torch.randn(n, 256, generator=g), torch.randint(0, 1000, (n,), generator=g))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cls = DataLoader if sys.argv[1] == "torch" else stoker.DataLoader
+for _ in range(2):
+    for batch in cls(ds, batch_size=256, shuffle=True):
+        pass
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after)
+"""
+
+
+def peak_memory(scale: float = 1.0, out=sys.stdout) -> list[dict]:
+    """Peak RSS of two epochs over the dense workload, each loader in a fresh process."""
+    n = max(1024, int(200_000 * scale))
+    print(f"\npeak RSS, two epochs of TensorDataset float32[256]+label ({n} samples), batch 256, "
+          "each in a fresh process", file=out, flush=True)
+    records = []
+    for kind in ("torch", "stoker"):
+        proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, kind, str(n)], capture_output=True,
+                              text=True, check=True)
+        before, after = (int(v) / 1024 for v in proc.stdout.split())
+        records.append({"workload": "peak RSS", "loader": f"{kind} num_workers=0", "peak_rss_mib": after,
+                        "growth_while_loading_mib": after - before})
+        print(f"  {kind + ' num_workers=0':<28} peak {after:8.1f} MiB   (+{after - before:6.1f} MiB while "
+              "loading)", file=out, flush=True)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (default 1.0)")
@@ -195,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stoker {stoker.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
           "ratio = samples/s over torch's best configuration in the same run")
     records = run(args.scale, args.rounds, args.budget, args.only)
+    if not args.only:
+        records += peak_memory(args.scale)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

@@ -1,5 +1,6 @@
 #include "stoker/source/array_source.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "stoker/common/check.h"
@@ -22,10 +23,18 @@ void gather_rows(const Column& c, const int64_t* idx, int64_t count, uint8_t* ds
     case 8: return gather_fixed<uint64_t>(c.base, s, idx, count, dst);
     default: break;
   }
-  constexpr int64_t kAhead = 4;  // rows are scattered: ask for the next ones while copying this one
+  // Rows are scattered: while copying row i, ask for every cache line of row i + kAhead (for rows up to
+  // 4 KiB; longer rows are streamed well enough by the hardware prefetcher once started).
+  constexpr int64_t kAhead = 4;
   const size_t n = c.row_bytes;
+  const size_t lines = n <= 4096 ? (n + 63) / 64 : 1;
+  auto prefetch_row = [&](int64_t i) {
+    const uint8_t* row = c.base + idx[i] * s;
+    for (size_t l = 0; l < lines; ++l) __builtin_prefetch(row + l * 64);
+  };
+  for (int64_t i = 0; i < std::min(kAhead, count); ++i) prefetch_row(i);
   for (int64_t i = 0; i < count; ++i) {
-    if (i + kAhead < count) __builtin_prefetch(c.base + idx[i + kAhead] * s);
+    if (i + kAhead < count) prefetch_row(i + kAhead);
     std::memcpy(dst + static_cast<size_t>(i) * n, c.base + idx[i] * s, n);
   }
 }
