@@ -173,7 +173,7 @@ def array_plan(dataset: Any) -> ArrayPlan | None:
     elif type(dataset) is TensorDataset:
         columns = [(f"#{i}", t) for i, t in enumerate(dataset.tensors)]
         kind, positional, names = "list", len(columns), []
-    elif type(dataset) is torch.Tensor or isinstance(dataset, np.ndarray):
+    elif type(dataset) in (torch.Tensor, np.ndarray, np.memmap):  # subclasses may index differently
         columns = [("#0", dataset)]
         kind, positional, names = "single", 1, []
     else:

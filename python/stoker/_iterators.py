@@ -8,7 +8,7 @@ import itertools
 import threading
 import warnings
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as _FutureTimeout
 
 import numpy as np
@@ -105,6 +105,21 @@ class _Iterator:
         self._closed = True
 
 
+def _index_array(indices):
+    """(int64 array, None) for a batch of integer indices, else (None, the IndexError torch would raise)."""
+    try:
+        array = np.asarray(indices)
+    except Exception as exc:  # ragged or exotic: what indexing with it would raise
+        return None, IndexError(f"a batch of indices must be integers; the sampler gave {indices!r} ({exc})")
+    if array.size == 0:
+        return None, IndexError("list index out of range")  # default_collate's error for an empty batch
+    if array.dtype.kind not in "iu" or array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
+        return None, IndexError(
+            f"only integers are valid indices into an array dataset; the sampler gave {indices!r}"
+        )
+    return array.astype(np.int64, copy=False).reshape(-1), None
+
+
 class ArrayIterator(_Iterator):
     """Batches of an array dataset, gathered by native threads into pooled blocks and handed over zero-copy."""
 
@@ -119,39 +134,45 @@ class ArrayIterator(_Iterator):
         self._depth = depth
         source = core.ArraySource(plan.specs)
         self._source_owners = plan.owners  # the arrays the native source points into
-        if loader._stoker_native_sampler:
-            stream = self._native_stream(loader.batch_size, loader.drop_last)
-            self._batches = None
-        else:
-            stream = None
-            self._batches = iter(self._index_sampler)
+        self._native_order = loader._stoker_native_sampler
+        self._batches = None if self._native_order else iter(self._index_sampler)
+        stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
         self._pipe = core.ArrayPipeline(source, POOL, stream, 0, threads, depth)
-        self._submitted = 0
+        self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
         if self._batches is not None:
             self._top_up()
 
     def _top_up(self) -> None:
-        while self._batches is not None and self._submitted - self._pipe.delivered < self._depth:
+        # Reads the sampler ahead. A batch it cannot serve (the sampler raised, or gave no integers) is kept
+        # in line as the exception to raise at that batch's turn, so the batches before it still arrive.
+        while self._batches is not None and len(self._pending) < self._depth:
             try:
                 indices = next(self._batches)
             except StopIteration:
                 self._batches = None
                 self._pipe.close_submissions()
                 return
-            try:
-                array = np.asarray(indices, dtype=np.int64).reshape(-1)
-            except (TypeError, ValueError) as exc:
-                raise TypeError(
-                    f"the sampler yielded {indices!r}, but an array dataset is indexed by integers"
-                ) from exc
-            self._pipe.submit(array)
-            self._submitted += 1
+            except Exception as exc:
+                self._pending.append(exc)
+                continue
+            array, error = _index_array(indices)
+            if error is not None:
+                self._pending.append(error)
+            else:
+                self._pipe.submit(array)
+                self._pending.append(None)
 
     def _next(self):
         if self._closed:
             raise StopIteration
-        if self._batches is not None:
+        if not self._native_order:
             self._top_up()
+            if not self._pending:
+                self.close()
+                raise StopIteration
+            error = self._pending.popleft()
+            if error is not None:
+                raise error
         capsules = self._pipe.next()
         if capsules is None:
             self.close()
@@ -239,6 +260,11 @@ class PythonIterator(_Iterator):
             except StopIteration:
                 self._indices = None
                 return
+            except Exception as exc:  # the sampler's error, raised at this batch's turn
+                failed: Future = Future()
+                failed.set_exception(exc)
+                self._pending.append(failed)
+                continue
             self._pending.append(self._pool.submit(self._load, next(self._count), indices))
 
     def _next(self):

@@ -1,5 +1,7 @@
 #include "stoker/sampler/permutation.h"
 
+#include <utility>
+
 namespace stoker {
 
 Permutation::Permutation(int64_t n, uint64_t seed, uint64_t epoch) : n_(n > 0 ? n : 0) {
@@ -9,6 +11,17 @@ Permutation::Permutation(int64_t n, uint64_t seed, uint64_t epoch) : n_(n > 0 ? 
   for (int r = 0; r < kRounds; ++r) {
     k = mix64(k + 0x9e3779b97f4a7c15ULL * (r + 1));
     keys_[r] = k;
+  }
+  if (n_ > 1 && static_cast<int64_t>(n_) <= kTableMax) {
+    // Fisher-Yates, drawing j uniformly in [0, i] from the counter (key, i) by a 64x64->128 multiply.
+    table_.resize(n_);
+    for (uint64_t i = 0; i < n_; ++i) table_[i] = static_cast<uint32_t>(i);
+    const uint64_t key = mix64(k ^ 0xd1b54a32d192ed03ULL);
+    for (uint64_t i = n_ - 1; i > 0; --i) {
+      const uint64_t r = mix64(key + i * 0x9e3779b97f4a7c15ULL);
+      const auto j = static_cast<uint64_t>((static_cast<unsigned __int128>(r) * (i + 1)) >> 64);
+      std::swap(table_[i], table_[j]);
+    }
   }
 }
 
