@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import collections
 import itertools
+import os
 import threading
 import warnings
 import weakref
@@ -72,6 +73,7 @@ class _Iterator:
             self._seed = loader.seed
         self._served = 0
         self._closed = False
+        self._pid = os.getpid()
         _live.add(self)
 
     def _native_stream(self, batch_size: int, drop_last: bool):
@@ -87,6 +89,11 @@ class _Iterator:
         return len(self._index_sampler)
 
     def __next__(self):
+        if self._pid != os.getpid():
+            raise RuntimeError(
+                f"this stoker iterator was created in process {self._pid}; its loading threads do not exist "
+                f"in process {os.getpid()} (a fork). Create a new iterator (iter(loader)) in this process."
+            )
         if _profiler_enabled():  # the range torch's loader records, at no cost when nobody profiles
             with torch.autograd.profiler.record_function(f"enumerate(DataLoader)#{type(self).__name__}.__next__"):
                 batch = self._next()
@@ -182,7 +189,8 @@ class ArrayIterator(_Iterator):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._pipe.stop()
+            if self._pid == os.getpid():  # in a forked child there are no threads to stop
+                self._pipe.stop()
 
 
 class PythonIterator(_Iterator):
@@ -293,5 +301,5 @@ class PythonIterator(_Iterator):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._pool is not None:
+            if self._pool is not None and self._pid == os.getpid():
                 self._pool.shutdown(wait=False, cancel_futures=True)
