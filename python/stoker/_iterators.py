@@ -60,7 +60,12 @@ def _add_note(exc: BaseException, note: str) -> None:
 
 
 class _Iterator:
-    """Common protocol: iter/next/len, close(), no pickling, the epoch's seed drawn at creation."""
+    """Common protocol: iter/next/len, close(), no pickling, the epoch's seed drawn at creation.
+
+    Subclasses call _started() at the end of __init__: until then the iterator counts as closed, so a
+    constructor that fails leaves nothing for __del__ or the exit hook to trip over."""
+
+    _closed = True
 
     def __init__(self, loader) -> None:
         self._loader = loader
@@ -72,8 +77,10 @@ class _Iterator:
         if loader.seed is not None:
             self._seed = loader.seed
         self._served = 0
-        self._closed = False
         self._pid = os.getpid()
+
+    def _started(self) -> None:
+        self._closed = False
         _live.add(self)
 
     def _native_stream(self, batch_size: int, drop_last: bool):
@@ -146,6 +153,7 @@ class ArrayIterator(_Iterator):
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
         self._pipe = core.ArrayPipeline(source, POOL, stream, 0, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
+        self._started()
         if self._batches is not None:
             self._top_up()
 
@@ -228,6 +236,8 @@ class PythonIterator(_Iterator):
             self._pool = ThreadPoolExecutor(self._num_threads, "stoker_worker", initializer=start_worker)
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
             self._pending: collections.deque = collections.deque()
+        self._started()
+        if self._pool is not None:
             self._top_up()
 
     def _load(self, number: int, indices):

@@ -17,6 +17,7 @@ void gather_fixed(const uint8_t* base, int64_t stride, const int64_t* idx, int64
 void gather_rows(const Column& c, const int64_t* idx, int64_t count, uint8_t* dst) {
   const int64_t s = c.row_stride;
   switch (c.row_bytes) {
+    case 0: return;  // rows of zero elements: nothing to copy (and possibly no data pointer)
     case 1: return gather_fixed<uint8_t>(c.base, s, idx, count, dst);
     case 2: return gather_fixed<uint16_t>(c.base, s, idx, count, dst);
     case 4: return gather_fixed<uint32_t>(c.base, s, idx, count, dst);
@@ -51,8 +52,8 @@ ArraySource::ArraySource(std::vector<Column> columns) : columns_(std::move(colum
     STOKER_CHECK_AS(TypeError, dtype_supported(c.dtype), "column '", c.name,
                     "' has an element type torch cannot hold (DLPack code ",
                     static_cast<int>(c.dtype.code), ", ", static_cast<int>(c.dtype.bits), " bits)");
-    STOKER_CHECK_AS(ValueError, c.rows == 0 || c.base != nullptr, "column '", c.name,
-                    "' has no data");
+    STOKER_CHECK_AS(ValueError, c.rows == 0 || c.row_bytes == 0 || c.base != nullptr, "column '",
+                    c.name, "' has no data");
   }
 }
 

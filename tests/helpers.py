@@ -1,0 +1,192 @@
+"""Shared helpers for stoker's test suite: strict recursive batch comparison and loader-vs-torch runners.
+
+Import as ``from helpers import ...`` (tests/ has no __init__.py, so pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import gc
+import math
+import os
+import sys
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import Dataset
+
+import stoker
+
+__all__ = [
+    "MapDataset",
+    "TorchDataLoader",
+    "assert_same",
+    "assert_batches_equal",
+    "assert_loaders_match",
+    "flat_labels",
+    "isolated",
+    "native_thread_count",
+    "raises_same",
+    "run_with_deadline",
+]
+
+
+def _tensor_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a tensor's values (C order): a bit-exact, NaN-safe, dtype-agnostic comparison key."""
+    t = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return t.view(torch.uint8)
+
+
+def assert_same(actual: Any, expected: Any, path: str = "batch") -> None:
+    """Recursively asserts that ``actual`` is what ``expected`` is: same Python type at every level, same
+    container type (list vs tuple, dict vs OrderedDict, namedtuple class), same keys in the same order, and
+    for tensors the same dtype, shape, device, strides, requires_grad and bit-identical values."""
+    assert type(actual) is type(expected), f"{path}: type {type(actual).__name__} != {type(expected).__name__}"
+    if isinstance(expected, torch.Tensor):
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{path}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.device == expected.device, f"{path}: device {actual.device} != {expected.device}"
+        assert actual.requires_grad == expected.requires_grad, f"{path}: requires_grad differs"
+        if actual.numel() > 1:
+            assert actual.stride() == expected.stride(), f"{path}: stride {actual.stride()} != {expected.stride()}"
+        if expected.device.type == "meta":
+            return  # no values to compare
+        assert torch.equal(_tensor_bytes(actual), _tensor_bytes(expected)), (
+            f"{path}: values differ\n  actual:   {actual!r}\n  expected: {expected!r}"
+        )
+    elif isinstance(expected, np.ndarray):
+        assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
+        assert actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}"
+        assert np.array_equal(actual, expected, equal_nan=actual.dtype.kind in "fc"), f"{path}: values differ"
+    elif isinstance(expected, collections.abc.Mapping):
+        assert list(actual.keys()) == list(expected.keys()), f"{path}: keys {list(actual)} != {list(expected)}"
+        for k in expected:
+            assert_same(actual[k], expected[k], f"{path}[{k!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), f"{path}: length {len(actual)} != {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{path}[{i}]")
+    elif isinstance(expected, float) and math.isnan(expected):
+        assert math.isnan(actual), f"{path}: {actual!r} != nan"
+    else:
+        assert actual == expected, f"{path}: {actual!r} != {expected!r}"
+
+
+def assert_batches_equal(actual: list, expected: list) -> None:
+    assert len(actual) == len(expected), f"{len(actual)} batches, torch gives {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_same(a, e, f"batch {i}")
+
+
+def assert_loaders_match(
+    dataset: Any,
+    *,
+    num_workers: int = 0,
+    kwargs_factory: Callable[[], dict] | None = None,
+    **kwargs: Any,
+) -> list:
+    """Iterates torch's DataLoader (always num_workers=0: for map-style datasets its batches do not depend on
+    the worker count) and stoker's (with ``num_workers``) over the same dataset and arguments, and asserts
+    the batches are identical. ``kwargs_factory`` builds fresh stateful arguments (samplers with generators)
+    for each loader. Returns stoker's batches."""
+    extra_t = kwargs_factory() if kwargs_factory else {}
+    extra_s = kwargs_factory() if kwargs_factory else {}
+    expected = list(TorchDataLoader(dataset, num_workers=0, **kwargs, **extra_t))
+    actual = list(stoker.DataLoader(dataset, num_workers=num_workers, **kwargs, **extra_s))
+    assert_batches_equal(actual, expected)
+    return actual
+
+
+def raises_same(fn_torch: Callable[[], Any], fn_stoker: Callable[[], Any]) -> BaseException:
+    """Runs both callables, asserts both raise, with the same exception type and message; returns stoker's."""
+    try:
+        fn_torch()
+    except BaseException as exc:  # noqa: BLE001 - any exception is what we compare
+        expected = exc
+    else:
+        raise AssertionError("torch did not raise")
+    try:
+        fn_stoker()
+    except BaseException as exc:  # noqa: BLE001
+        actual = exc
+    else:
+        raise AssertionError(f"stoker did not raise; torch raised {type(expected).__name__}: {expected}")
+    assert type(actual) is type(expected), f"stoker raised {type(actual).__name__}: {actual}; torch {expected!r}"
+    assert str(actual) == str(expected), f"messages differ:\n  stoker: {actual}\n  torch:  {expected}"
+    return actual
+
+
+class MapDataset(Dataset):
+    """A plain map-style dataset: sample i is ``fn(i)``."""
+
+    def __init__(self, fn: Callable[[int], Any], n: int) -> None:
+        self.fn = fn
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):
+        return self.fn(index)
+
+    def __repr__(self) -> str:
+        return f"MapDataset({getattr(self.fn, '__name__', self.fn)}, {self.n})"
+
+
+def flat_labels(batches, column=-1) -> list[int]:
+    """The sample indices an epoch served, in order, from batches whose ``column`` holds the index."""
+    out: list[int] = []
+    for b in batches:
+        t = b[column] if isinstance(b, (list, tuple)) else b
+        out.extend(int(v) for v in t.reshape(-1).tolist())
+    return out
+
+
+def run_with_deadline(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
+    """Runs fn in a daemon thread and fails the test (instead of hanging the suite) if it does not finish."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True, name="deadline-runner")
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        raise AssertionError(f"did not finish within {seconds} s (deadlock or hang)")
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def native_thread_count() -> int | None:
+    """OS threads of this process (Python and native), or None where /proc is not available."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def isolated(fn: Callable[[], Any]) -> tuple[Any, str | None, list[str]]:
+    """Runs fn and collects whatever its failure leaves behind here, inside the test, recording unraisable
+    exceptions (errors raised in __del__) instead of letting them surface during a later test.
+    Returns (result, "Type: message" of the error fn raised or None, unraisable exceptions seen)."""
+    unraisable: list[str] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    result = error = None
+    try:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    return result, error, unraisable

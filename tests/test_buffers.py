@@ -1,0 +1,339 @@
+"""Pooled buffers: a batch the user keeps is never overwritten, batches are independent writable tensors, and
+iterators (native threads, Python thread pools) are torn down without hangs or leaks."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import MapDataset, TorchDataLoader, assert_batches_equal, native_thread_count, run_with_deadline
+from torch.utils.data import TensorDataset
+
+import stoker
+
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
+
+N = 240
+WORKERS = [0, 2]
+
+
+def _features(n=N):
+    return np.arange(n * 6, dtype=np.float32).reshape(n, 6) / 4
+
+
+def _numpy_sample(i):
+    return np.arange(6, dtype=np.float32) / 4 + i * 1.5, np.int64(i)
+
+
+def _slow_sample(i):
+    time.sleep(0.002)
+    return np.full(4, i, np.float32)
+
+
+DATASETS = {
+    "TensorDataset": lambda: TensorDataset(torch.from_numpy(_features()), torch.arange(N)),
+    "ndarray": lambda: _features(),
+    "ArrayDataset": lambda: stoker.ArrayDataset(_features(), label=np.arange(N)),
+    "python-numpy": lambda: MapDataset(_numpy_sample, N),
+}
+
+
+def _tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, dict):
+        return [t for v in batch.values() for t in _tensors(v)]
+    return [t for v in batch for t in _tensors(v)]
+
+
+def _clone(batch):
+    return [t.clone() for t in _tensors(batch)]
+
+
+def _scribble(batch):
+    """Overwrites every tensor of a batch the caller is done with: if its block were still shared with a kept
+    batch, the damage would show there."""
+    for t in _tensors(batch):
+        t.fill_(-7 if t.dtype != torch.bool else True)
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_kept_batches_stay_intact(dataset, num_workers):
+    loader = stoker.DataLoader(DATASETS[dataset](), batch_size=8, shuffle=True, seed=0, num_workers=num_workers)
+    kept = list(loader)
+    snapshot = [_clone(b) for b in kept]
+
+    def more_epochs():
+        for _ in range(3):
+            for batch in loader:
+                _scribble(batch)
+                del batch
+
+    run_with_deadline(more_epochs)
+    for i, (batch, snap) in enumerate(zip(kept, snapshot)):
+        for t, s in zip(_tensors(batch), snap):
+            assert torch.equal(t, s), f"kept batch {i} changed"
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_keep_every_batch_of_several_epochs(dataset, num_workers):
+    ds = DATASETS[dataset]()
+    loader = stoker.DataLoader(ds, batch_size=4, num_workers=num_workers)  # 60 batches an epoch, all kept
+    epochs = run_with_deadline(lambda: [list(loader) for _ in range(4)])
+    expected = list(TorchDataLoader(ds, batch_size=4))
+    for e in epochs:
+        assert_batches_equal(e, expected)
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_keep_many_large_batches(num_workers):
+    # blocks of 256 KiB; keeping all of them goes past any fixed prefetch depth and pool cache
+    x = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)
+    loader = stoker.DataLoader(x, batch_size=64, num_workers=num_workers)
+    kept = run_with_deadline(lambda: [b for _ in range(40) for b in loader])
+    assert len(kept) == 40
+    ref = torch.from_numpy(x)
+    assert all(torch.equal(b, ref) for b in kept)
+    assert len({b.data_ptr() for b in kept}) == 40  # distinct blocks
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_batches_are_writable_and_independent(dataset, num_workers):
+    ds = DATASETS[dataset]()
+    before = list(TorchDataLoader(ds, batch_size=5))
+    batches = list(stoker.DataLoader(ds, batch_size=5, num_workers=num_workers))
+    first, second = batches[0], batches[1]
+    for t in _tensors(first):
+        assert not t.is_inference()
+        t.add_(1)  # writable, no error
+        assert t.numpy().flags.writeable
+    # other batches and the dataset are untouched
+    assert_batches_equal(batches[1:], before[1:])
+    assert_batches_equal(list(TorchDataLoader(ds, batch_size=5)), before)
+    # batches do not overlap in memory
+    ptrs = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for b in (first, second) for t in _tensors(b)]
+    ptrs.sort()
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ptrs, ptrs[1:]))
+
+
+def test_batches_of_read_only_memmap_are_writable(tmp_path):
+    path = tmp_path / "x.npy"
+    np.save(path, _features())
+    data = np.load(path, mmap_mode="r")
+    batch = next(iter(stoker.DataLoader(data, batch_size=4)))
+    batch.mul_(2)
+    assert torch.equal(batch, torch.from_numpy(_features()[:4] * 2))
+    assert np.array_equal(np.load(path, mmap_mode="r")[:4], _features()[:4])
+
+
+def test_writing_into_a_batch_does_not_touch_a_bare_tensor_dataset():
+    data = torch.arange(40.0).reshape(20, 2)
+    original = data.clone()
+    for b in stoker.DataLoader(data, batch_size=3, shuffle=True, num_workers=2):
+        b.zero_()
+    assert torch.equal(data, original)
+
+
+def test_dataset_returning_one_shared_array():
+    # a dataset that returns the same buffer object every time: each batch must be its own copy, made when
+    # the batch is collated, as torch's is (so batch 0 holds 1s, not the 5s the buffer ends with)
+    shared = np.zeros(3, np.float32)
+
+    def sample(i):
+        shared[:] = i
+        return shared
+
+    for num_workers in (0, 1):
+        batches = list(stoker.DataLoader(MapDataset(sample, 6), batch_size=2, num_workers=num_workers))
+        assert_batches_equal(batches, list(TorchDataLoader(MapDataset(sample, 6), batch_size=2)))
+        assert [b[0, 0].item() for b in batches] == [1.0, 3.0, 5.0]
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+def test_batches_pickle_round_trip(dataset):
+    batch = next(iter(stoker.DataLoader(DATASETS[dataset](), batch_size=4)))
+    again = pickle.loads(pickle.dumps(batch))
+    for a, b in zip(_tensors(again), _tensors(batch)):
+        assert torch.equal(a, b)
+
+
+def test_batch_outlives_loader_and_iterator():
+    def make():
+        loader = stoker.DataLoader(TensorDataset(torch.arange(30.0).reshape(15, 2)), batch_size=4, shuffle=True, seed=1)
+        it = iter(loader)
+        return next(it)
+
+    batch = make()
+    gc.collect()
+    x, = batch
+    assert x.shape == (4, 2)
+    assert torch.equal(x[:, 1] - x[:, 0], torch.ones(4))
+
+
+def test_batch_outlives_dataset_arrays():
+    def make():
+        x = np.arange(600, dtype=np.float64).reshape(100, 6)
+        return list(stoker.DataLoader(stoker.ArrayDataset(x), batch_size=10))
+
+    batches = make()
+    gc.collect()
+    np.testing.assert_array_equal(torch.cat([b[0] for b in batches]).numpy(), np.arange(600.0).reshape(100, 6))
+
+
+@pytest.mark.parametrize("dataset", ["ArrayDataset", "python"])
+def test_loaders_iterated_from_several_threads_at_once(dataset):
+    # the buffer pool and the engine are shared by every loader of the process
+    n = 600
+    x = np.arange(n * 8, dtype=np.float32).reshape(n, 8)
+
+    def sample(i):
+        return x[i], i
+
+    def run(k):
+        ds = stoker.ArrayDataset(x, np.arange(n)) if dataset == "ArrayDataset" else MapDataset(sample, n)
+        loader = stoker.DataLoader(ds, batch_size=16 + k, shuffle=True, seed=k, num_workers=k % 3)
+        for _ in range(3):
+            seen = []
+            for rows, idx in loader:
+                assert torch.equal(rows, torch.from_numpy(x)[idx])
+                seen.extend(idx.tolist())
+            assert sorted(seen) == list(range(n))
+        return True
+
+    results = {}
+    threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, run(k))) for k in range(6)]
+
+    def body():
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_with_deadline(body, 60)
+    assert results == {k: True for k in range(6)}
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_dataset_arrays_replaced_and_freed_mid_epoch(num_workers):
+    # the engine reads raw memory: the arrays an iterator started with must stay alive until it is done
+    def body():
+        ds = TensorDataset(torch.arange(4000.0).reshape(1000, 4), torch.arange(1000))
+        it = iter(stoker.DataLoader(ds, batch_size=10, shuffle=True, seed=0, num_workers=num_workers))
+        first = next(it)
+        ds.tensors = (torch.full((1000, 4), -1.0), torch.full((1000,), -1))  # the old tensors lose their owner
+        gc.collect()
+        _ = [torch.empty(1000, 4).fill_(7.0) for _ in range(20)]  # reuse freed memory, if any was freed
+        rest = list(it)
+        return [first, *rest]
+
+    batches = run_with_deadline(body)
+    seen = []
+    for x, idx in batches:
+        if bool((idx == -1).all()):  # (reading the new tensors is torch's lazy behaviour; also fine)
+            continue
+        assert torch.equal(x, torch.arange(4000.0).reshape(1000, 4)[idx])
+        seen.extend(idx.tolist())
+    assert len(seen) == len(set(seen))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Teardown: no hangs, no leaked threads
+# --------------------------------------------------------------------------------------------------------------
+
+TEARDOWN_DATASETS = {**DATASETS, "python-slow": lambda: MapDataset(_slow_sample, N)}
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("dataset", list(TEARDOWN_DATASETS))
+def test_delete_iterator_mid_epoch(dataset, num_workers):
+    ds = TEARDOWN_DATASETS[dataset]()
+
+    def body():
+        loader = stoker.DataLoader(ds, batch_size=4, num_workers=num_workers, shuffle=True)
+        it = iter(loader)
+        next(it)
+        next(it)
+        del it
+        gc.collect()
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+        # and the loader still works afterwards
+        return sum(len(_tensors(b)[0]) for b in loader)
+
+    assert run_with_deadline(body) == N
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_iterator_never_advanced_is_released(num_workers):
+    def body():
+        for make in TEARDOWN_DATASETS.values():
+            it = iter(stoker.DataLoader(make(), batch_size=4, num_workers=num_workers))
+            del it
+        gc.collect()
+
+    run_with_deadline(body)
+
+
+def _warm_up_process_threads():
+    """Starts the process-wide threads that are created lazily (torch's intra-op pool, a first loader of each
+    kind), so thread counts taken afterwards measure only what the loaders under test leave behind."""
+    torch.ones(1 << 20).add_(1).sum()
+    torch.stack([torch.ones(1 << 16)] * 16).sum()
+    for ds in (_features(), MapDataset(_numpy_sample, 16)):
+        list(stoker.DataLoader(ds, batch_size=4, num_workers=2))
+    gc.collect()
+
+
+def test_many_loaders_do_not_leak_threads():
+    _warm_up_process_threads()
+    time.sleep(0.05)
+    py_before = threading.active_count()
+    os_before = native_thread_count()
+    tds = TensorDataset(torch.from_numpy(_features()), torch.arange(N))
+    pyds = MapDataset(_numpy_sample, N)
+
+    def body():
+        for k in range(50):
+            for ds in (tds, pyds):
+                loader = stoker.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
+                it = iter(loader)
+                for _ in range(3):
+                    next(it)
+                if k % 2:
+                    del it  # half are dropped explicitly, half by rebinding
+
+    run_with_deadline(body, 60)
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        py_now, os_now = threading.active_count(), native_thread_count()
+        if py_now <= py_before + 2 and (os_now is None or os_now <= os_before + 4):
+            break
+        time.sleep(0.05)
+    assert threading.active_count() <= py_before + 2, f"{threading.active_count()} Python threads, {py_before} before"
+    if os_before is not None:
+        assert native_thread_count() <= os_before + 4, f"{native_thread_count()} OS threads, {os_before} before"
+
+
+def test_exhausted_iterators_release_threads():
+    _warm_up_process_threads()
+    os_before = native_thread_count()
+    py_before = threading.active_count()
+    iterators = []
+    for _ in range(20):
+        it = iter(stoker.DataLoader(_features(), batch_size=64, num_workers=3))
+        list(it)
+        iterators.append(it)  # kept alive, but exhausted: its threads should be gone
+    time.sleep(0.1)
+    if os_before is not None:
+        assert native_thread_count() <= os_before + 4
+    assert threading.active_count() <= py_before + 2
