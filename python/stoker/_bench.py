@@ -187,15 +187,27 @@ _MEMORY_SCRIPT = """
 import resource, sys, torch
 from torch.utils.data import DataLoader, TensorDataset
 import stoker
+
+def peak_kib():
+    # VmHWM belongs to this process image; ru_maxrss would also count the parent's pages at fork time.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
 n = int(sys.argv[2])
 g = torch.Generator().manual_seed(0)
 ds = TensorDataset(torch.randn(n, 256, generator=g), torch.randint(0, 1000, (n,), generator=g))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 cls = DataLoader if sys.argv[1] == "torch" else stoker.DataLoader
 for _ in range(2):
     for batch in cls(ds, batch_size=256, shuffle=True):
         pass
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = peak_kib()
 print(before, after)
 """
 
