@@ -3,18 +3,42 @@
 from __future__ import annotations
 
 import operator
+import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader as _TorchDataLoader
+from torch.utils.data import DistributedSampler
 from torch.utils.data._utils import collate as _tc
 from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate
 from stoker._arrays import array_plan
 from stoker._iterators import ArrayIterator, PythonIterator
+from stoker._native import core
 
 __all__ = ["DataLoader"]
+
+STATE_FORMAT = "stoker.DataLoader/1"
+_SEED_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} should be an integer >= {minimum}, but got {name}={value!r}")
+
+
+class _Cursor:
+    """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
+    raised counts: its turn is taken), and whether it has reached its end."""
+
+    __slots__ = ("epoch", "served", "finished")
+
+    def __init__(self, epoch: int, served: int) -> None:
+        self.epoch = epoch
+        self.served = served
+        self.finished = False
 
 
 class DataLoader(_TorchDataLoader):
@@ -36,9 +60,21 @@ class DataLoader(_TorchDataLoader):
       makes runs reproducible. A ``sampler`` or ``batch_sampler`` you pass is followed exactly.
     * Iterable datasets are served by torch's own machinery for now.
 
+    * :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch exactly, at no cost in the position.
+    * Under ``torch.distributed`` (or with ``rank=``/``world_size=``) each rank serves its own shard, as with
+      torch's ``DistributedSampler``.
+
     Extra keyword-only arguments:
         seed: fixes the shuffle seed; epoch ``e`` is then always the same permutation, and each new iterator
-            moves to the next epoch (or the one :meth:`set_epoch` names).
+            moves to the next epoch (or the one :meth:`set_epoch` names). Without it the seed is drawn once,
+            at the first iterator, from ``generator`` or torch's global RNG; when sharded it is 0, as
+            ``DistributedSampler``'s, so that every rank shuffles alike.
+        rank, world_size: the shard this process serves. By default they come from ``torch.distributed``
+            when a process group is initialised; ``world_size=1`` turns sharding off. Rank ``r`` of ``W``
+            serves the positions ``r, r+W, r+2W...`` of the epoch's order, padded by repeating its start
+            to a multiple of ``W`` (cut to one below ``len(dataset)`` with ``drop_last``), exactly the
+            samples ``DistributedSampler`` assigns. A ``sampler`` or ``batch_sampler`` you pass is not
+            sharded further: it decides what this process sees.
     """
 
     def __init__(
@@ -62,6 +98,8 @@ class DataLoader(_TorchDataLoader):
         pin_memory_device: str = "",
         in_order: bool = True,
         seed: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory,
@@ -71,20 +109,183 @@ class DataLoader(_TorchDataLoader):
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed should be a non-negative integer, but got seed={seed!r}")
+        _check_count("world_size", world_size, 1)
+        _check_count("rank", rank, 0)
+        if rank is not None and world_size is not None and rank >= world_size:
+            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world_size - 1}]")
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         map_style = self._dataset_kind == _DatasetKind.Map
         self._stoker_native_sampler = map_style and sampler is None and batch_sampler is None
         self._stoker_shuffle = map_style and bool(shuffle)
         self._stoker_epoch = 0
+        self._stoker_seed: int | None = None  # the shuffle seed once drawn (or loaded)
+        self._stoker_cursor: _Cursor | None = None
+        self._stoker_resume: tuple[int, int] | None = None  # (epoch, batch) a loaded state starts from
+        if (rank is not None or world_size is not None) and not self._stoker_native_sampler:
+            given = sampler if sampler is not None else getattr(batch_sampler, "sampler", None)
+            if not isinstance(given, DistributedSampler):
+                warnings.warn(
+                    "rank= and world_size= shard only stoker's own sampler; with the sampler, batch_sampler or "
+                    "iterable dataset given, that decides which samples this process sees", stacklevel=2)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Sharding
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _stoker_shard(self) -> tuple[int, int]:
+        """(rank, world_size) this loader's own sampler serves: the arguments, else torch.distributed."""
+        if not self._stoker_native_sampler:
+            return 0, 1
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                world = dist.get_world_size() if world is None else world
+                rank = dist.get_rank() if rank is None else rank
+            elif world is not None and world > 1:
+                raise ValueError(f"world_size={world} needs rank= too (torch.distributed is not initialised)")
+            elif rank is not None and rank > 0:
+                raise ValueError(f"rank={rank} needs world_size= too (torch.distributed is not initialised)")
+            else:
+                rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world - 1}]")
+        return rank, world
+
+    def _stoker_num_batches(self) -> int:
+        """Batches per epoch of this loader's own sampler on this rank."""
+        _, world = self._stoker_shard()
+        samples = core.IndexStream.shard_size_for(len(self.dataset), world, bool(self.drop_last))
+        if not self._auto_collation:
+            return samples
+        bs = self.batch_size
+        return samples // bs if self.drop_last else -(-samples // bs)
+
+    def __len__(self) -> int:
+        if self._stoker_native_sampler:
+            return self._stoker_num_batches()
+        return super().__len__()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Epochs, seeds and the resumable position
+    # ----------------------------------------------------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Makes the next iterator serve epoch ``epoch`` (its shuffle order is a function of seed and epoch)."""
-        self._stoker_epoch = operator.index(epoch)
+        """Makes the next iterator serve epoch ``epoch`` (its shuffle order is a function of seed and epoch).
 
-    def _stoker_next_epoch(self) -> int:
+        After :meth:`load_state_dict`, naming the loaded epoch keeps its position; naming another starts it
+        from its first batch."""
+        self._stoker_epoch = operator.index(epoch)
+        self._stoker_cursor = None
+
+    def _stoker_begin(self) -> _Cursor:
+        """The cursor of a new iterator: the epoch it serves and the batch it starts from."""
         epoch = self._stoker_epoch
         self._stoker_epoch += 1
-        return epoch
+        start = 0
+        if self._stoker_resume is not None:
+            if self._stoker_resume[0] == epoch:
+                start = self._stoker_resume[1]
+            self._stoker_resume = None
+        cursor = _Cursor(epoch, start)
+        self._stoker_cursor = cursor
+        return cursor
+
+    def _stoker_shuffle_seed(self, drawn: int, world_size: int) -> int:
+        """The shuffle seed: ``seed=``, else one drawn once per loader (0 when sharded, on every rank)."""
+        if self.seed is not None:
+            return self.seed
+        if self._stoker_seed is None:
+            self._stoker_seed = 0 if world_size > 1 else drawn & _SEED_MASK
+        return self._stoker_seed
+
+    def _stoker_position(self) -> tuple[int, int]:
+        """(epoch, batches served) of the stream as the user has consumed it."""
+        cursor = self._stoker_cursor
+        if cursor is not None and not cursor.finished:
+            return cursor.epoch, cursor.served
+        resume = self._stoker_resume
+        if resume is not None and resume[0] == self._stoker_epoch:
+            return resume
+        return self._stoker_epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader stands, as a small dict of plain values (``torch.save`` and ``json`` store it).
+
+        It describes the newest iterator: the epoch it serves and the batches it has yielded (one that
+        raised counts). A finished iterator, or none yet, stands at the start of the next epoch. Load it
+        into a loader built the same way (:meth:`load_state_dict`) and its next iterator continues exactly
+        there, and every later epoch is the one this loader would have served; ``num_workers`` may differ.
+        """
+        if self._dataset_kind != _DatasetKind.Map:
+            raise NotImplementedError(
+                "state_dict() is not supported yet for an IterableDataset (its iteration is served by torch); "
+                "only map-style datasets can be resumed")
+        epoch, served = self._stoker_position()
+        rank, world = self._stoker_shard()
+        seed = self.seed if self.seed is not None else self._stoker_seed
+        return {
+            "format": STATE_FORMAT,
+            "dataset_len": len(self.dataset),
+            "batch_size": self.batch_size,
+            "drop_last": bool(self.drop_last),
+            "shuffle": self._stoker_shuffle if self._stoker_native_sampler else None,
+            "sampler": "native" if self._stoker_native_sampler else "user",
+            "rank": rank,
+            "world_size": world,
+            "seed": seed,
+            "epoch": epoch,
+            "batches_served": served,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``state`` (see :meth:`state_dict`): the next iterator serves the rest of its epoch.
+
+        With stoker's own sampler this costs nothing whatever the position: any batch of any epoch is
+        computed directly. With a ``sampler``/``batch_sampler`` you passed, the batches already served are
+        drawn from it again and skipped (their samples are not loaded), so the resumed order is exact when
+        that sampler repeats itself (``SequentialSampler``, ``DistributedSampler`` after the same
+        ``set_epoch``, or a sampler whose generator you restore).
+
+        Raises ``ValueError`` when the state comes from a different dataset length, batching, shuffle, shard
+        or seed."""
+        if self._dataset_kind != _DatasetKind.Map:
+            raise NotImplementedError(
+                "load_state_dict() is not supported yet for an IterableDataset; only map-style datasets can "
+                "be resumed")
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"load_state_dict expects a state from stoker.DataLoader.state_dict() "
+                             f"(format {STATE_FORMAT!r}); got {found!r}")
+        missing = {"dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size", "seed",
+                   "epoch", "batches_served"} - set(state)
+        if missing:
+            raise ValueError(f"the state lacks {sorted(missing)}")
+        mine = self.state_dict()
+        for key, what in (("dataset_len", "a dataset of {} samples"), ("sampler", "the {} sampler"),
+                          ("batch_size", "batch_size={}"), ("drop_last", "drop_last={}"),
+                          ("shuffle", "shuffle={}"), ("world_size", "world_size={}"), ("rank", "rank={}")):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"the state was saved by a loader with {what.format(state[key])}; this one has "
+                    f"{what.format(mine[key])} ({key} differs), so its batches would not continue that run")
+        seed = state["seed"]
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+            raise ValueError(f"the state's seed must be a non-negative integer or None, got {seed!r}")
+        if self.seed is not None and seed is not None and seed != self.seed:
+            raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
+        epoch, served = state["epoch"], state["batches_served"]
+        _check_count("the state's epoch", epoch, 0)
+        _check_count("the state's batches_served", served, 0)
+        if self._stoker_native_sampler and served > self._stoker_num_batches():
+            raise ValueError(f"the state has served {served} batches of an epoch of {self._stoker_num_batches()}")
+        if self.seed is None:
+            self._stoker_seed = seed  # None: the saved loader had not drawn one yet, nor will this one have
+        self._stoker_epoch = epoch
+        self._stoker_resume = (epoch, served)
+        self._stoker_cursor = None
 
     def __iter__(self):
         if self._dataset_kind != _DatasetKind.Map:

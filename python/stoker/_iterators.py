@@ -72,11 +72,13 @@ class _Iterator:
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
         self._pin = _pin_requested(loader)
-        self._seed = _draw_seed(loader.generator)
-        self._epoch = loader._stoker_next_epoch()
-        if loader.seed is not None:
-            self._seed = loader.seed
-        self._served = 0
+        drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
+        self._native_order = loader._stoker_native_sampler
+        self._rank, self._world = loader._stoker_shard()
+        self._seed = loader._stoker_shuffle_seed(drawn, self._world)
+        self._cursor = loader._stoker_begin()
+        self._epoch = self._cursor.epoch
+        self._start = self._cursor.served  # the batch this iterator starts from (after load_state_dict)
         self._pid = os.getpid()
 
     def _started(self) -> None:
@@ -84,15 +86,32 @@ class _Iterator:
         _live.add(self)
 
     def _native_stream(self, batch_size: int, drop_last: bool):
-        """(n, batch_size, drop_last, shuffle, seed, epoch) for the native index stream."""
+        """(n, batch_size, drop_last, shuffle, seed, epoch, rank, world_size) for the native index stream."""
         loader = self._loader
         return (len(loader.dataset), batch_size, drop_last, loader._stoker_shuffle,
-                self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch)
+                self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch, self._rank, self._world)
+
+    def _skip(self, batches):
+        """The user's sampler iterator with the batches before the resume point drawn and dropped."""
+        for _ in range(self._start):
+            try:
+                next(batches)
+            except StopIteration:
+                break
+        return batches
+
+    def _finish(self):
+        """Ends the epoch: the cursor moves to the next one and StopIteration is raised."""
+        self._cursor.finished = True
+        self.close()
+        raise StopIteration
 
     def __iter__(self):
         return self
 
     def __len__(self) -> int:
+        if self._native_order:
+            return self._loader._stoker_num_batches()
         return len(self._index_sampler)
 
     def __next__(self):
@@ -101,12 +120,20 @@ class _Iterator:
                 f"this stoker iterator was created in process {self._pid}; its loading threads do not exist "
                 f"in process {os.getpid()} (a fork). Create a new iterator (iter(loader)) in this process."
             )
-        if _profiler_enabled():  # the range torch's loader records, at no cost when nobody profiles
-            with torch.autograd.profiler.record_function(f"enumerate(DataLoader)#{type(self).__name__}.__next__"):
+        try:
+            if _profiler_enabled():  # the range torch's loader records, at no cost when nobody profiles
+                with torch.autograd.profiler.record_function(
+                    f"enumerate(DataLoader)#{type(self).__name__}.__next__"
+                ):
+                    batch = self._next()
+            else:
                 batch = self._next()
-        else:
-            batch = self._next()
-        self._served += 1
+        except StopIteration:
+            raise
+        except Exception:
+            self._cursor.served += 1  # the batch's turn is taken; the next call serves the next batch
+            raise
+        self._cursor.served += 1
         return _pin_memory(batch) if self._pin else batch
 
     def __getstate__(self):
@@ -148,10 +175,10 @@ class ArrayIterator(_Iterator):
         self._depth = depth
         source = core.ArraySource(plan.specs)
         self._source_owners = plan.owners  # the arrays the native source points into
-        self._native_order = loader._stoker_native_sampler
-        self._batches = None if self._native_order else iter(self._index_sampler)
+        self._batches = None if self._native_order else self._skip(iter(self._index_sampler))
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
-        self._pipe = core.ArrayPipeline(source, POOL, stream, 0, threads, depth)
+        start = self._start if self._native_order else 0
+        self._pipe = core.ArrayPipeline(source, POOL, stream, start, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
         self._started()
         if self._batches is not None:
@@ -183,15 +210,13 @@ class ArrayIterator(_Iterator):
         if not self._native_order:
             self._top_up()
             if not self._pending:
-                self.close()
-                raise StopIteration
+                self._finish()
             error = self._pending.popleft()
             if error is not None:
                 raise error
         capsules = self._pipe.next()
         if capsules is None:
-            self.close()
-            raise StopIteration
+            self._finish()
         return self._plan.shape_batch([from_dlpack(c) for c in capsules])
 
     def close(self) -> None:
@@ -215,13 +240,14 @@ class PythonIterator(_Iterator):
         if loader._stoker_native_sampler:
             bs = loader.batch_size if self._auto else 1
             stream = core.IndexStream(*self._native_stream(bs, loader.drop_last if self._auto else False))
+            batches = range(self._start, len(stream))
             if self._auto:
-                self._indices = (stream.batch(b).tolist() for b in range(len(stream)))
+                self._indices = (stream.batch(b).tolist() for b in batches)
             else:
-                self._indices = (int(stream.batch(b)[0]) for b in range(len(stream)))
+                self._indices = (int(stream.batch(b)[0]) for b in batches)
         else:
-            self._indices = iter(self._index_sampler)
-        self._count = itertools.count()
+            self._indices = self._skip(iter(self._index_sampler))
+        self._count = itertools.count(self._start)
         self._pool = None
         if self._num_threads > 0:
             worker_ids = itertools.count()
@@ -292,21 +318,21 @@ class PythonIterator(_Iterator):
             try:
                 indices = next(self._indices)
             except StopIteration:
-                self.close()
-                raise
-            return self._load(next(self._count), indices)
+                self._finish()
+            try:
+                return self._load(next(self._count), indices)
+            except StopIteration:  # a dataset that raises StopIteration ends the epoch, as with torch
+                self._finish()
         self._top_up()
         if not self._pending:
-            self.close()
-            raise StopIteration
+            self._finish()
         future = self._pending.popleft()
         try:
             return future.result(self._loader.timeout or None)
         except _FutureTimeout:
             raise RuntimeError(f"DataLoader timed out after {self._loader.timeout} seconds") from None
         except StopIteration:
-            self.close()
-            raise
+            self._finish()
 
     def close(self) -> None:
         if not self._closed:

@@ -58,14 +58,14 @@ void register_pipeline(py::module_& m) {
 
   py::class_<PyArrayPipeline>(m, "ArrayPipeline")
       .def(py::init([](std::shared_ptr<ArraySource> source, std::shared_ptr<BufferPool> pool,
-                       std::optional<std::tuple<int64_t, int64_t, bool, bool, uint64_t, uint64_t>> stream,
+                       std::optional<std::tuple<int64_t, int64_t, bool, bool, uint64_t, uint64_t, int64_t, int64_t>> stream,
                        int64_t start_batch, int num_threads, int depth) {
              std::optional<IndexStream> s;
              if (stream) {
-               auto [n, bs, drop_last, shuffle, seed, epoch] = *stream;
+               auto [n, bs, drop_last, shuffle, seed, epoch, rank, world_size] = *stream;
                STOKER_CHECK_AS(ValueError, n == source->size(), "the index stream covers ", n,
                                " samples but the source holds ", source->size());
-               s.emplace(n, bs, drop_last, shuffle, seed, epoch);
+               s.emplace(n, bs, drop_last, shuffle, seed, epoch, Shard{rank, world_size});
              }
              auto p = std::make_unique<PyArrayPipeline>();
              p->source = source;
