@@ -69,3 +69,49 @@ def test_large(benchmark, large, kind):
 @pytest.mark.parametrize("kind,nw", [("torch", 0), ("torch", 2), ("stoker", 0), ("stoker", 2)])
 def test_crop_flip(benchmark, crop_flip, kind, nw):
     benchmark.pedantic(epoch, args=(LOADERS[kind](crop_flip, 256, nw),), rounds=2)
+
+
+RESUME_N, RESUME_BS = 10_000_000, 1000
+RESUME_AT = RESUME_N // RESUME_BS * 9 // 10
+
+
+@pytest.fixture(scope="module")
+def resume_data():
+    return np.arange(RESUME_N)
+
+
+@pytest.mark.benchmark(group="resume: load_state_dict + first batch at batch 9000 of 10M samples")
+def test_resume_stoker(benchmark, resume_data):
+    saved = stoker.DataLoader(resume_data, batch_size=RESUME_BS, shuffle=True)
+    it = iter(saved)
+    for _ in range(RESUME_AT):
+        next(it)
+    state = saved.state_dict()
+    expected = next(it)
+
+    def resume():
+        loader = stoker.DataLoader(resume_data, batch_size=RESUME_BS, shuffle=True)
+        loader.load_state_dict(state)
+        return next(iter(loader))
+
+    assert torch.equal(benchmark.pedantic(resume, rounds=20, warmup_rounds=1), expected)
+
+
+@pytest.mark.benchmark(group="resume: load_state_dict + first batch at batch 9000 of 10M samples")
+def test_resume_torchdata(benchmark):
+    stateful = pytest.importorskip("torchdata.stateful_dataloader")
+    from stoker._bench import _IndexBatches
+
+    data = _IndexBatches(RESUME_N)  # batches that cost nothing to load: only the resume machinery is timed
+    saved = stateful.StatefulDataLoader(data, batch_size=RESUME_BS, shuffle=True, collate_fn=list)
+    it = iter(saved)
+    for _ in range(RESUME_AT):
+        next(it)
+    state = saved.state_dict()
+
+    def resume():
+        loader = stateful.StatefulDataLoader(data, batch_size=RESUME_BS, shuffle=True, collate_fn=list)
+        loader.load_state_dict(state)
+        return next(iter(loader))
+
+    benchmark.pedantic(resume, rounds=1)

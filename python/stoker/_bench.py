@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -229,6 +230,97 @@ def peak_memory(scale: float = 1.0, out=sys.stdout) -> list[dict]:
     return records
 
 
+class _IndexBatches(Dataset):
+    """A dataset whose batches cost nothing to load, for timing a loader's own resume machinery."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+    def __getitems__(self, indices):
+        return indices
+
+
+def _median_time(fn, rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def resume_cost(scale: float = 1.0, out=sys.stdout) -> list[dict]:
+    """Time from load_state_dict() to the first batch, resuming deep in an epoch of 10 million samples."""
+    n = max(100_000, int(10_000_000 * scale))
+    bs = 1000
+    at = (n // bs) * 9 // 10
+    print(f"\nresume: load_state_dict() + iter() + first batch at batch {at} of {n // bs} "
+          f"({n} samples, batch {bs}, shuffle)", file=out, flush=True)
+    data = np.arange(n)
+    records = []
+
+    def record(name: str, seconds: float, note: str = "") -> None:
+        records.append({"workload": "resume", "loader": name, "resume_ms": 1e3 * seconds})
+        print(f"  {name:<28} {1e3 * seconds:10.2f} ms{note}", file=out, flush=True)
+
+    def stoker_loader():
+        return stoker.DataLoader(data, batch_size=bs, shuffle=True)
+
+    saved = stoker_loader()
+    it = iter(saved)
+    for _ in range(at):
+        next(it)
+    state = json.loads(json.dumps(saved.state_dict()))
+    del it
+
+    def stoker_resume():
+        loader = stoker_loader()
+        loader.load_state_dict(state)
+        next(iter(loader))
+
+    record("stoker", _median_time(stoker_resume, 5))
+
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        StatefulDataLoader = None
+    if StatefulDataLoader is not None:
+        warnings.filterwarnings("ignore", message=".*set_vital", category=UserWarning)
+        # Reaching the position costs torchdata seconds even with batches that cost nothing to load.
+        fast = _IndexBatches(n)
+        saved = StatefulDataLoader(fast, batch_size=bs, shuffle=True, collate_fn=list)
+        it = iter(saved)
+        for _ in range(at):
+            next(it)
+        td_state = saved.state_dict()
+        del it
+
+        def torchdata_resume():
+            loader = StatefulDataLoader(fast, batch_size=bs, shuffle=True, collate_fn=list)
+            loader.load_state_dict(td_state)
+            next(iter(loader))
+
+        record("torchdata StatefulDataLoader", _median_time(torchdata_resume, 1), "   (replays the sampler)")
+
+    # torch's DataLoader has no state: resuming means iterating the batches already served.
+    probe = 200
+    loader = TorchDataLoader(data, batch_size=bs, shuffle=True)
+    start = time.perf_counter()
+    for i, _ in enumerate(loader):
+        if i + 1 == probe:
+            break
+    per_batch = (time.perf_counter() - start) / probe
+    record("torch DataLoader", per_batch * (at + 1),
+           f"   (no state_dict: replaying {at} batches, estimated from {probe})")
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (default 1.0)")
@@ -244,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     records = run(args.scale, args.rounds, args.budget, args.only)
     if not args.only:
         records += peak_memory(args.scale)
+    if not args.only or args.only.lower() in "resume":
+        records += resume_cost(args.scale)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

@@ -1,0 +1,83 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=2`: each rank loads its shard with
+stoker.DataLoader (sharded by torch.distributed), saves and resumes mid-epoch, and writes what it saw to
+OUT/rank<r>.json for the test to compare."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import DistributedSampler
+
+import stoker
+
+N = 103
+BATCH = 8
+
+
+class Squares(torch.utils.data.Dataset):
+    """A Python dataset: sample i is {"i": i, "x": [i, i*i]}."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return {"i": i, "x": torch.tensor([i, i * i])}
+
+
+def indices(batch):
+    return [int(i) for i in (batch["i"] if isinstance(batch, dict) else batch).reshape(-1)]
+
+
+def run(kind, num_workers):
+    dataset = np.arange(N) if kind == "array" else Squares()
+
+    def make(workers=num_workers):
+        return stoker.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers)
+
+    loader = make()
+    epochs = [[indices(b) for b in loader] for _ in range(2)]
+    first = make()
+    it = iter(first)
+    head = [indices(next(it)) for _ in range(3)]
+    state = json.loads(json.dumps(first.state_dict()))
+    del it
+    resumed = make(workers=2 - num_workers)  # another thread count: the position does not depend on it
+    resumed.load_state_dict(state)
+    tail = [indices(b) for b in resumed]
+    after = [indices(b) for b in resumed]
+    return {"len": len(loader), "epochs": epochs, "head": head, "tail": tail, "after": after, "state": state}
+
+
+def user_sampler():
+    """A DistributedSampler the user passes is followed as torch follows it."""
+    dataset = Squares()
+    out = []
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        sampler = DistributedSampler(dataset, shuffle=True, seed=3)
+        sampler.set_epoch(1)
+        out.append([indices(b) for b in cls(dataset, batch_size=BATCH, sampler=sampler)])
+    return out
+
+
+def main(out_dir):
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = {
+        "rank": rank,
+        "world_size": dist.get_world_size(),
+        "array": run("array", 0),
+        "python": run("python", 2),
+        "user_sampler": user_sampler(),
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
