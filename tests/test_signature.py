@@ -142,7 +142,7 @@ def test_iterable_dataset_constructor_errors_match_torch(kwargs):
     raises_same(lambda: TorchDataLoader(Numbers(), **kwargs), lambda: stoker.DataLoader(Numbers(), **kwargs))
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True, "7"], ids=repr)
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "7", 2**64], ids=repr)
 def test_bad_seed_raises(seed):
     with pytest.raises(ValueError, match="seed"):
         stoker.DataLoader(_tensor_ds(), seed=seed)

@@ -107,8 +107,8 @@ class DataLoader(_TorchDataLoader):
             prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
             pin_memory_device=pin_memory_device, in_order=in_order,
         )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed should be a non-negative integer, but got seed={seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+            raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
         _check_count("world_size", world_size, 1)
         _check_count("rank", rank, 0)
         if rank is not None and world_size is not None and rank >= world_size:
@@ -272,15 +272,22 @@ class DataLoader(_TorchDataLoader):
                     f"the state was saved by a loader with {what.format(state[key])}; this one has "
                     f"{what.format(mine[key])} ({key} differs), so its batches would not continue that run")
         seed = state["seed"]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"the state's seed must be a non-negative integer or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+            raise ValueError(f"the state's seed must be an integer in [0, 2**64) or None, got {seed!r}")
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
         epoch, served = state["epoch"], state["batches_served"]
         _check_count("the state's epoch", epoch, 0)
         _check_count("the state's batches_served", served, 0)
-        if self._stoker_native_sampler and served > self._stoker_num_batches():
-            raise ValueError(f"the state has served {served} batches of an epoch of {self._stoker_num_batches()}")
+        if self._stoker_native_sampler:
+            batches: int | None = self._stoker_num_batches()
+        else:
+            try:
+                batches = len(self._index_sampler)
+            except TypeError:  # a sampler without a length: nothing to check against
+                batches = None
+        if batches is not None and served > batches:
+            raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
         if self.seed is None:
             self._stoker_seed = seed  # None: the saved loader had not drawn one yet, nor will this one have
         self._stoker_epoch = epoch
