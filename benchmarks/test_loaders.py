@@ -115,3 +115,38 @@ def test_resume_torchdata(benchmark):
         return next(iter(loader))
 
     benchmark.pedantic(resume, rounds=1)
+
+
+@pytest.fixture(scope="module")
+def packed_docs(tmp_path_factory):
+    rng = np.random.default_rng(1234)
+    lengths = np.clip(np.round(rng.lognormal(np.log(600) - 0.5, 1.0, 50_000)), 16, 8192).astype(np.int64)
+    docs = np.split(rng.integers(0, 50_000, int(lengths.sum()), dtype=np.uint16), np.cumsum(lengths)[:-1])
+    prefix = tmp_path_factory.mktemp("tokens") / "docs"
+    stoker.write_token_files(prefix, docs, dtype=np.uint16)
+    return stoker.TokenDataset.open(prefix)
+
+
+@pytest.mark.benchmark(group="packing: 50k lognormal documents, memory-mapped uint16, rows of 4096, batch 8")
+@pytest.mark.parametrize("window", [None, 1000])
+def test_packing_stoker(benchmark, packed_docs, window):
+    loader = stoker.PackedLoader(packed_docs, 4096, 8, seed=0, window=window)
+    benchmark.pedantic(epoch, args=(loader,), rounds=3)
+
+
+@pytest.mark.benchmark(group="packing: 50k lognormal documents, memory-mapped uint16, rows of 4096, batch 8")
+def test_packing_numpy_write_bound(benchmark, packed_docs):
+    from stoker._bench import _numpy_write
+
+    benchmark.pedantic(epoch, args=(_numpy_write(packed_docs.tokens, 4096, 8, packed_docs.num_tokens),), rounds=1)
+
+
+@pytest.mark.benchmark(group="packing: 50k lognormal documents, memory-mapped uint16, rows of 4096, batch 8")
+def test_packing_numpy_reference(benchmark, packed_docs):
+    from stoker._bench import _numpy_batches, _numpy_packing
+
+    def run():
+        plan = _numpy_packing(packed_docs.lengths, 4096)
+        return epoch(_numpy_batches(packed_docs.tokens, packed_docs.offsets, plan, 4096, 8))
+
+    benchmark.pedantic(run, rounds=1)

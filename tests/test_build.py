@@ -60,13 +60,17 @@ def test_bench_runner_prints_every_workload_with_ratios(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = json.loads(out.read_text())
     workloads = {r["workload"] for r in records}
-    assert len(workloads) == 7  # five throughput workloads, the peak-RSS comparison and the resume cost
+    assert len(workloads) == 8  # five throughput workloads, peak RSS, the resume cost and packing
     memory = [r for r in records if r["workload"] == "peak RSS"]
     assert [r["loader"].split()[0] for r in memory] == ["torch", "stoker"]
     assert all(r["peak_rss_mib"] > 0 for r in memory)
     resume = {r["loader"].split()[0]: r["resume_ms"] for r in records if r["workload"] == "resume"}
     assert {"stoker", "torch"} <= set(resume) and all(v > 0 for v in resume.values())
-    for w in workloads - {"peak RSS", "resume"}:
+    packing = {r["loader"]: r for r in records if r["workload"] == "packing"}
+    assert any(name.startswith("stoker PackedLoader") for name in packing)
+    assert all(r["tokens_per_s"] > 0 for r in packing.values())
+    assert all(0.99 < r["efficiency"] <= 1 for r in packing.values() if "efficiency" in r)
+    for w in workloads - {"peak RSS", "resume", "packing"}:
         rows = [r for r in records if r["workload"] == w]
         assert any(r["loader"].startswith("torch") for r in rows)
         assert any(r["loader"].startswith("stoker") for r in rows)

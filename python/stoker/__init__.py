@@ -3,6 +3,18 @@
 from stoker._arrays import ArrayDataset
 from stoker._collate import default_collate
 from stoker._dataloader import DataLoader
+from stoker._packing import PackedLoader, TokenDataset, write_token_files
+from stoker._varlen import LengthBucketSampler, PadCollate, TokenBudgetSampler
 
-__all__ = ["ArrayDataset", "DataLoader", "default_collate"]
+__all__ = [
+    "ArrayDataset",
+    "DataLoader",
+    "LengthBucketSampler",
+    "PackedLoader",
+    "PadCollate",
+    "TokenBudgetSampler",
+    "TokenDataset",
+    "default_collate",
+    "write_token_files",
+]
 __version__ = "0.1.0"

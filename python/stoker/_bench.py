@@ -321,6 +321,129 @@ def resume_cost(scale: float = 1.0, out=sys.stdout) -> list[dict]:
     return records
 
 
+def _numpy_packing(lengths: np.ndarray, seq_len: int):
+    """Best-fit decreasing written plainly in Python and numpy: the plan as lists of (doc, offset, length)."""
+    import bisect
+
+    pieces = []
+    for doc, n in enumerate(lengths.tolist()):
+        for off in range(0, n, seq_len):
+            pieces.append((doc, off, min(seq_len, n - off)))
+    pieces.sort(key=lambda p: -p[2])
+    rows: list[list] = []
+    rooms: list[tuple[int, int]] = []  # (room, row), sorted
+    for piece in pieces:
+        i = bisect.bisect_left(rooms, (piece[2], -1))
+        if i == len(rooms):
+            rows.append([piece])
+            room, row = seq_len - piece[2], len(rows) - 1
+        else:
+            room, row = rooms.pop(i)
+            rows[row].append(piece)
+            room -= piece[2]
+        if room > 0:
+            bisect.insort(rooms, (room, row))
+    return rows
+
+
+def _numpy_batches(tokens, offsets, rows, seq_len: int, batch: int):
+    """The packed batches built with numpy, one segment at a time."""
+    for b in range(0, len(rows), batch):
+        chunk = rows[b:b + batch]
+        ids = np.zeros((len(chunk), seq_len), np.int64)
+        pos = np.zeros((len(chunk), seq_len), np.int64)
+        seq_idx = np.zeros((len(chunk), seq_len), np.int32)
+        labels = np.full((len(chunk), seq_len), -100, np.int64)
+        lens = []
+        for r, row in enumerate(chunk):
+            at = 0
+            for doc, off, n in row:
+                start = offsets[doc] + off
+                ids[r, at:at + n] = tokens[start:start + n]
+                labels[r, at + 1:at + n] = ids[r, at + 1:at + n]
+                pos[r, at:at + n] = np.arange(n)
+                seq_idx[r, at:at + n] = len(lens)
+                lens.append(n)
+                at += n
+            if at < seq_len:
+                pos[r, at:] = np.arange(seq_len - at)
+                seq_idx[r, at:] = len(lens)
+                lens.append(seq_len - at)
+        cu = np.zeros(len(lens) + 1, np.int32)
+        np.cumsum(lens, out=cu[1:])
+        yield {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+               "position_ids": torch.from_numpy(pos), "seq_idx": torch.from_numpy(seq_idx),
+               "cu_seqlens": torch.from_numpy(cu), "max_length_q": int(max(lens))}
+
+
+def _numpy_write(tokens: np.ndarray, seq_len: int, batch: int, total: int):
+    """The memcpy-class bound: numpy only writing arrays of the output's size from consecutive tokens."""
+    cells = seq_len * batch
+    pos = np.tile(np.arange(seq_len, dtype=np.int64), batch)
+    for start in range(0, total - cells + 1, cells):
+        ids = tokens[start:start + cells].astype(np.int64)
+        labels = ids.copy()
+        positions = pos.copy()
+        seq_idx = np.zeros(cells, np.int32)
+        yield ids, labels, positions, seq_idx
+
+
+def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[dict]:
+    """Packing lognormal documents from a memory-mapped token file into rows of 4096, batches of 8."""
+    n = max(2_000, int(200_000 * scale))
+    seq_len, batch = 4096, 8
+    rng = np.random.default_rng(1234)
+    lengths = np.clip(np.round(rng.lognormal(np.log(600) - 0.5, 1.0, n)), 16, 8192).astype(np.int64)
+    total = int(lengths.sum())
+    print(f"\npacking: {n} documents, {total} tokens (lognormal lengths, mean {lengths.mean():.0f}), "
+          f"memory-mapped uint16, rows of {seq_len}, batch {batch}; tokens/s of input", file=out, flush=True)
+    records = []
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = np.split(rng.integers(0, 50_000, total, dtype=np.uint16), np.cumsum(lengths)[:-1])
+        stoker.write_token_files(os.path.join(tmp, "docs"), docs, dtype=np.uint16)
+        del docs
+        ds = stoker.TokenDataset.open(os.path.join(tmp, "docs"))
+        tokens, offsets = ds.tokens, ds.offsets
+
+        def timed(make_iter) -> float:
+            times = []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                for _batch in make_iter():
+                    pass
+                times.append(time.perf_counter() - start)
+            return total / statistics.median(times)
+
+        bound = timed(lambda: _numpy_write(tokens, seq_len, batch, total))
+        cases = []
+        for window in (None, 1000):
+            loader = stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window)
+            rate = timed(lambda loader=loader: loader)
+            cases.append((f"stoker PackedLoader window={window}", rate, loader.stats()))
+        start = time.perf_counter()
+        plan = _numpy_packing(lengths, seq_len)
+        for _batch in _numpy_batches(tokens, offsets, plan, seq_len, batch):
+            pass
+        numpy_rate = total / (time.perf_counter() - start)
+        cases.append(("numpy BFD packing (reference)", numpy_rate,
+                      {"rows": len(plan), "efficiency": total / (len(plan) * seq_len)}))
+        for name, rate, stats in [("numpy writing the outputs only", bound, None)] + cases:
+            rec = {"workload": "packing", "loader": name, "tokens_per_s": rate,
+                   "ratio_to_numpy_write": rate / bound, "ratio_to_numpy_packing": rate / numpy_rate}
+            line = f"  {name:<36} {rate / 1e6:9.1f} M tokens/s   x{rate / bound:5.2f} of the write bound"
+            if stats is not None:
+                rec["rows"], rec["efficiency"] = stats["rows"], stats["efficiency"]
+                line += f"   x{rate / numpy_rate:6.1f} numpy packing   {stats['rows']} rows, " \
+                        f"efficiency {100 * stats['efficiency']:.3f}%"
+                if "max_delay_rows" in stats and name.startswith("stoker") and "1000" in name:
+                    rec["max_delay_rows"] = stats["max_delay_rows"]
+                    line += f", max delay {stats['max_delay_rows']} rows"
+            records.append(rec)
+            print(line, file=out, flush=True)
+        print(f"  lower bound: {-(-total // seq_len)} rows", file=out, flush=True)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (default 1.0)")
@@ -338,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         records += peak_memory(args.scale)
     if not args.only or args.only.lower() in "resume":
         records += resume_cost(args.scale)
+    if not args.only or args.only.lower() in "packing":
+        records += packing_bench(args.scale, args.rounds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)

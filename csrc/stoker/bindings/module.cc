@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
   stoker::bindings::register_pool(m);
   stoker::bindings::register_pipeline(m);
   stoker::bindings::register_collate(m);
+  stoker::bindings::register_packing(m);
 }

@@ -1,0 +1,127 @@
+#include "stoker/bindings/bindings.h"
+#include "stoker/common/check.h"
+#include "stoker/packing/materialize.h"
+#include "stoker/packing/plan.h"
+
+namespace stoker::bindings {
+namespace {
+
+using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+// Documents as the Python side holds them: the arrays stay referenced while the source lives.
+struct PyTokenSource {
+  py::array tokens;
+  Int64Array offsets;
+  TokenSource view;
+  std::vector<int64_t> lengths;
+};
+
+std::shared_ptr<PyTokenSource> make_source(py::array tokens, Int64Array offsets) {
+  STOKER_CHECK_AS(ValueError, tokens.ndim() == 1, "the token array must be 1-D, got ", tokens.ndim(), "-D");
+  STOKER_CHECK_AS(ValueError, offsets.ndim() == 1 && offsets.size() >= 1,
+                  "the offsets must be a 1-D array of at least one entry");
+  STOKER_CHECK_AS(ValueError, tokens.strides(0) == static_cast<py::ssize_t>(tokens.itemsize()),
+                  "the token array must be contiguous");
+  auto dt = dtype_of(tokens.dtype());
+  const bool ok = dt && ((dt->code == DTypeCode::UInt && (dt->bits == 16 || dt->bits == 32)) ||
+                         (dt->code == DTypeCode::Int && (dt->bits == 32 || dt->bits == 64)));
+  STOKER_CHECK_AS(TypeError, ok, "tokens must be uint16, int32, uint32 or int64, got ",
+                  std::string(py::str(tokens.dtype())));
+  auto src = std::make_shared<PyTokenSource>();
+  src->tokens = tokens;
+  src->offsets = offsets;
+  const int64_t* off = offsets.data();
+  const int64_t docs = static_cast<int64_t>(offsets.size()) - 1;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  STOKER_CHECK_AS(ValueError, off[0] == 0, "offsets[0] must be 0, got ", off[0]);
+  src->lengths.resize(static_cast<size_t>(docs));
+  for (int64_t d = 0; d < docs; ++d) {
+    STOKER_CHECK_AS(ValueError, off[d + 1] >= off[d], "offsets must not decrease: offsets[", d + 1, "] = ",
+                    off[d + 1], " < offsets[", d, "] = ", off[d]);
+    STOKER_CHECK_AS(ValueError, off[d + 1] <= n, "offsets[", d + 1, "] = ", off[d + 1],
+                    " is past the end of the ", n, " tokens");
+    src->lengths[d] = off[d + 1] - off[d];
+  }
+  STOKER_CHECK_AS(ValueError, off[docs] == n, "the last offset (offsets[", docs, "] = ", off[docs],
+                  ") must equal the number of tokens, ", n);
+  src->view = TokenSource{tokens.data(), *dt, n, off, docs};
+  return src;
+}
+
+}  // namespace
+
+void register_packing(py::module_& m) {
+  py::class_<PyTokenSource, std::shared_ptr<PyTokenSource>>(m, "TokenSource")
+      .def(py::init(&make_source), py::arg("tokens"), py::arg("offsets"))
+      .def("__len__", [](const PyTokenSource& s) { return s.view.num_docs; })
+      .def_property_readonly("num_tokens", [](const PyTokenSource& s) { return s.view.num_tokens; })
+      .def_property_readonly("lengths", [](py::object self) {
+        auto& s = self.cast<PyTokenSource&>();
+        return py::array_t<int64_t>({static_cast<py::ssize_t>(s.lengths.size())}, {sizeof(int64_t)},
+                                    s.lengths.data(), self);  // a view kept alive by the source
+      });
+
+  py::class_<PackPlan, std::shared_ptr<PackPlan>>(m, "PackPlan")
+      .def_property_readonly("num_rows", &PackPlan::num_rows)
+      .def_property_readonly("seq_len", [](const PackPlan& p) { return p.seq_len; })
+      .def("stats", [](const PackPlan& p) {
+        py::dict d;
+        d["documents"] = p.stats.documents;
+        d["tokens"] = p.stats.tokens;
+        d["rows"] = p.stats.rows;
+        d["documents_split"] = p.stats.documents_split;
+        d["documents_dropped"] = p.stats.documents_dropped;
+        d["tokens_dropped"] = p.stats.tokens_dropped;
+        d["max_delay_rows"] = p.stats.max_delay_rows;
+        return d;
+      })
+      .def("row", [](const PackPlan& p, int64_t r) {
+        STOKER_CHECK_AS(IndexError, r >= 0 && r < p.num_rows(), "row ", r, " out of range");
+        py::list out;
+        for (int64_t k = p.row_start[r]; k < p.row_start[r + 1]; ++k) {
+          const Segment& s = p.segments[k];
+          out.append(py::make_tuple(s.doc, s.offset, s.length));
+        }
+        return out;
+      }, py::arg("r"));
+
+  m.def("plan_packing", [](const PyTokenSource& source, Int64Array order, int64_t seq_len, int64_t window,
+                           int long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch) {
+        STOKER_CHECK_AS(ValueError, long_docs >= 0 && long_docs <= 2, "bad long_docs code ", long_docs);
+        const int64_t* o = order.data();
+        std::vector<int64_t> ord(o, o + order.size());
+        for (int64_t d : ord)
+          STOKER_CHECK_AS(IndexError, d >= 0 && d < source.view.num_docs, "document ", d, " out of range");
+        py::gil_scoped_release release;
+        return std::make_shared<PackPlan>(plan_packing(source.lengths.data(), ord, seq_len, window,
+                                                       static_cast<LongDocs>(long_docs), shuffle_rows, seed, epoch));
+      },
+      py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
+      py::arg("shuffle_rows"), py::arg("seed"), py::arg("epoch"));
+
+  m.def("materialize_packed", [](const PackPlan& plan, const PyTokenSource& source, Int64Array rows,
+                                 int64_t pad_id, bool doc_ids, std::shared_ptr<BufferPool> pool) {
+        STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
+        PackedBatch b;
+        {
+          py::gil_scoped_release release;
+          b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
+                          *pool);
+        }
+        auto* base = static_cast<uint8_t*>(b.block->data);
+        const DType i64{DTypeCode::Int, 64}, i32{DTypeCode::Int, 32};
+        const std::vector<int64_t> grid{b.rows, b.seq_len};
+        py::dict out;
+        out["input_ids"] = to_capsule(export_dlpack(b.block, base + b.input_ids, i64, grid));
+        out["labels"] = to_capsule(export_dlpack(b.block, base + b.labels, i64, grid));
+        out["position_ids"] = to_capsule(export_dlpack(b.block, base + b.position_ids, i64, grid));
+        out["cu_seqlens"] = to_capsule(export_dlpack(b.block, base + b.cu_seqlens, i32, {b.num_segments + 1}));
+        out["seq_idx"] = to_capsule(export_dlpack(b.block, base + b.seq_idx, i32, grid));
+        if (b.has_doc_ids) out["doc_ids"] = to_capsule(export_dlpack(b.block, base + b.doc_ids, i64, grid));
+        return py::make_tuple(out, b.max_length);
+      },
+      py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
+      py::arg("doc_ids"), py::arg("pool"));
+}
+
+}  // namespace stoker::bindings

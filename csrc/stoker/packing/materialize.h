@@ -1,0 +1,43 @@
+// Packed batches: the rows of a plan written as the tensors a language model takes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "stoker/common/dtype.h"
+#include "stoker/packing/plan.h"
+#include "stoker/pool/buffer_pool.h"
+
+namespace stoker {
+
+/// Documents as one flat token array and n + 1 offsets: document d is tokens[offsets[d], offsets[d + 1]).
+/// The memory belongs to the caller and must outlive every use.
+struct TokenSource {
+  const void* tokens = nullptr;
+  DType dtype;  // uint16, int32, uint32 or int64
+  int64_t num_tokens = 0;
+  const int64_t* offsets = nullptr;
+  int64_t num_docs = 0;
+};
+
+/// One packed batch of R rows of L tokens, all arrays in one pooled block:
+///   input_ids, labels, position_ids (int64 [R, L]); seq_idx (int32 [R, L]); cu_seqlens (int32 [S + 1]);
+///   doc_ids (int64 [R, L], only when asked for; -1 on padding).
+/// Each row's padding tail is a segment of its own; labels are -100 at each segment's first token and on
+/// padding; positions restart at 0 in every segment; seq_idx numbers the segments of the batch.
+struct PackedBatch {
+  std::shared_ptr<Block> block;
+  int64_t rows = 0;
+  int64_t seq_len = 0;
+  int64_t num_segments = 0;
+  int64_t max_length = 0;  // the longest segment, padding included
+  size_t input_ids = 0, labels = 0, position_ids = 0, seq_idx = 0, cu_seqlens = 0, doc_ids = 0;  // offsets
+  bool has_doc_ids = false;
+};
+
+/// Writes the rows `row_ids[0..rows)` of `plan`, in that order, into a block from `pool`.
+PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
+                        int64_t pad_id, bool doc_ids, BufferPool& pool);
+
+}  // namespace stoker

@@ -1,0 +1,412 @@
+"""Documents of tokens, and the loader that packs them into fixed-length rows for language-model training."""
+
+from __future__ import annotations
+
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from stoker._native import POOL, core, from_dlpack
+
+__all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
+
+TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.int64))
+_LONG_DOCS = {"split": 0, "truncate": 1, "drop": 2}
+STATE_FORMAT = "stoker.PackedLoader/1"
+_SEED_MASK = 0xFFFFFFFFFFFFFFFF
+
+
+def _token_dtype(dtype, where: str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.newbyteorder("=") not in TOKEN_DTYPES or not dt.isnative:
+        raise TypeError(f"{where}: tokens must be uint16, int32, uint32 or int64 (native byte order), got {dt}")
+    return dt
+
+
+def _offsets_array(offsets, where: str) -> np.ndarray:
+    array = np.asarray(offsets)
+    if array.ndim != 1 or array.size == 0:
+        raise ValueError(f"{where}: offsets must be a 1-D array of at least one entry, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{where}: offsets must be integers, got {array.dtype}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        bad = int(np.argmax(array > np.iinfo(np.int64).max))
+        raise ValueError(f"{where}: offsets[{bad}] = {int(array[bad])} is too large")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+class TokenDataset:
+    """Documents as 1-D integer token arrays (uint16, int32, uint32 or int64), stored as one flat token array
+    and ``len(self) + 1`` offsets: document ``d`` is ``tokens[offsets[d]:offsets[d + 1]]``.
+
+    Build it from a list of arrays (``TokenDataset(docs)``), from a flat array and offsets
+    (:meth:`from_flat`), or open it memory-mapped from files (:meth:`open`, written by
+    :func:`write_token_files`). The offsets are checked against the tokens on construction (starting at 0,
+    never decreasing, ending at the number of tokens); a bad entry raises ``ValueError`` naming it.
+    """
+
+    def __init__(self, documents: Sequence, *, dtype=None) -> None:
+        arrays = []
+        for i, doc in enumerate(documents):
+            a = doc.numpy() if isinstance(doc, torch.Tensor) else np.asarray(doc)
+            if a.ndim != 1:
+                raise ValueError(f"document {i} must be 1-D, got shape {a.shape}")
+            if a.size and a.dtype.kind not in "iu":
+                raise TypeError(f"document {i} must hold integer tokens, got {a.dtype}")
+            arrays.append(a)
+        if dtype is None:
+            dtype = np.result_type(*[a.dtype for a in arrays if a.size]) if any(a.size for a in arrays) else np.int32
+            dtype = dtype if np.dtype(dtype) in TOKEN_DTYPES else np.int64
+        dt = _token_dtype(dtype, "TokenDataset")
+        lengths = np.array([a.size for a in arrays], dtype=np.int64)
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate([a.astype(dt, copy=False) for a in arrays]) if arrays else np.empty(0, dt)
+        if arrays and tokens.size:
+            info = np.iinfo(dt)
+            for i, a in enumerate(arrays):
+                if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
+                    raise ValueError(f"document {i} has tokens outside the range of {dt}")
+        self._init(tokens, offsets, "TokenDataset")
+
+    def _init(self, tokens: np.ndarray, offsets: np.ndarray, where: str) -> None:
+        try:
+            self._source = core.TokenSource(tokens, offsets)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        self.tokens = tokens
+        self.offsets = offsets
+
+    @classmethod
+    def from_flat(cls, tokens, offsets) -> TokenDataset:
+        """Documents ``tokens[offsets[d]:offsets[d + 1]]`` of a flat 1-D token array (not copied)."""
+        tokens = tokens.numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ValueError(f"TokenDataset.from_flat: tokens must be 1-D, got shape {tokens.shape}")
+        _token_dtype(tokens.dtype, "TokenDataset.from_flat")
+        self = cls.__new__(cls)
+        self._init(np.ascontiguousarray(tokens), _offsets_array(offsets, "TokenDataset.from_flat"),
+                   "TokenDataset.from_flat")
+        return self
+
+    @classmethod
+    def open(cls, tokens_path: str | os.PathLike, offsets_path: str | os.PathLike | None = None, *,
+             dtype=None) -> TokenDataset:
+        """Memory-maps documents from files: a token file (``.npy``, or raw binary of ``dtype``) and an
+        offsets file (``.npy`` of integers, or raw little-endian int64). ``TokenDataset.open(prefix)`` opens
+        ``prefix.tokens.npy`` and ``prefix.offsets.npy`` as :func:`write_token_files` writes them.
+
+        A file that is truncated, corrupt or inconsistent with the other raises ``ValueError`` naming the
+        file and the bad entry; nothing is read outside the files."""
+        tokens_path = os.fspath(tokens_path)
+        if offsets_path is None:
+            if not os.path.exists(tokens_path) and os.path.exists(tokens_path + ".tokens.npy"):
+                tokens_path, offsets_path = tokens_path + ".tokens.npy", tokens_path + ".offsets.npy"
+            else:
+                raise ValueError(f"TokenDataset.open({tokens_path!r}): give the offsets file too, or the prefix "
+                                 "of files written by write_token_files")
+        offsets_path = os.fspath(offsets_path)
+        tokens = _map_file(tokens_path, dtype, "tokens")
+        _token_dtype(tokens.dtype, tokens_path)
+        offsets = _offsets_array(_map_file(offsets_path, np.int64, "offsets"), offsets_path)
+        self = cls.__new__(cls)
+        try:
+            self._source = core.TokenSource(tokens, offsets)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{offsets_path} does not fit {tokens_path} ({tokens.size} tokens): {exc}") from None
+        self.tokens, self.offsets = tokens, offsets
+        return self
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = operator.index(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"document {i} out of range for {n} documents")
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """The length of every document (int64)."""
+        return self._source.lengths
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def __repr__(self) -> str:
+        return f"TokenDataset({len(self)} documents, {self.num_tokens} tokens, {self.tokens.dtype})"
+
+
+def _map_file(path: str, dtype, what: str) -> np.ndarray:
+    try:
+        if path.endswith(".npy"):
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            if dtype is None:
+                raise ValueError(f"{path}: a raw {what} file needs dtype=")
+            dt = np.dtype(dtype)
+            size = os.path.getsize(path)
+            if size % dt.itemsize:
+                raise ValueError(f"{path}: {size} bytes is not a whole number of {dt} {what}")
+            array = np.memmap(path, dtype=dt, mode="r") if size else np.empty(0, dt)
+    except ValueError as exc:
+        if str(exc).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable {what} file ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"{path}: cannot read the {what} file ({exc})") from None
+    if array.ndim != 1:
+        raise ValueError(f"{path}: the {what} array must be 1-D, got shape {array.shape}")
+    return array
+
+
+def write_token_files(prefix: str | os.PathLike, documents: Sequence, dtype=np.uint16) -> tuple[str, str]:
+    """Writes documents as ``prefix.tokens.npy`` (``dtype``) and ``prefix.offsets.npy`` (int64), the
+    files :meth:`TokenDataset.open` maps. Returns the two paths."""
+    prefix = os.fspath(prefix)
+    ds = TokenDataset(documents, dtype=dtype)
+    tokens_path, offsets_path = prefix + ".tokens.npy", prefix + ".offsets.npy"
+    np.save(tokens_path, ds.tokens)
+    np.save(offsets_path, ds.offsets)
+    return tokens_path, offsets_path
+
+
+class PackedLoader:
+    """Batches of documents packed into rows of ``seq_len`` tokens, built natively.
+
+    Each batch is a dict of ``B = batch_size`` rows (fewer in the last batch unless ``drop_last``):
+
+    * ``input_ids`` int64 ``[B, L]``: the tokens, the tail of a row padded with ``pad_id``;
+    * ``labels`` int64 ``[B, L]``: the tokens, unshifted, with -100 at the first token of every document
+      segment and on padding, so a shifted loss never predicts across documents;
+    * ``position_ids`` int64 ``[B, L]``: restarting at 0 in every segment (the padding tail is a segment);
+    * ``cu_seqlens`` int32 ``[S + 1]``: segment starts over the flattened ``B*L`` tokens, padding segments
+      included, ending at ``B*L`` — also as ``cu_seq_lens_q``/``cu_seq_lens_k``, with ``max_length_q`` and
+      ``max_length_k`` (Python ints), the names HF transformers reads for flash-attention varlen;
+    * ``seq_idx`` int32 ``[B, L]``: the segment number of each token, for FlexAttention-style masks;
+    * ``doc_ids`` int64 ``[B, L]`` (with ``return_doc_ids=True``): the document of each token, -1 on padding.
+
+    There is no ``attention_mask``: HF models would read it as permission to attend across documents.
+
+    Packing: with ``window=None`` the whole epoch is packed by best-fit decreasing, then the rows are
+    shuffled; with ``window=W`` documents stream through a buffer of ``W`` and each row takes the oldest
+    buffered ones while they fit, then the longest that still fits, so no document waits much longer than
+    ``W`` divided by the documents per row. Documents longer than ``seq_len`` are split into ``seq_len``
+    pieces (``long_docs="split"``, each piece a segment), cut (``"truncate"``) or skipped (``"drop"``).
+    The epoch's document order is a pure function of (seed, epoch), so batches are deterministic, resumable
+    (:meth:`state_dict`) and, with ``rank``/``world_size`` or under ``torch.distributed``, sharded by rows
+    as ``DistributedSampler`` shards samples.
+    """
+
+    def __init__(self, documents, seq_len: int, batch_size: int, *, shuffle: bool = True,
+                 seed: int | None = None, window: int | None = None, long_docs: str = "split",
+                 pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
+        for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} should be a positive integer, but got {name}={value!r}")
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise ValueError(f"window should be None or a positive integer, but got window={window!r}")
+        if long_docs not in _LONG_DOCS:
+            raise ValueError(f"long_docs should be one of {sorted(_LONG_DOCS)}, but got {long_docs!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+            raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
+            raise ValueError(f"pad_id should be an integer, but got pad_id={pad_id!r}")
+        for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} should be an integer >= {low}, but got {name}={value!r}")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
+        self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
+        self.generator, self.rank, self.world_size = generator, rank, world_size
+        self._epoch = 0
+        self._seed: int | None = None
+        self._plan_cache: tuple[int, int, Any] | None = None  # (seed, epoch, plan)
+        self._cursor: list | None = None  # [epoch, served, finished] of the newest iterator
+        self._resume: tuple[int, int] | None = None
+
+    # -- sharding, seeds and plans -----------------------------------------------------------------------------
+
+    def _shard(self) -> tuple[int, int]:
+        rank, world = self.rank, self.world_size
+        if rank is None or world is None:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                world = dist.get_world_size() if world is None else world
+                rank = dist.get_rank() if rank is None else rank
+            elif (world or 1) > 1 or (rank or 0) > 0:
+                raise ValueError("rank= and world_size= go together when torch.distributed is not initialised")
+            else:
+                rank, world = 0, 1
+        if not 0 <= rank < world:
+            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world - 1}]")
+        return rank, world
+
+    def _resolve_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        if self._seed is None:
+            if self._shard()[1] > 1:
+                self._seed = 0  # every rank must pack alike
+            else:
+                drawn = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
+                self._seed = int(drawn) & _SEED_MASK
+        return self._seed
+
+    def _plan(self, epoch: int):
+        seed = self._resolve_seed()
+        if self._plan_cache is not None and self._plan_cache[:2] == (seed, epoch):
+            return self._plan_cache[2]
+        n = len(self.documents)
+        if self.shuffle and n > 0:
+            order = core.IndexStream(n, n, False, True, seed, epoch).batch(0)
+        else:
+            order = np.arange(n, dtype=np.int64)
+        plan = core.plan_packing(self.documents._source, order, self.seq_len, self.window or 0,
+                                 _LONG_DOCS[self.long_docs], self.shuffle, seed, epoch)
+        self._plan_cache = (seed, epoch, plan)
+        return plan
+
+    def _rows(self, plan) -> np.ndarray:
+        """The plan rows this rank serves, in order: positions r, r+W, ... padded by repetition or cut."""
+        rank, world = self._shard()
+        total = plan.num_rows
+        if world == 1:
+            return np.arange(total, dtype=np.int64)
+        count = core.IndexStream.shard_size_for(total, world, self.drop_last)
+        if total == 0:
+            return np.empty(0, dtype=np.int64)
+        return (rank + world * np.arange(count, dtype=np.int64)) % total
+
+    def _num_batches(self, rows: int) -> int:
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def __len__(self) -> int:
+        """Batches in the epoch the next iterator serves (packing decides the row count)."""
+        return self._num_batches(len(self._rows(self._plan(self._epoch))))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iterator serve epoch ``epoch``."""
+        self._epoch = operator.index(epoch)
+        self._cursor = None
+
+    def stats(self) -> dict[str, Any]:
+        """Packing figures of the newest epoch planned: documents, tokens, rows, ``efficiency`` (tokens over
+        rows x seq_len), documents split or dropped, tokens dropped, and the largest delay in rows a document
+        waited in the window."""
+        if self._plan_cache is None:
+            self._plan(self._epoch)
+        plan = self._plan_cache[2]
+        out = plan.stats()
+        out["epoch"] = self._plan_cache[1]
+        out["seq_len"] = self.seq_len
+        out["efficiency"] = out["tokens"] / (out["rows"] * self.seq_len) if out["rows"] else 1.0
+        return out
+
+    # -- iteration -----------------------------------------------------------------------------------------------
+
+    def __iter__(self):
+        epoch = self._epoch
+        self._epoch += 1
+        start = 0
+        if self._resume is not None:
+            if self._resume[0] == epoch:
+                start = self._resume[1]
+            self._resume = None
+        cursor = [epoch, start, False]
+        self._cursor = cursor
+        plan = self._plan(epoch)
+        rows = self._rows(plan)
+        return _PackedIterator(self, plan, rows, cursor)
+
+    # -- resumption ----------------------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        rank, world = self._shard()
+        return {"num_documents": len(self.documents), "num_tokens": self.documents.num_tokens,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "window": self.window,
+                "long_docs": self.long_docs, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "rank": rank, "world_size": world}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the loader stands (seed, epoch, batches served, and the settings it must be loaded into),
+        as plain values. An epoch's plan is a pure function of (seed, epoch), so the position is all the
+        packing state there is: loading it replans the epoch (milliseconds) and replays nothing."""
+        cursor = self._cursor
+        if cursor is not None and not cursor[2]:
+            epoch, served = cursor[0], cursor[1]
+        elif self._resume is not None and self._resume[0] == self._epoch:
+            epoch, served = self._resume
+        else:
+            epoch, served = self._epoch, 0
+        seed = self.seed if self.seed is not None else self._seed
+        return {"format": STATE_FORMAT, **self._settings(), "seed": seed, "epoch": epoch, "batches_served": served}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``state``: the next iterator serves the rest of its epoch, and later epochs follow
+        as in the run that saved it. Raises ``ValueError`` for a state of other documents or settings."""
+        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"load_state_dict expects a state from stoker.PackedLoader.state_dict() "
+                             f"(format {STATE_FORMAT!r}); got {found!r}")
+        for key, value in self._settings().items():
+            if key not in state:
+                raise ValueError(f"the state lacks {key!r}")
+            if state[key] != value:
+                raise ValueError(f"the state was saved with {key}={state[key]!r}; this loader has {key}={value!r}")
+        seed, epoch, served = state.get("seed"), state.get("epoch"), state.get("batches_served")
+        if self.seed is not None and seed is not None and seed != self.seed:
+            raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
+        for name, value in (("epoch", epoch), ("batches_served", served)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"the state's {name} must be a non-negative integer, got {value!r}")
+        if self.seed is None:
+            self._seed = seed
+        batches = self._num_batches(len(self._rows(self._plan(epoch)))) if seed is not None else None
+        if batches is not None and served > batches:
+            raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
+        self._epoch = epoch
+        self._resume = (epoch, served)
+        self._cursor = None
+
+
+class _PackedIterator:
+    def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: list) -> None:
+        self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
+        self._num_batches = loader._num_batches(len(rows))
+        self._next_batch = cursor[1]
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __next__(self) -> dict[str, Any]:
+        b = self._next_batch
+        if b >= self._num_batches:
+            self._cursor[2] = True
+            raise StopIteration
+        loader = self._loader
+        bs = loader.batch_size
+        rows = self._rows[b * bs:(b + 1) * bs]
+        capsules, max_length = core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
+                                                       loader.return_doc_ids, POOL)
+        self._next_batch += 1
+        self._cursor[1] += 1
+        batch = {k: from_dlpack(v) for k, v in capsules.items()}
+        cu = batch["cu_seqlens"]
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = int(max_length)
+        return batch
