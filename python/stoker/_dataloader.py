@@ -17,16 +17,12 @@ from stoker import _collate
 from stoker._arrays import array_plan
 from stoker._iterators import ArrayIterator, PythonIterator
 from stoker._native import core
+from stoker._shard import check_count, resolve_shard
 
 __all__ = ["DataLoader"]
 
 STATE_FORMAT = "stoker.DataLoader/1"
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
-
-
-def _check_count(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} should be an integer >= {minimum}, but got {name}={value!r}")
 
 
 class _Cursor:
@@ -109,8 +105,8 @@ class DataLoader(_TorchDataLoader):
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
-        _check_count("world_size", world_size, 1)
-        _check_count("rank", rank, 0)
+        check_count("world_size", world_size, 1)
+        check_count("rank", rank, 0)
         if rank is not None and world_size is not None and rank >= world_size:
             raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world_size - 1}]")
         self.seed = seed
@@ -138,21 +134,7 @@ class DataLoader(_TorchDataLoader):
         """(rank, world_size) this loader's own sampler serves: the arguments, else torch.distributed."""
         if not self._stoker_native_sampler:
             return 0, 1
-        rank, world = self.rank, self.world_size
-        if rank is None or world is None:
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
-                world = dist.get_world_size() if world is None else world
-                rank = dist.get_rank() if rank is None else rank
-            elif world is not None and world > 1:
-                raise ValueError(f"world_size={world} needs rank= too (torch.distributed is not initialised)")
-            elif rank is not None and rank > 0:
-                raise ValueError(f"rank={rank} needs world_size= too (torch.distributed is not initialised)")
-            else:
-                rank, world = 0, 1
-        if not 0 <= rank < world:
-            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world - 1}]")
-        return rank, world
+        return resolve_shard(self.rank, self.world_size)
 
     def _stoker_num_batches(self) -> int:
         """Batches per epoch of this loader's own sampler on this rank."""
@@ -277,8 +259,8 @@ class DataLoader(_TorchDataLoader):
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
         epoch, served = state["epoch"], state["batches_served"]
-        _check_count("the state's epoch", epoch, 0)
-        _check_count("the state's batches_served", served, 0)
+        check_count("the state's epoch", epoch, 0)
+        check_count("the state's batches_served", served, 0)
         if self._stoker_native_sampler:
             batches: int | None = self._stoker_num_batches()
         else:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from stoker._native import POOL, core, from_dlpack
+from stoker._shard import check_count, resolve_shard
 
 __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
@@ -223,9 +224,8 @@ class PackedLoader:
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
         if isinstance(pad_id, bool) or not isinstance(pad_id, int):
             raise ValueError(f"pad_id should be an integer, but got pad_id={pad_id!r}")
-        for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise ValueError(f"{name} should be an integer >= {low}, but got {name}={value!r}")
+        check_count("world_size", world_size, 1)
+        check_count("rank", rank, 0)
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
         self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
@@ -239,19 +239,7 @@ class PackedLoader:
     # -- sharding, seeds and plans -----------------------------------------------------------------------------
 
     def _shard(self) -> tuple[int, int]:
-        rank, world = self.rank, self.world_size
-        if rank is None or world is None:
-            dist = torch.distributed
-            if dist.is_available() and dist.is_initialized():
-                world = dist.get_world_size() if world is None else world
-                rank = dist.get_rank() if rank is None else rank
-            elif (world or 1) > 1 or (rank or 0) > 0:
-                raise ValueError("rank= and world_size= go together when torch.distributed is not initialised")
-            else:
-                rank, world = 0, 1
-        if not 0 <= rank < world:
-            raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world - 1}]")
-        return rank, world
+        return resolve_shard(self.rank, self.world_size)
 
     def _resolve_seed(self) -> int:
         if self.seed is not None:
