@@ -159,7 +159,10 @@ class DataLoader(_TorchDataLoader):
 
         After :meth:`load_state_dict`, naming the loaded epoch keeps its position; naming another starts it
         from its first batch."""
-        self._stoker_epoch = operator.index(epoch)
+        epoch = operator.index(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch should be a non-negative integer, but got epoch={epoch}")
+        self._stoker_epoch = epoch
         self._stoker_cursor = None
 
     def _stoker_begin(self) -> _Cursor:

@@ -81,6 +81,7 @@ class TokenDataset:
             raise type(exc)(f"{where}: {exc}") from None
         self.tokens = tokens
         self.offsets = offsets
+        self._lengths = _read_only(self._source.lengths)
 
     @classmethod
     def from_flat(cls, tokens, offsets) -> TokenDataset:
@@ -120,6 +121,7 @@ class TokenDataset:
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"{offsets_path} does not fit {tokens_path} ({tokens.size} tokens): {exc}") from None
         self.tokens, self.offsets = tokens, offsets
+        self._lengths = _read_only(self._source.lengths)
         return self
 
     def __len__(self) -> int:
@@ -136,8 +138,8 @@ class TokenDataset:
 
     @property
     def lengths(self) -> np.ndarray:
-        """The length of every document (int64)."""
-        return self._source.lengths
+        """The length of every document (int64, read-only)."""
+        return self._lengths
 
     @property
     def num_tokens(self) -> int:
@@ -145,6 +147,13 @@ class TokenDataset:
 
     def __repr__(self) -> str:
         return f"TokenDataset({len(self)} documents, {self.num_tokens} tokens, {self.tokens.dtype})"
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    """A read-only copy: what the native planner reads cannot be changed through it."""
+    copy = np.array(array)
+    copy.setflags(write=False)
+    return copy
 
 
 def _map_file(path: str, dtype, what: str) -> np.ndarray:
@@ -165,6 +174,8 @@ def _map_file(path: str, dtype, what: str) -> np.ndarray:
         raise ValueError(f"{path}: not a readable {what} file ({exc})") from None
     except (OSError, EOFError) as exc:
         raise ValueError(f"{path}: cannot read the {what} file ({exc})") from None
+    except Exception as exc:  # a corrupt .npy header can make numpy's parser raise almost anything
+        raise ValueError(f"{path}: not a readable {what} file ({type(exc).__name__}: {exc})") from None
     if array.ndim != 1:
         raise ValueError(f"{path}: the {what} array must be 1-D, got shape {array.shape}")
     return array
@@ -222,8 +233,11 @@ class PackedLoader:
             raise ValueError(f"long_docs should be one of {sorted(_LONG_DOCS)}, but got {long_docs!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
-        if isinstance(pad_id, bool) or not isinstance(pad_id, int):
-            raise ValueError(f"pad_id should be an integer, but got pad_id={pad_id!r}")
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not -(2**63) <= pad_id < 2**63:
+            raise ValueError(f"pad_id should be an int64 integer, but got pad_id={pad_id!r}")
+        if seq_len * batch_size >= 2**31:
+            raise ValueError(f"batch_size * seq_len = {seq_len * batch_size} tokens per batch; cu_seqlens is int32, "
+                             "so a batch must hold fewer than 2**31 tokens")
         check_count("world_size", world_size, 1)
         check_count("rank", rank, 0)
         self.seq_len, self.batch_size = seq_len, batch_size
@@ -286,7 +300,10 @@ class PackedLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next iterator serve epoch ``epoch``."""
-        self._epoch = operator.index(epoch)
+        epoch = operator.index(epoch)
+        if epoch < 0:
+            raise ValueError(f"epoch should be a non-negative integer, but got epoch={epoch}")
+        self._epoch = epoch
         self._cursor = None
 
     def stats(self) -> dict[str, Any]:

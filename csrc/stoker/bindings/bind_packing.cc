@@ -20,7 +20,8 @@ std::shared_ptr<PyTokenSource> make_source(py::array tokens, Int64Array offsets)
   STOKER_CHECK_AS(ValueError, tokens.ndim() == 1, "the token array must be 1-D, got ", tokens.ndim(), "-D");
   STOKER_CHECK_AS(ValueError, offsets.ndim() == 1 && offsets.size() >= 1,
                   "the offsets must be a 1-D array of at least one entry");
-  STOKER_CHECK_AS(ValueError, tokens.strides(0) == static_cast<py::ssize_t>(tokens.itemsize()),
+  STOKER_CHECK_AS(ValueError,
+                  tokens.size() == 0 || tokens.strides(0) == static_cast<py::ssize_t>(tokens.itemsize()),
                   "the token array must be contiguous");
   auto dt = dtype_of(tokens.dtype());
   const bool ok = dt && ((dt->code == DTypeCode::UInt && (dt->bits == 16 || dt->bits == 32)) ||

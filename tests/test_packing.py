@@ -1,0 +1,1236 @@
+"""Sequence packing (stoker.TokenDataset, stoker.PackedLoader, stoker.write_token_files), through the public API.
+
+Most workloads use *positional* tokens: the token at global position ``p`` of the flat token array has the
+value ``p``. A packed batch then says by itself where every token came from (its document is the one whose
+offsets contain it, its offset within the document is ``p - offsets[doc]``), so coverage, segment and
+resume checks need no bookkeeping beyond the offsets.
+
+``check_batch`` asserts the batch contract of ``PackedLoader`` (keys, dtypes, shapes, ``cu_seqlens``,
+``seq_idx``, ``position_ids``, ``labels``, padding) and is applied to every batch the tests draw.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_same
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DistributedSampler
+
+import stoker
+
+KEYS = {"input_ids", "labels", "position_ids", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+        "max_length_k", "seq_idx"}
+IGNORE = -100
+FORMAT = "stoker.PackedLoader/1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workloads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def lognormal_lengths(rng, n, mean, *, sigma=1.0, lo=1, hi=None):
+    """n document lengths, lognormal with the given mean, clipped to [lo, hi]."""
+    mu = math.log(mean) - sigma ** 2 / 2
+    lengths = rng.lognormal(mu, sigma, n).astype(np.int64)
+    return np.clip(lengths, lo, hi if hi is not None else max(lo, int(lengths.max())))
+
+
+def offsets_of(lengths):
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths, dtype=np.int64), out=offsets[1:])
+    return offsets
+
+
+def positional(lengths, dtype=np.int64):
+    """Documents of the given lengths whose tokens are their global positions; returns (documents, offsets)."""
+    offsets = offsets_of(lengths)
+    tokens = np.arange(offsets[-1], dtype=dtype)
+    return [tokens[offsets[i]:offsets[i + 1]] for i in range(len(lengths))], offsets
+
+
+L = 32  # seq_len of the small workloads
+
+
+def small_lengths(seed=0, n=150):
+    """Lognormal lengths around 20 with the edge cases planted: empty documents, exactly one row, one more
+    than a row, exactly two rows, several rows plus a remainder."""
+    rng = np.random.default_rng(seed)
+    lengths = lognormal_lengths(rng, n, 20, lo=1, hi=3 * L)
+    for i, v in zip((3, 17, 40, 41, 77, 90, 120, 121, 149), (0, 0, L, L + 1, 2 * L, 3 * L + 5, 5 * L, 0, 1)):
+        lengths[i * n // 150] = v
+    return lengths
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The batch contract
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
+    """Asserts the structure every packed batch must have; returns the flattened numpy views
+    (ids, labels, positions, seq_idx, cu, docs or None)."""
+    assert isinstance(batch, dict)
+    assert set(batch) == KEYS | ({"doc_ids"} if doc_ids else set()), sorted(batch)
+    assert "attention_mask" not in batch
+    ids_t = batch["input_ids"]
+    assert ids_t.dim() == 2 and ids_t.shape[1] == seq_len and ids_t.shape[0] >= 1, ids_t.shape
+    B = ids_t.shape[0]
+    if rows is not None:
+        assert B == rows
+    for key in ("input_ids", "labels", "position_ids") + (("doc_ids",) if doc_ids else ()):
+        assert batch[key].dtype == torch.int64, (key, batch[key].dtype)
+        assert tuple(batch[key].shape) == (B, seq_len), key
+    assert batch["seq_idx"].dtype == torch.int32 and tuple(batch["seq_idx"].shape) == (B, seq_len)
+    cu_t = batch["cu_seqlens"]
+    assert cu_t.dtype == torch.int32 and cu_t.dim() == 1
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert batch[key].dtype == torch.int32 and torch.equal(batch[key], cu_t), key
+    for key in ("max_length_q", "max_length_k"):
+        assert type(batch[key]) is int, (key, type(batch[key]))
+
+    ids = batch["input_ids"].numpy().reshape(-1)
+    labels = batch["labels"].numpy().reshape(-1)
+    pos = batch["position_ids"].numpy().reshape(-1)
+    sidx = batch["seq_idx"].numpy().reshape(-1)
+    cu = cu_t.numpy().astype(np.int64)
+    N = B * seq_len
+
+    # cu_seqlens: 0 .. B*L, strictly increasing, every row boundary a segment boundary
+    assert cu[0] == 0 and cu[-1] == N, cu
+    seg_len = np.diff(cu)
+    assert (seg_len > 0).all(), cu
+    assert set(range(0, N + 1, seq_len)) <= set(cu.tolist()), "a segment crosses a row boundary"
+    S = len(seg_len)
+    assert batch["max_length_q"] == batch["max_length_k"] == int(seg_len.max())
+
+    starts = np.zeros(N, dtype=bool)
+    starts[cu[:-1]] = True
+    # position_ids count 0, 1, 2, ... within each segment (so == 0 exactly at the starts)
+    assert np.array_equal(pos, np.arange(N) - np.repeat(cu[:-1], seg_len))
+    assert np.array_equal(pos == 0, starts)
+    # seq_idx: the segment number, from 0, +1 at each boundary
+    assert np.array_equal(sidx, np.repeat(np.arange(S), seg_len))
+
+    docs = None
+    if doc_ids:
+        docs = batch["doc_ids"].numpy().reshape(-1)
+        assert np.array_equal(docs, np.repeat(docs[cu[:-1]], seg_len)), "doc_ids vary within a segment"
+        pad = docs == -1
+        assert (docs[~pad] >= 0).all()
+        assert (ids[pad] == pad_id).all(), "padding not filled with pad_id"
+        assert np.array_equal(labels, np.where(starts | pad, IGNORE, ids)), "labels"
+        pad2 = pad.reshape(B, seq_len)
+        for r in range(B):
+            if pad2[r].any():
+                first = int(np.argmax(pad2[r]))
+                assert pad2[r, first:].all(), f"row {r}: padding is not the row's tail"
+                # the tail is exactly one segment
+                assert r * seq_len + first in set(cu.tolist())
+                assert sidx[r * seq_len + first] == sidx[(r + 1) * seq_len - 1]
+    else:
+        assert (labels[starts] == IGNORE).all()
+        rest = ~starts
+        assert ((labels[rest] == ids[rest]) | ((labels[rest] == IGNORE) & (ids[rest] == pad_id))).all()
+    return ids, labels, pos, sidx, cu, docs
+
+
+def real_segments(batch, seq_len):
+    """(row in batch, flat start, length, doc) of every non-padding segment (needs doc_ids)."""
+    cu = batch["cu_seqlens"].numpy().astype(np.int64)
+    docs = batch["doc_ids"].numpy().reshape(-1)
+    return [(int(s // seq_len), int(s), int(e - s), int(docs[s])) for s, e in zip(cu[:-1], cu[1:]) if docs[s] >= 0]
+
+
+def rows_of(batches, offsets):
+    """Every row served, in order, as a tuple of its segments (doc, offset in the doc, length); padding left
+    out. Needs positional tokens and doc_ids."""
+    out = []
+    for b in batches:
+        B, Lb = b["input_ids"].shape
+        ids = b["input_ids"].numpy().reshape(-1)
+        rows = [[] for _ in range(B)]
+        for r, s, n, d in real_segments(b, Lb):
+            rows[r].append((d, int(ids[s] - offsets[d]), n))
+        out.extend(tuple(r) for r in rows)
+    return out
+
+
+def check_positional_tokens(batches, offsets, seq_len, long_docs="split"):
+    """Checks that every real token of positional documents sits in the right document, in consecutive runs
+    that are whole pieces of it; returns all real tokens served (a flat int64 array)."""
+    lengths = np.diff(offsets)
+    served = []
+    for b in batches:
+        _, _, _, _, cu, docs = check_batch(b, seq_len, doc_ids=True)
+        ids = b["input_ids"].numpy().reshape(-1)
+        real = docs >= 0
+        # each token's doc_id is the document containing it
+        owner = np.searchsorted(offsets, ids[real], side="right") - 1
+        assert np.array_equal(owner, docs[real]), "a token carries the wrong doc_id"
+        for _, s, n, d in real_segments(b, seq_len):
+            seg = ids[s:s + n]
+            assert np.array_equal(seg, np.arange(seg[0], seg[0] + n)), "a segment's tokens are not consecutive"
+            off = int(seg[0] - offsets[d])
+            if long_docs == "split":
+                # a whole piece: starts at a multiple of seq_len of its document, runs to the piece's end
+                assert off % seq_len == 0, (d, off)
+                assert n == min(seq_len, lengths[d] - off), (d, off, n)
+            else:
+                assert off == 0 and n == min(seq_len, lengths[d])
+        served.append(ids[real])
+    return np.concatenate(served) if served else np.empty(0, np.int64)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Every token exactly once per epoch (long_docs="split"), and the batch contract on every batch
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size,drop_last", [(1, False), (9, False), (9, True), (64, False)])
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("window", [None, 1, 3, 1000])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_every_token_once_per_epoch(dtype, window, shuffle, batch_size, drop_last):
+    lengths = small_lengths()
+    docs, offsets = positional(lengths, dtype)
+    loader = stoker.PackedLoader(docs, L, batch_size, shuffle=shuffle, seed=5, window=window,
+                                 drop_last=drop_last, return_doc_ids=True)
+    assert loader.documents.tokens.dtype == dtype
+    expected_batches = len(loader)
+    stats = loader.stats()
+    assert stats["epoch"] == 0
+    batches = list(loader)
+    assert len(batches) == expected_batches
+    rows = stats["rows"]
+    assert stats["tokens"] == offsets[-1] and stats["documents"] == len(lengths)
+    assert stats["documents_split"] == int((lengths > L).sum())
+    full, partial = divmod(rows, batch_size)
+    if batch_size == 9:
+        assert partial, "the workload should leave a partial last batch"
+    assert len(batches) == (full if drop_last else full + (partial > 0))
+    for i, b in enumerate(batches):
+        want = batch_size if (i < full) else partial
+        assert b["input_ids"].shape[0] == want
+    tokens = check_positional_tokens(batches, offsets, L)
+    if drop_last:
+        assert len(np.unique(tokens)) == len(tokens), "a token served twice"
+        assert sum(b["input_ids"].shape[0] for b in batches) == full * batch_size
+    else:
+        assert np.array_equal(np.sort(tokens), np.arange(offsets[-1])), "not every token exactly once"
+    # a second epoch also serves every token once (and the loader works again)
+    if not drop_last:
+        again = check_positional_tokens(list(loader), offsets, L)
+        assert np.array_equal(np.sort(again), np.arange(offsets[-1]))
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_seq_len_one_every_token_is_a_segment(window):
+    docs, offsets = positional([3, 0, 1, 4])
+    loader = stoker.PackedLoader(docs, 1, 3, window=window, seed=0, return_doc_ids=True)
+    batches = list(loader)
+    tokens = check_positional_tokens(batches, offsets, 1)
+    assert np.array_equal(np.sort(tokens), np.arange(8))
+    assert all((b["labels"] == IGNORE).all() for b in batches)
+    assert loader.stats()["documents_split"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. Batch structure
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_batch_structure_with_nonzero_pad_id(window):
+    docs, offsets = positional(small_lengths(1, 60))
+    pad_id = 123_456_789
+    loader = stoker.PackedLoader(docs, L, 5, window=window, seed=2, pad_id=pad_id, return_doc_ids=True)
+    padded = 0
+    for b in loader:
+        ids, labels, pos, sidx, cu, docs_flat = check_batch(b, L, pad_id=pad_id, doc_ids=True)
+        padded += int((docs_flat == -1).sum())
+        assert (ids[docs_flat == -1] == pad_id).all()
+        # real tokens are never pad_id here (positional tokens are small)
+        assert (ids[docs_flat >= 0] != pad_id).all()
+    assert padded > 0, "the workload should leave some padding"
+
+    # without doc_ids: the same batches, less the doc_ids key
+    plain = stoker.PackedLoader(docs, L, 5, window=window, seed=2, pad_id=pad_id)
+    with_ids = stoker.PackedLoader(docs, L, 5, window=window, seed=2, pad_id=pad_id, return_doc_ids=True)
+    for a, b in zip(plain, with_ids, strict=True):
+        check_batch(a, L, pad_id=pad_id)
+        assert "doc_ids" not in a
+        b.pop("doc_ids")
+        assert_same(a, b)
+
+
+def test_batch_fields_on_a_known_batch():
+    # rows: [A(3) B(3) pad(2)] [C(8)] with window=1 (next fit, in order)
+    docs = [np.array([1, 2, 3]), np.array([4, 5, 6]), np.arange(10, 18)]
+    loader = stoker.PackedLoader(docs, 8, 2, shuffle=False, window=1, pad_id=-7, return_doc_ids=True)
+    (b,) = list(loader)
+    check_batch(b, 8, pad_id=-7, doc_ids=True)
+    assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, -7, -7], list(range(10, 18))]
+    assert b["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 5, 6, IGNORE, IGNORE], [IGNORE] + list(range(11, 18))]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1], list(range(8))]
+    assert b["cu_seqlens"].tolist() == [0, 3, 6, 8, 16]
+    assert b["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [3] * 8]
+    assert b["doc_ids"].tolist() == [[0, 0, 0, 1, 1, 1, -1, -1], [2] * 8]
+    assert b["max_length_q"] == b["max_length_k"] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. A worked example
+# --------------------------------------------------------------------------------------------------------------
+
+A, B_, C, D, E = (list(range(11, 16)), list(range(21, 24)), list(range(31, 37)), [41, 42], list(range(51, 61)))
+
+
+def _row_token_lists(batches):
+    out = []
+    for b in batches:
+        Lb = b["input_ids"].shape[1]
+        ids = b["input_ids"].numpy().reshape(-1)
+        rows = [[] for _ in range(b["input_ids"].shape[0])]
+        for r, s, n, _ in real_segments(b, Lb):
+            rows[r].append(ids[s:s + n].tolist())
+        out.extend(rows)
+    return out
+
+
+def test_worked_example_best_fit():
+    loader = stoker.PackedLoader([A, B_, C, D, E], 8, 2, shuffle=False, window=None, return_doc_ids=True)
+    batches = list(loader)
+    for b in batches:
+        check_batch(b, 8, doc_ids=True)
+    rows = _row_token_lists(batches)
+    # whole documents in rows; E split into a full row and its continuation
+    assert sorted(map(sorted, rows)) == sorted(map(sorted, [[E[:8]], [C, D], [A, B_], [E[8:]]]))
+    pieces = [seg for row in rows for seg in row]
+    assert sorted(pieces) == sorted([A, B_, C, D, E[:8], E[8:]])
+    # the continuation piece [59, 60] is its own segment: label -100 at its first token, positions restart
+    for b in batches:
+        ids = b["input_ids"].numpy().reshape(-1)
+        where = np.flatnonzero(ids == 59)
+        if len(where):
+            i = int(where[0])
+            assert ids[i + 1] == 60
+            assert b["labels"].reshape(-1)[i].item() == IGNORE and b["labels"].reshape(-1)[i + 1].item() == 60
+            assert b["position_ids"].reshape(-1)[i].item() == 0
+            assert b["doc_ids"].reshape(-1)[i].item() == 4
+    stats = loader.stats()
+    assert (stats["rows"], stats["tokens"], stats["documents_split"]) == (4, 26, 1)
+    assert stats["efficiency"] == 26 / 32
+
+
+def test_worked_example_streaming_window_one():
+    # window=1 is next fit in arrival order
+    loader = stoker.PackedLoader([A, B_, C, D, E], 8, 3, shuffle=False, window=1, return_doc_ids=True)
+    rows = _row_token_lists(list(loader))
+    assert rows == [[A, B_], [C, D], [E[:8]], [E[8:]]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. long_docs="truncate" and "drop"
+# --------------------------------------------------------------------------------------------------------------
+
+LONG_LENGTHS = [5, 20, 8, 0, 17, 3, 9, 1]  # seq_len 8: documents 1, 4 and 6 are longer than a row
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("long_docs", ["split", "truncate", "drop"])
+def test_long_docs(long_docs, window):
+    docs, offsets = positional(LONG_LENGTHS)
+    loader = stoker.PackedLoader(docs, 8, 2, long_docs=long_docs, window=window, seed=1, return_doc_ids=True)
+    stats = loader.stats()
+    batches = list(loader)
+    long = [i for i, n in enumerate(LONG_LENGTHS) if n > 8]
+    total = sum(LONG_LENGTHS)
+    tokens = check_positional_tokens(batches, offsets, 8, long_docs="split" if long_docs == "split" else "cut")
+    served_docs = {d for b in batches for d in b["doc_ids"].unique().tolist() if d >= 0}
+    assert stats["documents"] == len(LONG_LENGTHS)
+    if long_docs == "split":
+        assert (stats["documents_split"], stats["documents_dropped"], stats["tokens_dropped"]) == (3, 0, 0)
+        assert np.array_equal(np.sort(tokens), np.arange(total))
+    elif long_docs == "truncate":
+        dropped = sum(LONG_LENGTHS[i] - 8 for i in long)
+        assert (stats["documents_split"], stats["documents_dropped"], stats["tokens_dropped"]) == (0, 0, dropped)
+        expected = np.concatenate([docs[i][:8] for i in range(len(docs))])
+        assert np.array_equal(np.sort(tokens), np.sort(expected)), "truncated documents keep their first 8 tokens"
+        assert stats["tokens"] == total - dropped
+    else:
+        dropped = sum(LONG_LENGTHS[i] for i in long)
+        assert (stats["documents_split"], stats["documents_dropped"], stats["tokens_dropped"]) == (0, 3, dropped)
+        assert served_docs.isdisjoint(long), "a dropped document was served"
+        expected = np.concatenate([docs[i] for i in range(len(docs)) if i not in long])
+        assert np.array_equal(np.sort(tokens), np.sort(expected))
+        assert stats["tokens"] == total - dropped
+    assert served_docs == {i for i, n in enumerate(LONG_LENGTHS) if n > 0} - (set(long) if long_docs == "drop"
+                                                                                  else set())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. stats()
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lognormal_workload():
+    """5,000 documents, mean ~600 tokens, clipped to [16, 8192] (no token values needed: zeros)."""
+    rng = np.random.default_rng(0)
+    lengths = lognormal_lengths(rng, 5000, 600, lo=16, hi=8192)
+    offsets = offsets_of(lengths)
+    return stoker.TokenDataset.from_flat(np.zeros(int(offsets[-1]), np.uint16), offsets), lengths
+
+
+def test_stats_lognormal_best_fit(lognormal_workload):
+    ds, lengths = lognormal_workload
+    seq_len = 4096
+    loader = stoker.PackedLoader(ds, seq_len, 8, seed=3)
+    s = loader.stats()
+    tokens = int(lengths.sum())
+    assert s["tokens"] == tokens and s["documents"] == 5000 and s["epoch"] == 0 and s["seq_len"] == seq_len
+    assert s["documents_split"] == int((lengths > seq_len).sum()) > 0
+    assert s["documents_dropped"] == s["tokens_dropped"] == 0 and s["max_delay_rows"] == 0
+    assert s["rows"] <= math.ceil(tokens / seq_len) + 1
+    assert s["efficiency"] == tokens / (s["rows"] * seq_len)
+    assert len(loader) == math.ceil(s["rows"] / 8)
+
+
+@pytest.mark.parametrize("window", [1, 100, 1000])
+def test_stats_lognormal_window(lognormal_workload, window):
+    ds, lengths = lognormal_workload
+    loader = stoker.PackedLoader(ds, 4096, 8, seed=3, window=window)
+    s = loader.stats()
+    tokens = int(lengths.sum())
+    assert s["tokens"] == tokens
+    assert s["efficiency"] == tokens / (s["rows"] * 4096)
+    assert isinstance(s["max_delay_rows"], int) and s["max_delay_rows"] >= 1
+    if window == 1000:
+        assert s["efficiency"] > 0.995
+    if window == 1:
+        assert s["max_delay_rows"] == 1  # a piece that does not fit waits exactly for the next row
+
+
+def test_stats_and_len_match_iteration():
+    docs, offsets = positional(small_lengths(4, 80))
+    for window in (None, 5):
+        loader = stoker.PackedLoader(docs, L, 4, seed=0, window=window, return_doc_ids=True)
+        n = len(loader)
+        s = loader.stats()
+        batches = list(loader)
+        assert n == len(batches)
+        assert s["rows"] == sum(b["input_ids"].shape[0] for b in batches)
+        real = sum(int((b["doc_ids"] >= 0).sum()) for b in batches)
+        assert s["tokens"] == real
+        assert s["efficiency"] == real / (s["rows"] * L)
+
+
+def test_stats_of_the_epoch_set():
+    docs, _ = positional(small_lengths(2, 40))
+    loader = stoker.PackedLoader(docs, L, 4, seed=0)
+    loader.set_epoch(5)
+    assert loader.stats()["epoch"] == 5
+
+
+@pytest.mark.parametrize("docs", [[], [[], []]])
+def test_empty_epoch(docs):
+    loader = stoker.PackedLoader(docs, 8, 2, seed=0)
+    assert len(loader) == 0
+    assert list(loader) == []
+    s = loader.stats()
+    assert s["rows"] == 0 and s["tokens"] == 0 and s["efficiency"] == 1.0
+    assert s["documents"] == len(docs)
+
+
+def _reference_window(lengths, seq_len, window):
+    """A plain-Python model of the documented streaming packer over documents in order 0, 1, ...: a buffer
+    of ``window`` pieces; each row takes the oldest buffered pieces while they fit, then the longest that
+    still fits (the oldest of equal ones), refilling after every take. Returns (rows of (doc, offset, len),
+    max_delay_rows)."""
+    pieces = []
+    for d, n in enumerate(lengths):
+        for off in range(0, n, seq_len):
+            pieces.append((d, off, min(seq_len, n - off)))
+    buf, nxt, rows, delay, entered = [], 0, [], 0, {}
+
+    def refill():
+        nonlocal nxt
+        while len(buf) < window and nxt < len(pieces):
+            buf.append(nxt)
+            entered[nxt] = len(rows)
+            nxt += 1
+
+    refill()
+    while buf:
+        room, row = seq_len, []
+
+        def take(p):
+            nonlocal room, delay
+            buf.remove(p)
+            row.append(pieces[p])
+            room -= pieces[p][2]
+            delay = max(delay, len(rows) - entered[p])
+            refill()
+
+        while buf and pieces[buf[0]][2] <= room:
+            take(buf[0])
+        while room > 0:
+            fits = [p for p in buf if pieces[p][2] <= room]
+            if not fits:
+                break
+            take(max(fits, key=lambda p: (pieces[p][2], -p)))
+        rows.append(tuple(row))
+        refill()
+    return rows, delay
+
+
+@pytest.mark.parametrize("window", [1, 2, 5, 40])
+def test_window_packing_follows_the_documented_rule(window):
+    lengths = small_lengths(7, 120)
+    docs, offsets = positional(lengths)
+    loader = stoker.PackedLoader(docs, L, 3, shuffle=False, window=window, return_doc_ids=True)
+    rows = rows_of(list(loader), offsets)
+    expected_rows, expected_delay = _reference_window(lengths, L, window)
+    assert rows == expected_rows
+    assert loader.stats()["max_delay_rows"] == expected_delay
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_fit_rows_pairwise_overfull(seed):
+    """Best-fit decreasing opens a row only when no open row has room, so any two rows together hold more
+    than seq_len tokens (at most one row is half empty)."""
+    rng = np.random.default_rng(seed)
+    lengths = lognormal_lengths(rng, 300, 12, lo=0, hi=2 * L)
+    docs, offsets = positional(lengths)
+    loader = stoker.PackedLoader(docs, L, 16, seed=seed, return_doc_ids=True)
+    used = sorted(sum(n for _, _, n in row) for row in rows_of(list(loader), offsets))
+    assert len(used) >= 2 and used[0] + used[1] > L
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Determinism
+# --------------------------------------------------------------------------------------------------------------
+
+
+def epochs(loader, n):
+    return [list(loader) for _ in range(n)]
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_same_seed_same_batches_and_epochs_differ(window):
+    docs, _ = positional(small_lengths(3, 100))
+    a = epochs(stoker.PackedLoader(docs, L, 4, seed=11, window=window), 2)
+    b = epochs(stoker.PackedLoader(docs, L, 4, seed=11, window=window), 2)
+    assert_same(a, b)
+    assert not torch.equal(torch.cat([x["input_ids"] for x in a[0]]), torch.cat([x["input_ids"] for x in a[1]]))
+    other = epochs(stoker.PackedLoader(docs, L, 4, seed=12, window=window), 1)
+    assert not torch.equal(torch.cat([x["input_ids"] for x in a[0]]),
+                           torch.cat([x["input_ids"] for x in other[0]]))
+    # set_epoch(e) reproduces epoch e
+    c = stoker.PackedLoader(docs, L, 4, seed=11, window=window)
+    c.set_epoch(1)
+    assert_same(list(c), a[1])
+    c.set_epoch(0)
+    assert_same(list(c), a[0])
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_no_shuffle_is_the_same_every_epoch_and_seed(window):
+    docs, _ = positional(small_lengths(3, 100))
+    a = epochs(stoker.PackedLoader(docs, L, 4, shuffle=False, seed=1, window=window), 2)
+    b = epochs(stoker.PackedLoader(docs, L, 4, shuffle=False, seed=2, window=window), 1)
+    assert_same(a[0], a[1])
+    assert_same(a[0], b[0])
+
+
+def test_seed_none_draws_from_torch_global_rng():
+    docs, _ = positional(small_lengths(3, 100))
+    torch.manual_seed(42)
+    a = list(stoker.PackedLoader(docs, L, 4))
+    torch.manual_seed(42)
+    b = list(stoker.PackedLoader(docs, L, 4))
+    torch.manual_seed(43)
+    c = list(stoker.PackedLoader(docs, L, 4))
+    assert_same(a, b)
+    assert not torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in c]))
+    # the seed is drawn once per loader: later epochs follow from it
+    torch.manual_seed(42)
+    loader = stoker.PackedLoader(docs, L, 4)
+    first = list(loader)
+    torch.manual_seed(0)  # does not matter any more
+    second = list(loader)
+    torch.manual_seed(42)
+    again = stoker.PackedLoader(docs, L, 4)
+    assert_same([first, second], epochs(again, 2))
+
+
+def test_generator():
+    docs, _ = positional(small_lengths(3, 100))
+    a = list(stoker.PackedLoader(docs, L, 4, generator=torch.Generator().manual_seed(7)))
+    state = torch.random.get_rng_state()
+    b = list(stoker.PackedLoader(docs, L, 4, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(torch.random.get_rng_state(), state), "generator= must not touch the global RNG"
+    c = list(stoker.PackedLoader(docs, L, 4, generator=torch.Generator().manual_seed(8)))
+    assert_same(a, b)
+    assert not torch.equal(torch.cat([x["input_ids"] for x in a]), torch.cat([x["input_ids"] for x in c]))
+
+
+def test_largest_seed():
+    docs, _ = positional(small_lengths(3, 50))
+    loader = stoker.PackedLoader(docs, L, 4, seed=2 ** 64 - 1)
+    a = list(loader)
+    assert a and loader.state_dict()["seed"] == 2 ** 64 - 1
+    assert_same(a, list(stoker.PackedLoader(docs, L, 4, seed=2 ** 64 - 1)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Resume
+# --------------------------------------------------------------------------------------------------------------
+
+POINTS = ["0", "1", "mid", "last-1", "last", "stopped"]
+
+
+def roundtrip(state):
+    """The state as it comes back from json and then from torch.save/torch.load(weights_only=True)."""
+    via_json = json.loads(json.dumps(state))
+    assert via_json == state
+    buffer = io.BytesIO()
+    torch.save(via_json, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded == state
+    return loaded
+
+
+def resume_check(build, point):
+    torch.manual_seed(1234)
+    a = build()
+    last = len(a)  # the epoch the next iterator serves (after iter(a), len(a) is the next epoch's)
+    it = iter(a)
+    assert len(it) == last >= 3
+    k = {"0": 0, "1": 1, "mid": last // 2, "last-1": last - 1, "last": last, "stopped": last}[point]
+    for _ in range(k):
+        next(it)
+    if point == "stopped":
+        with pytest.raises(StopIteration):
+            next(it)
+    state = a.state_dict()
+    assert state["format"] == FORMAT
+    assert (state["epoch"], state["batches_served"]) == ((1, 0) if point == "stopped" else (0, k))
+    expected = ([] if point == "stopped" else list(it)) + list(iter(a)) + list(iter(a))
+    assert a.state_dict()["seed"] == state["seed"]
+
+    state = roundtrip(state)
+    torch.manual_seed(98765)  # a fresh process
+    b = build()
+    b.load_state_dict(state)
+    assert b.state_dict() == state, "a loaded loader reports the loaded position before iterating"
+    n_iters = 2 if point == "stopped" else 3
+    resumed = [batch for _ in range(n_iters) for batch in iter(b)]
+    assert len(resumed) == len(expected)
+    assert_same(resumed, expected)
+
+
+@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("window", [None, 4])
+def test_resume_seed_from_global_rng(window, point):
+    docs, _ = positional(small_lengths(5, 90))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 5, window=window, return_doc_ids=True), point)
+
+
+@pytest.mark.parametrize("point", ["0", "mid", "last", "stopped"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_resume_explicit_seed_drop_last(window, point):
+    docs, _ = positional(small_lengths(6, 90))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 4, seed=77, window=window, drop_last=True, pad_id=3),
+                 point)
+
+
+def test_resume_after_set_epoch():
+    docs, _ = positional(small_lengths(6, 90))
+    a = stoker.PackedLoader(docs, L, 4, seed=5)
+    a.set_epoch(3)
+    it = iter(a)
+    next(it)
+    state = roundtrip(a.state_dict())
+    assert (state["epoch"], state["batches_served"]) == (3, 1)
+    expected = list(it) + list(iter(a))
+    b = stoker.PackedLoader(docs, L, 4, seed=5)
+    b.load_state_dict(state)
+    assert_same(list(b) + list(b), expected)
+
+
+@pytest.mark.parametrize("point", ["1", "stopped"])
+def test_resume_sharded(point):
+    docs, _ = positional(small_lengths(6, 90))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 2, window=4, rank=1, world_size=3), point)
+
+
+def test_resume_then_set_epoch():
+    """A training loop calls set_epoch(e) before each epoch: naming the loaded epoch keeps the loaded
+    position, naming another starts that epoch from its first batch."""
+    docs, _ = positional(small_lengths(6, 90))
+    a = stoker.PackedLoader(docs, L, 4, seed=9)
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()
+    rest, epoch1 = list(it), list(iter(a))
+    b = stoker.PackedLoader(docs, L, 4, seed=9)
+    b.load_state_dict(state)
+    b.set_epoch(0)
+    assert_same(list(b), rest)
+    b.set_epoch(1)
+    assert_same(list(b), epoch1)
+    c = stoker.PackedLoader(docs, L, 4, seed=9)
+    c.load_state_dict(state)
+    c.set_epoch(1)
+    assert_same(list(c), epoch1)
+
+
+def test_resume_rejects_other_settings():
+    docs, _ = positional(small_lengths(6, 90))
+    torch.manual_seed(0)
+    a = stoker.PackedLoader(docs, L, 4, window=3)
+    it = iter(a)
+    next(it)
+    state = a.state_dict()
+    other_docs, _ = positional(small_lengths(6, 91))
+    fewer_tokens = [d[:-1] if i == 0 else d for i, d in enumerate(docs)]
+    bad = {  # the word the error names: the loader that must refuse the state
+        "seq_len": lambda: stoker.PackedLoader(docs, L + 1, 4, window=3),
+        "batch_size": lambda: stoker.PackedLoader(docs, L, 5, window=3),
+        "num_documents": lambda: stoker.PackedLoader(other_docs, L, 4, window=3),
+        "num_tokens": lambda: stoker.PackedLoader(fewer_tokens, L, 4, window=3),
+        "window": lambda: stoker.PackedLoader(docs, L, 4, window=None),
+        "long_docs": lambda: stoker.PackedLoader(docs, L, 4, window=3, long_docs="drop"),
+        "shuffle": lambda: stoker.PackedLoader(docs, L, 4, window=3, shuffle=False),
+        "drop_last": lambda: stoker.PackedLoader(docs, L, 4, window=3, drop_last=True),
+        "world_size": lambda: stoker.PackedLoader(docs, L, 4, window=3, rank=0, world_size=2),
+        "seed": lambda: stoker.PackedLoader(docs, L, 4, window=3, seed=(state["seed"] + 1) % 2 ** 64),
+    }
+    for name, build in bad.items():
+        with pytest.raises(ValueError, match=name):
+            build().load_state_dict(state)
+    ok = stoker.PackedLoader(docs, L, 4, window=3)
+    for broken in ({**state, "format": "stoker.DataLoader/1"}, {**state, "batches_served": -1},
+                   {**state, "epoch": 1.5}, {**state, "batches_served": 10 ** 6},
+                   {k: v for k, v in state.items() if k != "seq_len"}, [1, 2]):
+        with pytest.raises(ValueError):
+            ok.load_state_dict(broken)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Sharding by rows
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharding_by_rows(world, window, drop_last, batch_size):
+    docs, offsets = positional(small_lengths(21, 61))
+    full_loader = stoker.PackedLoader(docs, L, 1, seed=0, window=window, return_doc_ids=True)
+    full = rows_of(list(full_loader), offsets)
+    total = len(full)
+    assert total % 2 and total % 3, f"the workload should not divide evenly ({total} rows)"
+    assert len(set(full)) == total
+    seen = set()
+    torch.manual_seed(99)  # a sharded loader without seed= packs with seed 0 whatever the global RNG
+    for rank in range(world):
+        sh = stoker.PackedLoader(docs, L, batch_size, window=window, drop_last=drop_last, return_doc_ids=True,
+                                 rank=rank, world_size=world)
+        n = len(sh)
+        batches = list(sh)
+        assert len(batches) == n
+        for b in batches:
+            check_batch(b, L, doc_ids=True)
+        rows = rows_of(batches, offsets)
+        idx = list(DistributedSampler(range(total), num_replicas=world, rank=rank, shuffle=False,
+                                      drop_last=drop_last))
+        if drop_last:
+            idx = idx[:len(idx) // batch_size * batch_size]
+        assert rows == [full[i] for i in idx], f"rank {rank}"
+        assert n == (len(idx) // batch_size if drop_last else -(-len(idx) // batch_size))
+        seen.update(rows)
+        state = sh.state_dict()
+        assert (state["rank"], state["world_size"], state["seed"]) == (rank, world, 0)
+    if not drop_last:
+        assert seen == set(full), "the ranks together do not cover the epoch"
+
+
+def test_sharding_bad_arguments():
+    docs, _ = positional([4, 4])
+    for kwargs in ({"rank": 1}, {"world_size": 2}, {"rank": 2, "world_size": 2}):
+        with pytest.raises(ValueError):
+            list(stoker.PackedLoader(docs, 8, 1, **kwargs))
+    for kwargs in ({"rank": -1, "world_size": 2}, {"rank": 0, "world_size": 0}):
+        with pytest.raises(ValueError):
+            stoker.PackedLoader(docs, 8, 1, **kwargs)
+
+
+def test_sharding_fewer_rows_than_ranks():
+    docs, offsets = positional([8])  # one row
+    for rank in range(3):
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, return_doc_ids=True)
+        assert rows_of(list(sh), offsets) == [((0, 0, 8),)]  # padded by repetition
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, drop_last=True)
+        assert list(sh) == [] and len(sh) == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 9. Files
+# --------------------------------------------------------------------------------------------------------------
+
+FILE_DTYPES = {np.uint16: 2 ** 16 - 1, np.int32: 2 ** 31 - 1, np.uint32: 2 ** 32 - 1, np.int64: 2 ** 63 - 1}
+
+
+@pytest.mark.parametrize("dtype", list(FILE_DTYPES))
+def test_write_token_files_round_trip(tmp_path, dtype):
+    top = FILE_DTYPES[dtype]
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 1000, n) for n in (5, 0, 13, 1, 40)] + [np.array([top, top - 1, 0])]
+    prefix = tmp_path / "corpus"
+    tokens_path, offsets_path = stoker.write_token_files(prefix, docs, dtype=dtype)
+    assert (tokens_path, offsets_path) == (str(prefix) + ".tokens.npy", str(prefix) + ".offsets.npy")
+    assert np.load(offsets_path).dtype == np.int64 and np.load(tokens_path).dtype == dtype
+    for ds in (stoker.TokenDataset.open(prefix), stoker.TokenDataset.open(str(prefix)),
+               stoker.TokenDataset.open(tokens_path, offsets_path)):
+        assert ds.tokens.dtype == dtype
+        assert len(ds) == len(docs) and ds.num_tokens == sum(map(len, docs))
+        assert ds.lengths.tolist() == [len(d) for d in docs]
+        for i, d in enumerate(docs):
+            assert ds[i].tolist() == list(d)
+        batches = list(stoker.PackedLoader(ds, 16, 2, seed=0, return_doc_ids=True))
+        served = np.concatenate([b["input_ids"][b["doc_ids"] >= 0].numpy() for b in batches])
+        assert sorted(served.tolist()) == sorted(int(t) for d in docs for t in d)
+        assert top in served.tolist(), "large unsigned tokens must come out unchanged in int64"
+
+
+def test_write_token_files_default_dtype_is_uint16(tmp_path):
+    tokens_path, _ = stoker.write_token_files(tmp_path / "x", [[1, 2], [3]])
+    assert np.load(tokens_path).dtype == np.uint16
+    with pytest.raises(ValueError):
+        stoker.write_token_files(tmp_path / "y", [[1, 70000]])
+
+
+def test_raw_token_files(tmp_path):
+    docs = [[1, 2, 3], [], [4, 5]]
+    tokens = np.array([1, 2, 3, 4, 5], dtype=np.uint16)
+    offsets = np.array([0, 3, 3, 5], dtype=np.int64)
+    tok_bin, off_npy, off_bin = tmp_path / "t.bin", tmp_path / "o.npy", tmp_path / "o.bin"
+    tokens.tofile(tok_bin)
+    np.save(off_npy, offsets)
+    offsets.tofile(off_bin)
+    for off in (off_npy, off_bin):
+        ds = stoker.TokenDataset.open(tok_bin, off, dtype=np.uint16)
+        assert ds.tokens.dtype == np.uint16 and [ds[i].tolist() for i in range(3)] == docs
+    with pytest.raises(ValueError, match="dtype"):
+        stoker.TokenDataset.open(tok_bin, off_npy)
+    # 5 uint16 = 10 bytes is not a whole number of int32
+    with pytest.raises(ValueError) as info:
+        stoker.TokenDataset.open(tok_bin, off_npy, dtype=np.int32)
+    assert str(tok_bin) in str(info.value)
+
+
+def test_open_files_of_zero_tokens(tmp_path):
+    empty = tmp_path / "e.bin"
+    empty.write_bytes(b"")
+    np.save(tmp_path / "z.npy", np.array([0], np.int64))
+    ds = stoker.TokenDataset.open(empty, tmp_path / "z.npy", dtype=np.int32)
+    assert len(ds) == 0 and ds.num_tokens == 0
+    np.save(tmp_path / "t.npy", np.zeros(0, np.uint16))
+    np.save(tmp_path / "o.npy", np.zeros(3, np.int64))
+    ds = stoker.TokenDataset.open(tmp_path / "t.npy", tmp_path / "o.npy")
+    assert len(ds) == 2 and list(stoker.PackedLoader(ds, 8, 2)) == []
+
+
+def _valid_files(tmp_path, name="c"):
+    return stoker.write_token_files(tmp_path / name, [[1, 2, 3], [4, 5, 6, 7], [8]], dtype=np.int32)
+
+
+def _raises_naming(path, fn, exc=ValueError, match=None):
+    with pytest.raises(exc) as info:
+        fn()
+    assert str(path) in str(info.value), f"{info.value!s} does not name {path}"
+    if match is not None:
+        assert match in str(info.value), f"{info.value!s} does not say {match!r}"
+    return info.value
+
+
+def test_file_errors_truncated_and_garbage(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    for path in (tokens_path, offsets_path):
+        data = open(path, "rb").read()
+        for cut in (0, 5, 40, len(data) - 3):
+            with open(path, "wb") as f:
+                f.write(data[:cut])
+            _raises_naming(path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+        with open(path, "wb") as f:
+            f.write(bytes(range(7, 7 + 64)))  # garbage: no .npy magic
+        _raises_naming(path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+        with open(path, "wb") as f:
+            f.write(data)
+    stoker.TokenDataset.open(tokens_path, offsets_path)  # restored: valid again
+
+
+def test_file_errors_pickled_npy(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    np.save(offsets_path, np.array([0, 3, 7, 8], dtype=object), allow_pickle=True)
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+
+
+@pytest.mark.parametrize("offsets,index", [
+    ([0, 5, 3, 8], "offsets[2]"),      # decreasing
+    ([0, 3, 20, 8], "offsets[2]"),     # past the end (8 tokens)
+    ([0, 3, 20], "offsets[2]"),        # past the end, last entry
+    ([0, 3, 7], "offsets[2]"),         # the last offset is not the number of tokens
+    ([2, 3, 8], "offsets[0]"),         # does not start at 0
+    ([0, 3, -1, 8], "offsets[2]"),
+])
+def test_file_errors_bad_offsets(tmp_path, offsets, index):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    np.save(offsets_path, np.array(offsets, dtype=np.int64))
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path), match=index)
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tmp_path / "c"), match=index)
+    # the same offsets given in memory
+    with pytest.raises(ValueError, match=index.replace("[", r"\[").replace("]", r"\]")):
+        stoker.TokenDataset.from_flat(np.arange(8, dtype=np.int32), offsets)
+
+
+def test_file_errors_huge_unsigned_offset(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    np.save(offsets_path, np.array([0, 3, 2 ** 64 - 1, 8], dtype=np.uint64))
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path), match="offsets[2]")
+    np.save(offsets_path, np.array([0, 3, 7, 8], dtype=np.uint32))  # other integer types are fine
+    assert len(stoker.TokenDataset.open(tokens_path, offsets_path)) == 3
+
+
+def test_file_errors_shapes_and_dtypes(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    good_tokens = np.load(tokens_path)
+    np.save(tokens_path, good_tokens.reshape(2, 4))
+    _raises_naming(tokens_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+    np.save(tokens_path, good_tokens.astype(np.float32))
+    _raises_naming(tokens_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path), exc=TypeError)
+    for bad in (np.int8, np.uint64, np.dtype(">i4")):
+        np.save(tokens_path, good_tokens.astype(bad))
+        _raises_naming(tokens_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path), exc=TypeError)
+    np.save(tokens_path, good_tokens)
+    np.save(offsets_path, np.array([[0, 3], [7, 8]], dtype=np.int64))
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+    np.save(offsets_path, np.array([0.0, 3, 7, 8]))
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path), exc=TypeError)
+    np.save(offsets_path, np.array([], dtype=np.int64))
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+    np.save(offsets_path, np.array([0, 3, 7, 8], dtype=np.int64))
+    assert len(stoker.TokenDataset.open(tokens_path, offsets_path)) == 3
+
+
+def test_file_errors_missing_files(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    missing = tmp_path / "nope.npy"
+    _raises_naming(missing, lambda: stoker.TokenDataset.open(tokens_path, missing))
+    _raises_naming(missing, lambda: stoker.TokenDataset.open(missing, offsets_path))
+    os.remove(offsets_path)
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tmp_path / "c"))
+    _raises_naming(tmp_path / "absent", lambda: stoker.TokenDataset.open(tmp_path / "absent"))
+    # an existing file without an offsets file
+    with pytest.raises(ValueError):
+        stoker.TokenDataset.open(tokens_path)
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+_fuzz_counter = itertools.count()
+
+
+def _header_bug(path, find, replace):
+    """Rewrites one spot of a .npy header in place."""
+    data = open(path, "rb").read()
+    at = data.index(find)
+    with open(path, "wb") as f:
+        f.write(data[:at] + replace + data[at + len(find):])
+
+
+def test_npy_header_nul_byte_raises_value_error(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    _header_bug(offsets_path, b"{'descr'", b"\x00'descr'")
+    _raises_naming(offsets_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+
+
+def test_npy_header_bytes_key_raises_value_error(tmp_path):
+    tokens_path, offsets_path = _valid_files(tmp_path)
+    _header_bug(tokens_path, b", 'fortran_order'", b",b'fortran_order'")
+    _raises_naming(tokens_path, lambda: stoker.TokenDataset.open(tokens_path, offsets_path))
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(0, 12), min_size=1, max_size=12),
+    dtype=st.sampled_from([np.uint16, np.int32, np.uint32, np.int64]),
+    which=st.sampled_from(["offsets", "offsets", "tokens"]),
+    edits=st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 16)),
+)
+def test_fuzz_corrupt_files(fuzz_dir, lengths, dtype, which, edits, cut):
+    """A corrupted file either raises ValueError/TypeError naming a file, or opens as a consistent dataset
+    that packs without trouble — never a crash or a read outside the files."""
+    prefix = fuzz_dir / f"f{next(_fuzz_counter)}"
+    docs, _ = positional(lengths, dtype)
+    tokens_path, offsets_path = stoker.write_token_files(prefix, docs, dtype=dtype)
+    path = offsets_path if which == "offsets" else tokens_path
+    data = bytearray(open(path, "rb").read())
+    for where, value in edits:
+        data[where % len(data)] = value
+    if cut is not None:
+        data = data[:cut % (len(data) + 1)]
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+    try:
+        ds = stoker.TokenDataset.open(tokens_path, offsets_path)
+    except Exception as exc:  # noqa: BLE001 - classified below
+        assert isinstance(exc, (ValueError, TypeError)), f"{type(exc).__name__}: {exc}"
+        assert tokens_path in str(exc) or offsets_path in str(exc), str(exc)
+        return
+    offsets = np.asarray(ds.offsets)
+    n = len(ds.tokens)
+    assert offsets.ndim == 1 and len(offsets) >= 1
+    assert offsets[0] == 0 and offsets[-1] == n and (np.diff(offsets) >= 0).all()
+    assert np.array_equal(ds.lengths, np.diff(offsets)) and len(ds) == len(offsets) - 1
+    loader = stoker.PackedLoader(ds, 8, 3, seed=0, return_doc_ids=True)
+    served = []
+    for b in loader:
+        check_batch(b, 8, doc_ids=True)
+        served.append(b["input_ids"][b["doc_ids"] >= 0].numpy())
+    served = np.concatenate(served) if served else np.empty(0, np.int64)
+    assert np.array_equal(np.sort(served), np.sort(np.asarray(ds.tokens).astype(np.int64)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 10. Attention over a packed batch equals attention over each document on its own
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rope(x, pos):
+    """Rotary position embedding of x [..., N, d] at integer positions pos [N]."""
+    d = x.shape[-1]
+    freqs = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=x.dtype) / d))
+    ang = pos.to(x.dtype)[:, None] * freqs[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out
+
+
+class TinyAttention:
+    """One head of causal self-attention over token ids, with rotary positions."""
+
+    def __init__(self, vocab, dim=16, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.randn(vocab, dim, generator=g, dtype=torch.float64)
+        self.wq, self.wk, self.wv = (torch.randn(dim, dim, generator=g, dtype=torch.float64) / dim ** 0.5
+                                     for _ in range(3))
+
+    def __call__(self, ids, pos, mask=None):
+        """ids, pos [N]; mask [N, N] bool (True = may attend) or None for plain causal."""
+        x = self.emb[ids]
+        q, k, v = (x @ w for w in (self.wq, self.wk, self.wv))
+        q, k = _rope(q, pos), _rope(k, pos)
+        q, k, v = (t[None, None] for t in (q, k, v))
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out[0, 0]
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_packed_attention_equals_per_document_attention(window):
+    lengths = small_lengths(9, 40)
+    docs, offsets = positional(lengths)
+    ds = stoker.TokenDataset(docs)
+    attn = TinyAttention(int(offsets[-1]) + 1)
+    loader = stoker.PackedLoader(ds, L, 3, seed=4, window=window, return_doc_ids=True)
+    checked = leaked = 0
+    for b in itertools.islice(loader, 4):
+        check_batch(b, L, doc_ids=True)
+        ids = b["input_ids"].reshape(-1)
+        pos = b["position_ids"].reshape(-1)
+        sidx = b["seq_idx"].reshape(-1)
+        N = ids.numel()
+        causal = torch.ones(N, N, dtype=torch.bool).tril()
+        packed = attn(ids, pos, (sidx[:, None] == sidx[None, :]) & causal)
+        naive = attn(ids, pos, causal)  # attends across documents: must differ somewhere
+        for _, s, n, d in real_segments(b, L):
+            off = int(ids[s]) - int(offsets[d])
+            piece = torch.from_numpy(np.asarray(ds[d][off:off + n], dtype=np.int64))
+            alone = attn(piece, torch.arange(n))
+            torch.testing.assert_close(packed[s:s + n], alone, atol=1e-5, rtol=0)
+            checked += 1
+            if s % L and not torch.allclose(naive[s:s + n], alone, atol=1e-5, rtol=0):
+                leaked += 1
+    assert checked > 10 and leaked > 0
+
+
+def test_position_ids_feed_positions_consistently():
+    """Rotary queries/keys computed from position_ids of the packed batch are those of each document at
+    positions 0..n-1 (the first token of a continuation piece is position 0 of its own segment)."""
+    docs, offsets = positional(small_lengths(10, 30))
+    loader = stoker.PackedLoader(docs, L, 4, seed=0, return_doc_ids=True)
+    x_all = torch.randn(int(offsets[-1]) + 1, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for b in loader:
+        ids = b["input_ids"].reshape(-1)
+        rotated = _rope(x_all[ids], b["position_ids"].reshape(-1))
+        for _, s, n, _ in real_segments(b, L):
+            torch.testing.assert_close(rotated[s:s + n], _rope(x_all[ids[s:s + n]], torch.arange(n)))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 11. TokenDataset basics and bad arguments
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_token_dataset_basics():
+    ds = stoker.TokenDataset([[1, 2, 3], [], [4]])
+    assert len(ds) == 3 and ds.num_tokens == 4
+    assert ds.lengths.dtype == np.int64 and ds.lengths.tolist() == [3, 0, 1]
+    assert ds[0].tolist() == [1, 2, 3] and ds[1].tolist() == [] and ds[2].tolist() == [4]
+    assert ds[-1].tolist() == [4] and ds[-3].tolist() == [1, 2, 3] and ds[np.int64(0)].tolist() == [1, 2, 3]
+    for bad in (3, -4, 100):
+        with pytest.raises(IndexError):
+            ds[bad]
+    with pytest.raises(TypeError):
+        ds[1.0]
+    assert "3 documents" in repr(ds)
+
+
+@pytest.mark.parametrize("build", ["list", "empty_docs", "from_flat"])
+def test_token_dataset_of_zero_tokens(build):
+    ds = {"list": lambda: stoker.TokenDataset([]),
+          "empty_docs": lambda: stoker.TokenDataset([[], []]),
+          "from_flat": lambda: stoker.TokenDataset.from_flat(np.zeros(0, np.int32), [0, 0])}[build]()
+    assert ds.num_tokens == 0 and ds.lengths.tolist() == [0] * len(ds)
+
+
+def test_token_dataset_from_tensors_and_dtypes():
+    docs = [torch.tensor([5, 6], dtype=torch.int32), torch.tensor([7], dtype=torch.int32)]
+    ds = stoker.TokenDataset(docs)
+    assert ds.tokens.dtype == np.int32 and ds[0].tolist() == [5, 6] and ds[1].tolist() == [7]
+    ds = stoker.TokenDataset([np.array([1, 2], np.uint16), np.array([3], np.uint16)])
+    assert ds.tokens.dtype == np.uint16
+    ds = stoker.TokenDataset([[1, 2], [3]], dtype=np.uint32)
+    assert ds.tokens.dtype == np.uint32
+    for dtype, bad_doc in ((np.uint16, [1, 2 ** 16]), (np.uint16, [-1]), (np.int32, [2 ** 31]),
+                           (np.uint32, [2 ** 32]), (np.uint32, [-5])):
+        with pytest.raises(ValueError, match="document 1"):
+            stoker.TokenDataset([[0], bad_doc], dtype=dtype)
+    with pytest.raises(ValueError, match="document 1"):
+        stoker.TokenDataset([[0], np.zeros((2, 2), np.int64)])
+    with pytest.raises(ValueError):
+        stoker.TokenDataset([np.int64(3)])  # a 0-d "document"
+    with pytest.raises(TypeError):
+        stoker.TokenDataset([[0.5, 1.5]])
+    for dtype in (np.float32, np.int8, np.uint64):
+        with pytest.raises(TypeError):
+            stoker.TokenDataset([[1]], dtype=dtype)
+
+
+def test_token_dataset_from_flat():
+    tokens = np.arange(10, dtype=np.int32)
+    ds = stoker.TokenDataset.from_flat(tokens, [0, 4, 4, 10])
+    assert np.shares_memory(ds.tokens, tokens), "from_flat does not copy"
+    assert [ds[i].tolist() for i in range(3)] == [[0, 1, 2, 3], [], [4, 5, 6, 7, 8, 9]]
+    ds = stoker.TokenDataset.from_flat(torch.arange(6, dtype=torch.int64), torch.tensor([0, 2, 6]))
+    assert ds.tokens.dtype == np.int64 and ds[1].tolist() == [2, 3, 4, 5] and ds.num_tokens == 6
+    with pytest.raises(ValueError):
+        stoker.TokenDataset.from_flat(np.zeros((2, 3), np.int32), [0, 6])
+    with pytest.raises(TypeError):
+        stoker.TokenDataset.from_flat(np.zeros(4, np.float64), [0, 4])
+    with pytest.raises(ValueError):
+        stoker.TokenDataset.from_flat(np.zeros(4, np.int32), [])
+    with pytest.raises(TypeError):
+        stoker.TokenDataset.from_flat(np.zeros(4, np.int32), [0.0, 4.0])
+    # a non-contiguous view works (and is served correctly)
+    base = np.arange(20, dtype=np.int64)
+    ds = stoker.TokenDataset.from_flat(base[::2], [0, 3, 10])
+    assert ds[1].tolist() == [6, 8, 10, 12, 14, 16, 18]
+
+
+def test_lengths_cannot_corrupt_the_dataset():
+    ds = stoker.TokenDataset([np.arange(5), np.arange(5, 8)])
+    lengths = ds.lengths
+    try:
+        lengths[0] = 2
+    except ValueError:
+        pass  # read-only: fine
+    assert ds.lengths.tolist() == [5, 3]
+    batches = list(stoker.PackedLoader(ds, 8, 2, shuffle=False))
+    served = sorted(int(t) for b in batches for t in b["input_ids"][b["labels"] != IGNORE].tolist())
+    # every token but the first of each document has a label
+    assert served == [1, 2, 3, 4, 6, 7]
+
+
+def test_loader_accepts_documents_directly():
+    docs = [[1, 2, 3], torch.tensor([4, 5]), np.array([6])]
+    loader = stoker.PackedLoader(docs, 4, 2, shuffle=False, return_doc_ids=True)
+    assert isinstance(loader.documents, stoker.TokenDataset)
+    served = sorted(t for b in loader for t in b["input_ids"][b["doc_ids"] >= 0].tolist())
+    assert served == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("pad_id", [2 ** 63, -(2 ** 63) - 1])
+def test_pad_id_outside_int64_is_a_bad_argument(pad_id):
+    with pytest.raises(ValueError, match="pad_id"):
+        stoker.PackedLoader([[1, 2, 3]], 8, 2, pad_id=pad_id)
+
+
+def test_extreme_pad_ids_are_served():
+    for pad_id in (2 ** 63 - 1, -(2 ** 63)):
+        (b,) = list(stoker.PackedLoader([[1, 2, 3]], 8, 2, pad_id=pad_id, return_doc_ids=True))
+        check_batch(b, 8, pad_id=pad_id, doc_ids=True)
+        assert b["input_ids"].tolist() == [[1, 2, 3] + [pad_id] * 5]
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"seq_len": 0}, {"seq_len": -1}, {"seq_len": 2.0}, {"seq_len": True},
+    {"batch_size": 0}, {"batch_size": -2}, {"batch_size": None},
+    {"window": 0}, {"window": -1}, {"window": 1.5}, {"window": True},
+    {"long_docs": "x"}, {"long_docs": None},
+    {"seed": -1}, {"seed": 2 ** 64}, {"seed": 1.0}, {"seed": True},
+    {"pad_id": 1.0}, {"pad_id": None},
+])
+def test_bad_arguments(kwargs):
+    args = {"seq_len": 8, "batch_size": 2, **kwargs}
+    seq_len, batch_size = args.pop("seq_len"), args.pop("batch_size")
+    with pytest.raises(ValueError):
+        stoker.PackedLoader([[1, 2, 3]], seq_len, batch_size, **args)
+
+
+def test_batches_beyond_int32_cu_seqlens_are_refused():
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        stoker.PackedLoader([[1, 2, 3]], 1 << 20, 1 << 11)
+
+
+@pytest.mark.parametrize("make", [lambda: stoker.PackedLoader([[1, 2, 3]], 8, 2),
+                                  lambda: stoker.DataLoader(np.arange(10), batch_size=2)],
+                         ids=["PackedLoader", "DataLoader"])
+def test_negative_epoch_is_refused(make):
+    with pytest.raises(ValueError, match="epoch"):
+        make().set_epoch(-1)
