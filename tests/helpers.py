@@ -94,8 +94,9 @@ def assert_loaders_match(
     for each loader. Returns stoker's batches."""
     extra_t = kwargs_factory() if kwargs_factory else {}
     extra_s = kwargs_factory() if kwargs_factory else {}
+    stoker_only = {k: kwargs.pop(k) for k in ("worker_mode", "seed") if k in kwargs}
     expected = list(TorchDataLoader(dataset, num_workers=0, **kwargs, **extra_t))
-    actual = list(stoker.DataLoader(dataset, num_workers=num_workers, **kwargs, **extra_s))
+    actual = list(stoker.DataLoader(dataset, num_workers=num_workers, **kwargs, **extra_s, **stoker_only))
     assert_batches_equal(actual, expected)
     return actual
 

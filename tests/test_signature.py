@@ -325,13 +325,42 @@ def test_persistent_workers_reiterate(dataset):
 
 
 @pytest.mark.parametrize("num_workers", [1, 2, 3])
-def test_worker_init_fn_once_per_worker_per_epoch_python_dataset(num_workers):
+def test_worker_init_fn_once_per_worker_per_epoch_python_dataset_threads(num_workers):
     # torch calls worker_init_fn(worker_id) in every worker, for every epoch (workers are not persistent)
     calls = []
-    loader = stoker.DataLoader(_python_ds(), batch_size=2, num_workers=num_workers, worker_init_fn=calls.append)
+    loader = stoker.DataLoader(_python_ds(), batch_size=2, num_workers=num_workers, worker_init_fn=calls.append,
+                               worker_mode="thread")
     for epoch in range(2):
         list(loader)
         assert sorted(calls) == sorted(list(range(num_workers)) * (epoch + 1))
+
+
+class _RecordInit:
+    """A worker_init_fn that leaves a file per call, so calls made in worker processes can be counted."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, worker_id):
+        import os
+
+        info = torch.utils.data.get_worker_info()
+        assert info is not None and info.id == worker_id
+        (self.folder / f"{os.getpid()}-{worker_id}").write_text(str(info.seed))
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["fresh", "persistent"])
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_worker_init_fn_runs_in_each_worker_process(num_workers, persistent, tmp_path):
+    loader = stoker.DataLoader(_python_ds(), batch_size=2, num_workers=num_workers, worker_init_fn=_RecordInit(tmp_path),
+                               persistent_workers=persistent)
+    for epoch in range(2):
+        list(loader)
+        calls = sorted(p.name for p in tmp_path.iterdir())
+        expected = num_workers * (1 if persistent else epoch + 1)
+        assert len(calls) == expected
+        assert sorted(int(c.split("-")[1]) for c in calls) == sorted(list(range(num_workers)) * (expected // num_workers))
+        assert all(int(c.split("-")[0]) != __import__("os").getpid() for c in calls)  # not in this process
 
 
 def test_pin_memory_without_accelerator_warns_like_torch():

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["ArrayDataset", "ArrayPlan", "array_plan", "dlpack_type_of_numpy", "dlpack_type_of_torch"]
+__all__ = [
+    "ArrayDataset", "ArrayPlan", "array_plan", "dlpack_type_of_numpy", "dlpack_type_of_torch", "is_array_dataset",
+]
 
 # (DLPack code, bits) for each torch dtype stoker hands over.
 _TORCH_TYPES = {
@@ -190,3 +192,9 @@ def array_plan(dataset: Any) -> ArrayPlan | None:
     if len({spec[2] for spec in specs}) != 1:
         return None  # torch's own path raises or indexes as it would
     return ArrayPlan(specs, owners, positional, names, kind)
+
+
+def is_array_dataset(dataset: Any) -> bool:
+    """True for the dataset types that hold arrays (served on threads even when the native path declines
+    them, say for tensors that need grad): indexing them needs no Python work worth a process."""
+    return isinstance(dataset, (ArrayDataset, TensorDataset, np.ndarray, torch.Tensor))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data._utils import collate as _tc
+from torch.utils.data._utils import worker as _tw
 
 from stoker._arrays import dlpack_type_of_torch
 from stoker._native import POOL, core, from_dlpack
@@ -22,8 +23,21 @@ __all__ = ["default_collate"]
 _Tensor = torch.Tensor
 
 
+# In a worker process, the slot of the shared-memory ring the batch being collated goes to: stacking
+# writes straight into it, so the batch crosses to the main process without a copy (see _workers).
+ARENA = None
+
+
 def _stack_numpy(batch, *, collate_fn_map=None):
     if _tc.np_str_obj_array_pattern.search(batch[0].dtype.str) is None:
+        if ARENA is not None:
+            out = ARENA.empty_like_stack(batch)
+            if out is not None:
+                try:
+                    np.stack(batch, out=out.numpy())
+                    return out
+                except (ValueError, TypeError):
+                    pass  # shapes or dtypes differ: torch's function decides
         capsule = core.stack_arrays(batch if type(batch) is list else list(batch), POOL)
         if capsule is not None:
             return from_dlpack(capsule)
@@ -36,12 +50,23 @@ def _stack_tensors(batch, *, collate_fn_map=None):
         dtype = elem.dtype
         code_bits = dlpack_type_of_torch(dtype)
         if code_bits is not None and all(type(t) is _Tensor and t.dtype is dtype for t in batch):
-            out = from_dlpack(POOL.empty([len(batch), *elem.shape], *code_bits))
+            out = ARENA.empty([len(batch), *elem.shape], dtype) if ARENA is not None else None
+            if out is None:
+                out = from_dlpack(POOL.empty([len(batch), *elem.shape], *code_bits))
             try:
                 return torch.stack(batch, 0, out=out)
             except RuntimeError:
                 pass  # shapes, devices or autograd: torch's function decides
-    return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    info = _tw._worker_info
+    if info is None:
+        return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    # In a stoker worker process torch's function would stack into a new shared-memory segment (and refuse
+    # tensors that need grad); our ring hands batches over, so it runs as in the main process.
+    _tw._worker_info = None
+    try:
+        return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    finally:
+        _tw._worker_info = info
 
 
 _fast_map_for: tuple = (None, None)  # (items of the map it was built from, fast map)

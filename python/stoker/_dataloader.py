@@ -14,8 +14,8 @@ from torch.utils.data._utils import collate as _tc
 from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate
-from stoker._arrays import array_plan
-from stoker._iterators import ArrayIterator, PythonIterator
+from stoker._arrays import array_plan, is_array_dataset
+from stoker._iterators import ArrayIterator, ProcessIterator, PythonIterator
 from stoker._native import core
 from stoker._shard import check_count, resolve_shard
 
@@ -48,8 +48,9 @@ class DataLoader(_TorchDataLoader):
       :class:`stoker.ArrayDataset`) are gathered by native threads, without the GIL, into reusable buffers
       that torch receives zero-copy. A buffer is reused only after every tensor viewing it is freed, so a
       batch you keep is never overwritten.
-    * Other map-style datasets are read with ``__getitems__``/``__getitem__``; ``num_workers`` threads load
-      batches ahead (worker processes are not used), and ``default_collate`` stacks into pooled buffers.
+    * Other map-style datasets are read with ``__getitems__``/``__getitem__`` and ``default_collate`` stacks
+      into pooled buffers; with ``num_workers > 0`` worker processes load batches ahead and hand them over
+      through one shared-memory ring, without a copy (``worker_mode="thread"`` uses threads instead).
     * Shuffling is native and counter-based: the order of an epoch is a pure function of (seed, epoch), the
       same for any ``num_workers``. It is not the order torch's ``RandomSampler`` draws. Without ``seed``,
       each iterator draws its seed from ``generator`` (or torch's global RNG), so ``torch.manual_seed``
@@ -65,6 +66,10 @@ class DataLoader(_TorchDataLoader):
             moves to the next epoch (or the one :meth:`set_epoch` names). Without it the seed is drawn once,
             at the first iterator, from ``generator`` or torch's global RNG; when sharded it is 0, as
             ``DistributedSampler``'s, so that every rank shuffles alike.
+        worker_mode: ``"auto"`` (the default) loads a Python dataset with ``num_workers > 0`` in worker
+            processes, as torch does (``worker_init_fn`` and ``get_worker_info()`` run in them), and array
+            datasets on native threads; ``"thread"`` uses ``num_workers`` threads for everything;
+            ``"process"`` uses processes for every dataset that is not served by the native array path.
         rank, world_size: the shard this process serves. By default they come from ``torch.distributed``
             when a process group is initialised; ``world_size=1`` turns sharding off. Rank ``r`` of ``W``
             serves the positions ``r, r+W, r+2W...`` of the epoch's order, padded by repeating its start
@@ -96,6 +101,7 @@ class DataLoader(_TorchDataLoader):
         seed: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        worker_mode: str = "auto",
     ) -> None:
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory,
@@ -105,6 +111,9 @@ class DataLoader(_TorchDataLoader):
         )
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
+        if worker_mode not in ("auto", "thread", "process"):
+            raise ValueError(f"worker_mode should be 'auto', 'thread' or 'process', but got worker_mode={worker_mode!r}")
+        self.worker_mode = worker_mode
         check_count("world_size", world_size, 1)
         check_count("rank", rank, 0)
         if rank is not None and world_size is not None and rank >= world_size:
@@ -286,12 +295,14 @@ class DataLoader(_TorchDataLoader):
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         default = self.collate_fn is _tc.default_collate
-        if default and self._auto_collation and _collate.map_is_pristine():
-            plan = array_plan(self.dataset)
-            if plan is not None:
-                return ArrayIterator(self, plan)
+        plan = array_plan(self.dataset)
+        if plan is not None and default and self._auto_collation and _collate.map_is_pristine():
+            return ArrayIterator(self, plan)
         if default:
             collate: Any = _collate.default_collate
         else:
             collate = self.collate_fn
+        if self.num_workers > 0 and (self.worker_mode == "process" or self.worker_mode == "auto" and plan is None
+                                     and not is_array_dataset(self.dataset)):
+            return ProcessIterator(self, collate)
         return PythonIterator(self, collate)

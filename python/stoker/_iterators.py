@@ -17,8 +17,9 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 
 from stoker._native import POOL, core, from_dlpack
+from stoker._workers import ProcessBatches, WorkerPool, load_batch, shutdown_all
 
-__all__ = ["ArrayIterator", "PythonIterator"]
+__all__ = ["ArrayIterator", "ProcessIterator", "PythonIterator"]
 
 _profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -30,6 +31,7 @@ def _close_live_iterators() -> None:
     # references, so this hook keeps no iterator alive.
     for it in list(_live):
         it.close()
+    shutdown_all()  # persistent worker pools too
 
 
 def _draw_seed(generator) -> int:
@@ -73,6 +75,7 @@ class _Iterator:
         self._num_threads = int(loader.num_workers)
         self._pin = _pin_requested(loader)
         drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
+        self._base_seed = drawn
         self._native_order = loader._stoker_native_sampler
         self._rank, self._world = loader._stoker_shard()
         self._seed = loader._stoker_shuffle_seed(drawn, self._world)
@@ -90,6 +93,20 @@ class _Iterator:
         loader = self._loader
         return (len(loader.dataset), batch_size, drop_last, loader._stoker_shuffle,
                 self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch, self._rank, self._world)
+
+    def _index_batches(self):
+        """The epoch's index batches from this iterator's start: lists of ints (one int per sample without
+        automatic batching), from the native stream or the user's sampler."""
+        loader = self._loader
+        if not loader._stoker_native_sampler:
+            return self._skip(iter(self._index_sampler))
+        auto = loader._auto_collation
+        bs = loader.batch_size if auto else 1
+        stream = core.IndexStream(*self._native_stream(bs, loader.drop_last if auto else False))
+        batches = range(self._start, len(stream))
+        if auto:
+            return (stream.batch(b).tolist() for b in batches)
+        return (int(stream.batch(b)[0]) for b in batches)
 
     def _skip(self, batches):
         """The user's sampler iterator with the batches before the resume point drawn and dropped."""
@@ -237,16 +254,7 @@ class PythonIterator(_Iterator):
         self._collate = collate
         getitems = getattr(self._dataset, "__getitems__", None)
         self._getitems = getitems if getitems else None
-        if loader._stoker_native_sampler:
-            bs = loader.batch_size if self._auto else 1
-            stream = core.IndexStream(*self._native_stream(bs, loader.drop_last if self._auto else False))
-            batches = range(self._start, len(stream))
-            if self._auto:
-                self._indices = (stream.batch(b).tolist() for b in batches)
-            else:
-                self._indices = (int(stream.batch(b)[0]) for b in batches)
-        else:
-            self._indices = self._skip(iter(self._index_sampler))
+        self._indices = self._index_batches()
         self._count = itertools.count(self._start)
         self._pool = None
         if self._num_threads > 0:
@@ -260,6 +268,11 @@ class PythonIterator(_Iterator):
                     init(wid)
 
             self._pool = ThreadPoolExecutor(self._num_threads, "stoker_worker", initializer=start_worker)
+            # The executor starts threads lazily and reuses idle ones, so a short epoch could run on fewer
+            # threads (and call worker_init_fn fewer times) than asked: start them all now.
+            barrier = threading.Barrier(self._num_threads)
+            for f in [self._pool.submit(barrier.wait, 10.0) for _ in range(self._num_threads)]:
+                f.result()
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
             self._pending: collections.deque = collections.deque()
         self._started()
@@ -267,35 +280,7 @@ class PythonIterator(_Iterator):
             self._top_up()
 
     def _load(self, number: int, indices):
-        dataset = self._dataset
-        if not self._auto:
-            try:
-                return self._collate(dataset[indices])
-            except StopIteration:
-                raise
-            except Exception as exc:
-                _add_note(exc, f"stoker: raised while loading dataset index {indices!r} (batch {number})")
-                raise
-        if self._getitems is not None:
-            try:
-                data = self._getitems(indices)
-            except StopIteration:
-                raise
-            except Exception as exc:
-                _add_note(exc, f"stoker: raised by __getitems__ for dataset indices {list(indices)!r} "
-                               f"(batch {number})")
-                raise
-        else:
-            data = []
-            for i in indices:
-                try:
-                    data.append(dataset[i])
-                except StopIteration:
-                    raise
-                except Exception as exc:
-                    _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
-                    raise
-        return self._collate(data)
+        return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices)
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
@@ -339,3 +324,57 @@ class PythonIterator(_Iterator):
             self._closed = True
             if self._pool is not None and self._pid == os.getpid():
                 self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ProcessIterator(_Iterator):
+    """Batches of a Python dataset loaded by ``num_workers`` worker processes (torch's worker contract:
+    worker_init_fn, get_worker_info, per-worker seeds), handed over through a shared-memory ring."""
+
+    def __init__(self, loader, collate) -> None:
+        super().__init__(loader)
+        persistent = bool(loader.persistent_workers)
+        pool = getattr(loader, "_stoker_pool", None)
+        if pool is not None and (not persistent or pool._closed or pool.pid != os.getpid()):
+            pool = None
+        if pool is None:
+            pool = WorkerPool(loader, collate, self._base_seed)
+            if persistent:
+                loader._stoker_pool = pool
+        else:
+            previous = getattr(loader, "_stoker_pool_epoch", None)
+            if previous is not None:
+                previous.drain()  # batches prefetched for an abandoned epoch are dropped, as torch does
+        self._pool = pool
+        self._own_pool = not persistent
+        self._batches = ProcessBatches(pool, self._index_batches(), self._start, bool(loader.in_order),
+                                       loader.prefetch_factor or 2, loader.timeout)
+        if persistent:
+            loader._stoker_pool_epoch = self._batches
+        self._started()
+
+    @property
+    def _workers(self):
+        return self._pool.workers
+
+    def _next(self):
+        if self._closed:
+            raise StopIteration
+        try:
+            item = self._batches.next()
+        except RuntimeError:
+            self.close()
+            raise
+        if item is None:
+            self._finish()
+        kind, value = item
+        if kind == "batch":
+            return value
+        if kind == "stop":
+            self._finish()
+        raise value
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self._own_pool and self._pid == os.getpid():
+                self._pool.shutdown()

@@ -1,6 +1,7 @@
 #include "stoker/bindings/bindings.h"
 #include "stoker/common/check.h"
 #include "stoker/pool/buffer_pool.h"
+#include "stoker/pool/slot_ring.h"
 
 namespace stoker::bindings {
 
@@ -30,6 +31,37 @@ void register_pool(py::module_& m) {
         void* data = block->data;
         return to_capsule(export_dlpack(std::move(block), data, t, shape));
       }, py::arg("shape"), py::arg("code"), py::arg("bits"));
+
+  py::class_<SlotLease, std::shared_ptr<SlotLease>>(m, "SlotLease")
+      .def_property_readonly("slot", [](const SlotLease& l) { return l.slot; })
+      .def("tensor", [](std::shared_ptr<SlotLease> lease, size_t offset, std::vector<int64_t> shape, int code,
+                        int bits) {
+        // A tensor over bytes [offset, offset + numel * itemsize) of the slot, keeping the lease alive.
+        DType t{static_cast<DTypeCode>(code), static_cast<uint8_t>(bits)};
+        STOKER_CHECK_AS(TypeError, dtype_supported(t), "unsupported element type (", code, ", ", bits, ")");
+        size_t bytes = t.itemsize();
+        for (int64_t d : shape) {
+          STOKER_CHECK_AS(ValueError, d >= 0, "negative dimension ", d);
+          bytes *= static_cast<size_t>(d);
+        }
+        STOKER_CHECK_AS(ValueError, offset % 64 == 0 && offset + bytes <= lease->ring->slot_bytes(),
+                        "tensor of ", bytes, " bytes at offset ", offset, " does not fit a slot of ",
+                        lease->ring->slot_bytes(), " bytes");
+        void* data = lease->ring->slot_data(lease->slot) + offset;
+        return to_capsule(export_dlpack(lease, data, t, shape));
+      }, py::arg("offset"), py::arg("shape"), py::arg("code"), py::arg("bits"));
+
+  py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
+      .def(py::init<const std::string&, size_t, int>(), py::arg("path"), py::arg("slot_bytes"), py::arg("slots"))
+      .def("acquire", &SlotRing::acquire)
+      .def("release", &SlotRing::release, py::arg("slot"))
+      .def_property_readonly("free_slots", &SlotRing::free_slots)
+      .def_property_readonly("slots", &SlotRing::slots)
+      .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
+      .def("lease", [](std::shared_ptr<SlotRing> ring, int slot) {
+        STOKER_CHECK_AS(IndexError, slot >= 0 && slot < ring->slots(), "slot ", slot, " out of range");
+        return std::make_shared<SlotLease>(ring, slot);
+      }, py::arg("slot"), "Takes over a lent slot: it returns to the ring when the lease and its tensors are gone.");
 }
 
 }  // namespace stoker::bindings

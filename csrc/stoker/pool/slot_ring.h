@@ -1,0 +1,53 @@
+// The shared-memory ring of process workers: one file mapping, cut into equal slots. A worker writes a batch
+// into the slot the main process lent it; the main process wraps the slot as tensors without copying, and the
+// slot is lent again only once every tensor viewing it has been freed.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace stoker {
+
+/// The main process's view of the ring: the mapping, and which slots are lent out.
+class SlotRing : public std::enable_shared_from_this<SlotRing> {
+ public:
+  /// Maps `slots` slots of `slot_bytes` bytes from the file at `path` (which must be that large).
+  SlotRing(const std::string& path, size_t slot_bytes, int slots);
+  ~SlotRing();
+  SlotRing(const SlotRing&) = delete;
+  SlotRing& operator=(const SlotRing&) = delete;
+
+  /// A free slot, now lent out, or -1 when every slot is lent.
+  int acquire();
+  /// Returns a slot (from any thread, without the GIL).
+  void release(int slot);
+  int free_slots() const;
+  int slots() const { return slots_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+  uint8_t* slot_data(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
+
+ private:
+  uint8_t* base_ = nullptr;
+  size_t slot_bytes_;
+  int slots_;
+  mutable std::mutex mu_;
+  std::vector<char> lent_;
+};
+
+/// Ownership of one lent slot: the slot returns to the ring when the last holder (a tensor) lets go.
+struct SlotLease {
+  SlotLease(std::shared_ptr<SlotRing> r, int s) : ring(std::move(r)), slot(s) {}
+  SlotLease(const SlotLease&) = delete;  // exactly one owner releases the slot
+  SlotLease& operator=(const SlotLease&) = delete;
+  ~SlotLease() { ring->release(slot); }
+
+  std::shared_ptr<SlotRing> ring;
+  int slot;
+};
+
+}  // namespace stoker

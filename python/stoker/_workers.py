@@ -1,0 +1,599 @@
+"""Worker processes for Python datasets: torch's worker contract, with batches handed over through one
+shared-memory ring instead of a shared-memory segment per tensor.
+
+The main process owns a file mapping (in /dev/shm) cut into equal slots. With each task it lends a worker a
+free slot; the worker loads and collates the batch, copies its tensors into the slot and sends back only the
+batch's structure, with each tensor replaced by its place in the slot. The main process wraps those places as
+tensors without copying (DLPack, owning a lease on the slot), and the slot is lent again only once every
+tensor viewing it has been freed. A batch that does not fit its slot, or a task sent while every slot is held
+by the user, travels pickled as torch's loader sends it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing
+import os
+import pickle
+import queue
+import random
+import signal
+import tempfile
+import time
+import traceback
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions for the pickled path
+from multiprocessing.reduction import ForkingPickler
+from torch.utils.data._utils import worker as _torch_worker
+
+from stoker import _native
+from stoker._arrays import dlpack_type_of_torch
+
+__all__ = ["WorkerPool", "load_batch"]
+
+_POLL_S = 0.25  # how often a waiting main process checks that its workers live
+_PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
+_EXIT_GRACE_S = 0.5  # how long shutdown waits for workers to exit before terminating them
+_ALIGN = 64
+_DEFAULT_SLOT_BYTES = 32 << 20
+
+_TORCH_DTYPES = {}
+for _dt in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+            torch.uint32, torch.uint64, torch.float16, torch.bfloat16, torch.float32, torch.float64,
+            torch.complex64, torch.complex128):
+    _cb = dlpack_type_of_torch(_dt)
+    if _cb is not None:
+        _TORCH_DTYPES[_dt] = _cb
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+
+
+def load_batch(dataset, getitems, auto: bool, collate, number: int, indices):
+    """Fetches and collates one batch as torch's fetcher does; an error gets a note naming the index."""
+    if not auto:
+        try:
+            return collate(dataset[indices])
+        except StopIteration:
+            raise
+        except Exception as exc:
+            _add_note(exc, f"stoker: raised while loading dataset index {indices!r} (batch {number})")
+            raise
+    if getitems is not None:
+        try:
+            data = getitems(indices)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            _add_note(exc, f"stoker: raised by __getitems__ for dataset indices {list(indices)!r} (batch {number})")
+            raise
+    else:
+        data = []
+        for i in indices:
+            try:
+                data.append(dataset[i])
+            except StopIteration:
+                raise
+            except Exception as exc:
+                _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
+                raise
+    return collate(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches in a slot: the structure travels, the tensors stay in shared memory
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _InSlot:
+    """Where a tensor of a batch lies in its slot."""
+
+    __slots__ = ("offset", "shape", "code", "bits")
+
+    def __init__(self, offset: int, shape: tuple, code: int, bits: int) -> None:
+        self.offset, self.shape, self.code, self.bits = offset, shape, code, bits
+
+    def __reduce__(self):
+        return _InSlot, (self.offset, self.shape, self.code, self.bits)
+
+
+class _NoFit(Exception):
+    pass
+
+
+class _Arena:
+    """The slot a worker is filling: collate takes its output tensors from here, front to back."""
+
+    def __init__(self, view: torch.Tensor) -> None:
+        self.view = view
+        self.base = view.data_ptr()
+        self.used = 0
+
+    def empty(self, shape, dtype: torch.dtype):
+        if dtype not in _TORCH_DTYPES:
+            return None
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        end = self.used + nbytes
+        if end > self.view.numel():
+            return None
+        out = self.view[self.used:end].view(dtype).view(tuple(shape))
+        self.used = (end + _ALIGN - 1) // _ALIGN * _ALIGN
+        return out
+
+    def empty_like_stack(self, arrays):
+        first = arrays[0]
+        try:
+            dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+        except TypeError:
+            return None
+        if not first.dtype.isnative:
+            return None
+        return self.empty((len(arrays), *first.shape), dtype)
+
+    def offset_of(self, t: torch.Tensor) -> int | None:
+        """The offset of a tensor collate wrote into this slot, or None."""
+        ptr = t.data_ptr()
+        if self.base <= ptr < self.base + self.used and t.is_contiguous():
+            return ptr - self.base
+        return None
+
+
+def _fits_slot(t) -> bool:
+    return (type(t) is torch.Tensor and t.layout is torch.strided and t.device.type == "cpu"
+            and not t.requires_grad and t.dtype in _TORCH_DTYPES)
+
+
+def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
+    """obj with its plain CPU tensors copied into `slot` (uint8) and replaced by _InSlot places; a tensor
+    that collate already wrote into the slot (`arena`) stays where it is."""
+    if _fits_slot(obj):
+        if arena is not None:
+            offset = arena.offset_of(obj)
+            if offset is not None:
+                return _InSlot(offset, tuple(obj.shape), *_TORCH_DTYPES[obj.dtype])
+        nbytes = obj.numel() * obj.element_size()
+        offset = at[0]
+        end = offset + nbytes
+        if end > slot.numel():
+            raise _NoFit
+        at[0] = (end + _ALIGN - 1) // _ALIGN * _ALIGN
+        if nbytes:
+            slot[offset:end].view(obj.dtype).view(obj.shape).copy_(obj)
+        return _InSlot(offset, tuple(obj.shape), *_TORCH_DTYPES[obj.dtype])
+    kind = type(obj)
+    if kind is list:
+        return [_into_slot(x, slot, at, arena) for x in obj]
+    if kind is tuple:
+        return tuple(_into_slot(x, slot, at, arena) for x in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return kind(*(_into_slot(x, slot, at, arena) for x in obj))
+    if kind is dict:
+        return {k: _into_slot(v, slot, at, arena) for k, v in obj.items()}
+    return obj  # anything else travels pickled (tensors inside it by torch's shared-memory reduction)
+
+
+def _detach_from(obj, arena: _Arena):
+    """obj with the tensors that live in the arena's slot copied out of it."""
+    if isinstance(obj, torch.Tensor):
+        ptr = obj.data_ptr()
+        return obj.clone() if arena.base <= ptr < arena.base + arena.view.numel() else obj
+    kind = type(obj)
+    if kind is list:
+        return [_detach_from(x, arena) for x in obj]
+    if kind is tuple:
+        return tuple(_detach_from(x, arena) for x in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return kind(*(_detach_from(x, arena) for x in obj))
+    if isinstance(obj, dict):
+        return kind({k: _detach_from(v, arena) for k, v in obj.items()}) if kind is dict else obj
+    return obj
+
+
+def _from_slot(obj, lease):
+    if type(obj) is _InSlot:
+        return _native.from_dlpack(lease.tensor(obj.offset, list(obj.shape), obj.code, obj.bits))
+    kind = type(obj)
+    if kind is list:
+        return [_from_slot(x, lease) for x in obj]
+    if kind is tuple:
+        return tuple(_from_slot(x, lease) for x in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return kind(*(_from_slot(x, lease) for x in obj))
+    if kind is dict:
+        return {k: _from_slot(v, lease) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _WorkerError:
+    """An exception raised in a worker, with what it takes to raise it again in the main process."""
+
+    def __init__(self, exc: BaseException, worker_id: int, where: str) -> None:
+        self.type_name = type(exc).__qualname__
+        self.message = str(exc)
+        self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.worker_id = worker_id
+        self.where = where
+        self.pickled = self.parts = None
+        try:
+            self.pickled = pickle.dumps(exc)
+            pickle.loads(self.pickled)
+        except Exception:
+            self.pickled = None
+            # An exception whose constructor takes other arguments than its args (a classic of
+            # pytorch#30147) is rebuilt from its class, args and attributes instead.
+            try:
+                self.parts = pickle.dumps((type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
+                pickle.loads(self.parts)
+            except Exception:
+                self.parts = None  # reported by name and message
+
+    def exception(self, pid) -> BaseException:
+        note = (f"stoker: raised in DataLoader worker process {self.worker_id} (pid {pid}) {self.where}.\n"
+                f"Original traceback in the worker:\n{self.traceback}")
+        exc = None
+        if self.pickled is not None:
+            exc = pickle.loads(self.pickled)
+        elif self.parts is not None:
+            cls, args, state = pickle.loads(self.parts)
+            try:
+                exc = cls.__new__(cls)
+                exc.args = args
+                exc.__dict__.update(state)
+            except Exception:
+                exc = None
+        if exc is not None:
+            _add_note(exc, note)
+            return exc
+        return RuntimeError(f"Caught {self.type_name} in DataLoader worker process {self.worker_id}: "
+                            f"{self.message}\n{note}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The worker process
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _send(result_queue, msg, worker_id: int) -> None:
+    """Pickles a result here, not in the queue's feeder thread, where a failure would be printed and the
+    result lost (leaving the main process waiting): a batch that cannot be pickled becomes an error."""
+    try:
+        data = ForkingPickler.dumps(msg)
+    except Exception as exc:
+        generation, number, _, _, _, slot = msg
+        err = _WorkerError(exc, worker_id, f"while sending batch {number} to the main process")
+        data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot))
+    result_queue.put(data.tobytes() if isinstance(data, memoryview) else bytes(data))
+
+
+def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, slot_bytes, slots, worker_id,
+                 num_workers, base_seed, init_fn, parent_pid):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    torch.set_num_threads(1)
+    # A pool of our own: a fork may have copied the parent's pool while another thread held its lock.
+    fresh = _native.core.BufferPool(64 << 20)
+    import stoker._collate as _collate_module
+
+    _collate_module.POOL = fresh
+    seed = base_seed + worker_id
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(_torch_worker._generate_state(base_seed, worker_id))
+    _torch_worker._worker_info = _torch_worker.WorkerInfo(
+        id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset)
+    init_error = None
+    try:
+        if init_fn is not None:
+            init_fn(worker_id)
+    except Exception as exc:
+        init_error = _WorkerError(exc, worker_id, "in worker_init_fn")
+    ring = None
+    try:
+        import mmap
+
+        with open(ring_path, "r+b") as f:
+            ring = mmap.mmap(f.fileno(), slot_bytes * slots)
+    except OSError:
+        ring = None  # every batch then travels pickled
+    getitems = getattr(dataset, "__getitems__", None) or None
+    result_queue.put(ForkingPickler.dumps(("ready", worker_id)).tobytes())
+    while True:
+        try:
+            task = index_queue.get(timeout=_PARENT_CHECK_S)
+        except queue.Empty:
+            if os.getppid() != parent_pid:
+                return  # orphaned: the main process is gone
+            continue
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if task is None:
+            return
+        generation, number, indices, slot = task
+        if init_error is not None:
+            _send(result_queue, (generation, number, worker_id, "error", init_error, slot), worker_id)
+            continue
+        view = arena = None
+        if slot >= 0 and ring is not None:
+            view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
+            arena = _collate_module.ARENA = _Arena(view)
+        try:
+            batch = load_batch(dataset, getitems, auto, collate, number, indices)
+        except StopIteration:
+            _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
+            continue
+        except Exception as exc:
+            where = f"while loading dataset indices {list(indices) if auto else indices!r} (batch {number})"
+            error = _WorkerError(exc, worker_id, where)
+            _send(result_queue, (generation, number, worker_id, "error", error, slot), worker_id)
+            continue
+        finally:
+            _collate_module.ARENA = None
+        if view is not None:
+            try:
+                structure = _into_slot(batch, view, [arena.used], arena)
+            except _NoFit:
+                # Too large for its slot: what collate already wrote there must not travel as a view of it.
+                batch = _detach_from(batch, arena)
+            else:
+                del view, arena, batch
+                _send(result_queue, (generation, number, worker_id, "ring", structure, slot), worker_id)
+                continue
+            del view, arena
+        _send(result_queue, (generation, number, worker_id, "pickled", batch, slot), worker_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The main process's side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ring_dir() -> str:
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+_pools: weakref.WeakSet = weakref.WeakSet()
+_counter = itertools.count()
+
+
+class WorkerPool:
+    """`num_workers` processes serving batches of one dataset, and the ring they write into."""
+
+    def __init__(self, loader, collate, base_seed: int) -> None:
+        self.num_workers = int(loader.num_workers)
+        ctx = loader.multiprocessing_context
+        if ctx is None:
+            ctx = multiprocessing.get_context()
+        elif isinstance(ctx, str):
+            ctx = multiprocessing.get_context(ctx)
+        self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
+        self.slot_bytes = _DEFAULT_SLOT_BYTES
+        self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{os.getpid()}-{next(_counter)}")
+        fd = os.open(self.ring_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, self.slots * self.slot_bytes)  # sparse: pages exist once a batch touches them
+        finally:
+            os.close(fd)
+        self.ring = _native.core.SlotRing(self.ring_path, self.slot_bytes, self.slots)
+        self.result_queue = ctx.Queue()
+        self.index_queues = []
+        self.workers = []
+        self.generation = 0
+        self._ready = 0
+        self._closed = False
+        self.pid = os.getpid()
+        try:
+            for wid in range(self.num_workers):
+                iq = ctx.Queue()
+                iq.cancel_join_thread()
+                w = ctx.Process(
+                    target=_worker_loop,
+                    args=(loader.dataset, loader._auto_collation, collate, iq, self.result_queue, self.ring_path,
+                          self.slot_bytes, self.slots, wid, self.num_workers, base_seed, loader.worker_init_fn,
+                          os.getpid()),
+                    daemon=True,
+                )
+                w.start()
+                self.index_queues.append(iq)
+                self.workers.append(w)
+        except BaseException:
+            self.shutdown()
+            raise
+        _pools.add(self)
+
+    def pids(self) -> list[int]:
+        return [w.pid for w in self.workers]
+
+    def send(self, worker: int, task) -> None:
+        self.index_queues[worker].put(task)
+
+    def _check_workers(self) -> None:
+        for w in self.workers:
+            code = w.exitcode
+            if code is not None:
+                self.shutdown()
+                if code < 0:
+                    try:
+                        name = signal.Signals(-code).name
+                        desc = signal.strsignal(-code) or name
+                    except ValueError:
+                        desc = f"signal {-code}"
+                    raise RuntimeError(f"DataLoader worker (pid {w.pid}) is killed by signal: {desc}")
+                raise RuntimeError(f"DataLoader worker (pid(s) {w.pid}) exited unexpectedly (exit code {code})")
+
+    def get(self, timeout: float | None):
+        """The next message of a worker; RuntimeError if a worker died or `timeout` seconds passed."""
+        deadline = None if not timeout else time.monotonic() + timeout
+        while True:
+            wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            try:
+                msg = pickle.loads(self.result_queue.get(timeout=wait))
+            except queue.Empty:
+                self._check_workers()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RuntimeError(f"DataLoader timed out after {timeout} seconds") from None
+                continue
+            if msg[0] == "ready":
+                self._ready += 1
+                if self._ready == self.num_workers:
+                    self._unlink()
+                continue
+            return msg
+
+    def _unlink(self) -> None:
+        try:
+            os.unlink(self.ring_path)
+        except OSError:
+            pass
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.pid != os.getpid():
+            return
+        for iq in self.index_queues:
+            try:
+                iq.put(None)
+            except Exception:
+                pass
+        # Idle workers exit at once; one still busy with a sample (say after a timeout) is not waited for.
+        deadline = time.monotonic() + _EXIT_GRACE_S
+        for w in self.workers:
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in self.workers:
+            if w.exitcode is None:
+                w.terminate()
+                w.join(timeout=1.0)
+        for q in [*self.index_queues, self.result_queue]:
+            try:
+                q.cancel_join_thread()
+                q.close()
+            except Exception:
+                pass
+        self._unlink()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:
+            pass
+
+
+def shutdown_all() -> None:
+    for pool in list(_pools):
+        pool.shutdown()
+
+
+class ProcessBatches:
+    """The main process's loop over one epoch: dispatch, receive, reorder, wrap."""
+
+    def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
+                 timeout: float) -> None:
+        pool.generation += 1
+        self.pool = pool
+        self.generation = pool.generation
+        self.batches = batches  # iterator of index batches (or sampler errors as exceptions)
+        self.numbers = itertools.count(first_number)
+        self.in_order = in_order
+        self.limit = prefetch * pool.num_workers
+        self.timeout = timeout
+        self.outstanding: dict[int, int] = {}  # batch number -> slot lent (-1: none)
+        self.ready: dict[int, tuple] = {}
+        self.order: collections.deque = collections.deque()  # batch numbers in dispatch order
+        self.local_errors: dict[int, BaseException] = {}
+        self.cursor = 0  # dispatched tasks, for round-robin
+        self.exhausted = False
+        self._top_up()
+
+    def _top_up(self) -> None:
+        pool = self.pool
+        while not self.exhausted and len(self.outstanding) < self.limit:
+            try:
+                indices = next(self.batches)
+            except StopIteration:
+                self.exhausted = True
+                return
+            except Exception as exc:  # the sampler's error, raised at this batch's turn
+                number = next(self.numbers)
+                self.local_errors[number] = exc
+                self.order.append(number)
+                continue
+            number = next(self.numbers)
+            slot = pool.ring.acquire()
+            worker = self.cursor % pool.num_workers
+            self.cursor += 1
+            self.outstanding[number] = slot
+            self.order.append(number)
+            pool.send(worker, (self.generation, number, indices, slot))
+
+    def _receive(self) -> None:
+        pool = self.pool
+        generation, number, worker, kind, payload, slot = pool.get(self.timeout)
+        if generation != self.generation:  # left over from an earlier epoch of persistent workers
+            if slot >= 0:
+                pool.ring.release(slot)
+            return
+        slot = self.outstanding.pop(number)
+        if kind == "ring":
+            batch = _from_slot(payload, pool.ring.lease(slot))
+            self.ready[number] = ("batch", batch)
+            return
+        if slot >= 0:
+            pool.ring.release(slot)
+        if kind == "pickled":
+            self.ready[number] = ("batch", payload)
+        elif kind == "stop":
+            self.ready[number] = ("stop", None)
+        else:
+            self.ready[number] = ("error", payload.exception(pool.workers[worker].pid))
+
+    def next(self):
+        """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
+        self._top_up()
+        if not self.order:
+            return None
+        if self.in_order:
+            number = self.order[0]
+            if number in self.local_errors:
+                self.order.popleft()
+                return ("error", self.local_errors.pop(number))
+            while number not in self.ready:
+                self._receive()
+            self.order.popleft()
+            return self.ready.pop(number)
+        while True:
+            for number in list(self.order):
+                if number in self.local_errors:
+                    self.order.remove(number)
+                    return ("error", self.local_errors.pop(number))
+                if number in self.ready:
+                    self.order.remove(number)
+                    return self.ready.pop(number)
+            self._receive()
+
+    def drain(self) -> None:
+        """Waits for this epoch's outstanding tasks (persistent workers), returning their slots."""
+        try:
+            while self.outstanding:
+                self._receive()
+        except RuntimeError:
+            pass
+        self.ready.clear()
+        self.order.clear()
+        self.exhausted = True
+

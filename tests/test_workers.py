@@ -1,0 +1,313 @@
+"""Worker processes for Python datasets: torch's worker contract (get_worker_info, seeding, worker_init_fn,
+errors, timeouts, dead workers, shutdown) and the shared-memory ring (zero-copy, kept batches intact, the
+pickled fallback)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import TorchDataLoader, assert_batches_equal
+from torch.utils.data import Dataset, get_worker_info
+
+import stoker
+from stoker import _workers
+
+N = 48
+
+
+class Identity(Dataset):
+    """Sample i: a float tensor, a numpy array, an int, a string, and which worker loaded it."""
+
+    def __init__(self, n=N):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        info = get_worker_info()
+        return {"x": torch.full((4,), float(i)), "a": np.arange(3) + i, "i": i, "s": f"s{i}",
+                "w": -1 if info is None else info.id}
+
+
+class Randomised(Dataset):
+    """Draws from random, numpy and torch in the worker: the per-worker seeds decide the values."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return torch.tensor([random.random(), float(np.random.rand()), float(torch.rand(()))], dtype=torch.float64)
+
+
+class Killer(Identity):
+    def __getitem__(self, i):
+        if i == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(i)
+
+
+class Sleepy(Identity):
+    def __getitem__(self, i):
+        if i == 10:
+            time.sleep(3)
+        return super().__getitem__(i)
+
+
+class Failing(Identity):
+    def __getitem__(self, i):
+        if i % 10 == 7:
+            raise KeyError(f"no sample {i}")
+        return super().__getitem__(i)
+
+
+class Counting(Dataset):
+    """Counts the samples its own copy has served (in a worker process: that worker's count)."""
+
+    def __init__(self):
+        self.served = 0
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        self.served += 1
+        return torch.tensor([i, self.served, os.getpid()])
+
+
+def _loader(dataset=None, **kw):
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("num_workers", 2)
+    return stoker.DataLoader(Identity() if dataset is None else dataset, **kw)
+
+
+def test_python_dataset_uses_processes_and_matches_torch():
+    ds = Identity()
+    batches = list(_loader(ds))
+    assert {int(w) for b in batches for w in b["w"]} == {0, 1}
+    expected = list(TorchDataLoader(ds, batch_size=4, num_workers=2))
+    assert_batches_equal(batches, expected)  # torch's workers number batches round-robin as ours do
+
+
+def test_thread_mode_keeps_threads():
+    batches = list(_loader(worker_mode="thread"))
+    assert {int(w) for b in batches for w in b["w"]} == {-1}
+
+
+@pytest.mark.parametrize("batch_size", [None, 1, 5])
+@pytest.mark.parametrize("in_order", [True, False])
+def test_every_sample_once(batch_size, in_order):
+    batches = list(_loader(batch_size=batch_size, shuffle=True, in_order=in_order, seed=3))
+    seen = sorted(int(b["i"]) if batch_size is None else int(i) for b in batches
+                  for i in ([b["i"]] if batch_size is None else b["i"]))
+    assert seen == list(range(N))
+    if in_order:
+        reference = list(stoker.DataLoader(Identity(), batch_size=batch_size, shuffle=True, seed=3))
+        assert [b["s"] for b in batches] == [b["s"] for b in reference]
+
+
+def test_worker_info_and_seeds_follow_torch():
+    class Info(Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            info = get_worker_info()
+            return torch.tensor([info.id, info.num_workers, info.seed, torch.initial_seed(), id(info.dataset) != 0])
+
+    g = torch.Generator().manual_seed(0)
+    base = int(torch.empty((), dtype=torch.int64).random_(generator=torch.Generator().manual_seed(0)).item())
+    rows = torch.cat(list(stoker.DataLoader(Info(), batch_size=2, num_workers=2, generator=g)))
+    for wid, nw, seed, initial, _ in rows.tolist():
+        assert nw == 2 and seed == base + wid and initial == seed
+
+
+def test_random_augmentation_is_reproducible_and_differs_by_worker():
+    def run():
+        torch.manual_seed(7)
+        return torch.cat(list(stoker.DataLoader(Randomised(), batch_size=4, num_workers=2)))
+
+    a, b = run(), run()
+    assert torch.equal(a, b)
+    first, second = a[:4], a[4:8]  # batch 0 from worker 0, batch 1 from worker 1
+    assert not torch.equal(first, second)
+
+
+def test_kept_batches_stay_intact_and_keeping_all_does_not_block():
+    loader = _loader(batch_size=4, num_workers=2, shuffle=True, seed=1)
+    kept = list(loader)  # more batches than the ring has slots
+    snapshot = [b["x"].clone() for b in kept]
+    for _ in range(3):
+        for batch in loader:
+            batch["x"].fill_(-1)  # scribble on every fresh batch
+    for b, s in zip(kept, snapshot):
+        assert torch.equal(b["x"], s)
+    assert all(torch.equal(b["x"][:, 0].long(), b["i"]) for b in kept)
+
+
+def test_ring_slots_return_when_batches_are_freed():
+    loader = _loader(persistent_workers=True)
+    for batch in loader:
+        pass
+    del batch
+    ring = loader._stoker_pool.ring
+    assert ring.free_slots == ring.slots
+
+
+def test_batches_larger_than_a_slot_travel_pickled(monkeypatch):
+    monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", 128)  # every batch is too large for its slot
+    ds = Identity()
+    assert_batches_equal(list(_loader(ds)), list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
+
+
+def test_exception_in_a_worker_names_the_index_and_iteration_goes_on():
+    it = iter(_loader(Failing(), batch_size=5))
+    outcomes = []
+    while True:
+        try:
+            outcomes.append(("ok", next(it)["i"].tolist()))
+        except StopIteration:
+            break
+        except KeyError as exc:
+            notes = "".join(getattr(exc, "__notes__", []))
+            outcomes.append(("error", str(exc)))
+            assert "DataLoader worker process" in notes and "dataset indices" in notes
+    errors = [o for o in outcomes if o[0] == "error"]
+    assert len(errors) == 5 and errors[0][1] == "'no sample 7'"
+    served = sorted(i for kind, v in outcomes if kind == "ok" for i in v)
+    assert served == [i for i in range(N) if i // 5 not in {1, 3, 5, 7, 9}]
+
+
+def test_worker_init_fn_error_is_raised_in_the_main_process():
+    def bad_init(worker_id):
+        raise ValueError(f"init failed in {worker_id}")
+
+    with pytest.raises(ValueError, match="init failed in"):
+        list(_loader(worker_init_fn=bad_init, multiprocessing_context="fork"))
+
+
+def test_killed_worker_raises_promptly():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: Killed"):
+        list(_loader(Killer()))
+    assert time.monotonic() - start < 10
+
+
+def test_timeout_raises_like_torch():
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="DataLoader timed out after 1 seconds"):
+        list(_loader(Sleepy(), timeout=1))
+    assert time.monotonic() - start < 2.9  # the worker still sleeping is not waited for
+
+
+def _alive(pids):
+    out = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        try:  # a zombie still answers kill(0): read its state
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    continue
+        except OSError:
+            continue
+        out.append(pid)
+    return out
+
+
+def test_break_and_del_stop_the_workers():
+    it = iter(_loader())
+    next(it)
+    pids = [w.pid for w in it._workers]
+    assert len(_alive(pids)) == 2
+    del it
+    deadline = time.monotonic() + 10
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pids)
+
+
+def test_persistent_workers_keep_their_dataset_copy():
+    loader = stoker.DataLoader(Counting(), batch_size=4, num_workers=2, persistent_workers=True)
+    first = torch.cat(list(loader))
+    second = torch.cat(list(loader))
+    assert set(first[:, 2].tolist()) == set(second[:, 2].tolist())  # the same two processes
+    assert second[:, 1].max() > first[:, 1].max()  # their copies kept counting
+
+
+def test_spawn_context_works():
+    ds = Identity(12)
+    batches = list(stoker.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
+    assert_batches_equal(batches, list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
+
+
+def test_ring_file_is_gone_once_workers_attached():
+    it = iter(_loader(persistent_workers=True))
+    for _ in it:
+        pass
+    assert not os.path.exists(it._pool.ring_path)
+
+
+def _run_script(body: str, timeout=60):
+    code = textwrap.dedent(body)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_interpreter_exit_with_live_workers_is_prompt():
+    start = time.monotonic()
+    proc = _run_script("""
+        import stoker
+        from test_workers import Identity
+        it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2))
+        next(it)
+        print(" ".join(str(w.pid) for w in it._workers))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - start < 30
+    pids = [int(p) for p in proc.stdout.split()]
+    deadline = time.monotonic() + 10
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(pids)
+
+
+def test_orphaned_workers_exit():
+    proc = _run_script("""
+        import os, stoker
+        from test_workers import Identity
+        it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2, persistent_workers=True))
+        next(it)
+        print(" ".join(str(w.pid) for w in it._workers), flush=True)
+        os._exit(0)  # no clean-up at all: the workers must notice on their own
+    """)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids)
+
+
+def test_bad_worker_mode_raises():
+    with pytest.raises(ValueError, match="worker_mode"):
+        stoker.DataLoader(Identity(), worker_mode="fibers")
+
+
+def test_array_datasets_stay_on_threads_in_auto_mode():
+    loader = stoker.DataLoader(np.arange(20), batch_size=4, num_workers=2)
+    it = iter(loader)
+    assert type(it).__name__ == "ArrayIterator"
+    assert [int(x) for b in it for x in b] == list(range(20))
