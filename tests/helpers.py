@@ -191,3 +191,18 @@ def isolated(fn: Callable[[], Any]) -> tuple[Any, str | None, list[str]]:
     finally:
         sys.unraisablehook = previous
     return result, error, unraisable
+
+
+def roundtrip(state):
+    """A loader state as it comes back from json and then from torch.save/torch.load(weights_only=True)."""
+    import io
+    import json
+
+    via_json = json.loads(json.dumps(state))
+    assert via_json == state
+    buffer = io.BytesIO()
+    torch.save(via_json, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert loaded == state
+    return loaded

@@ -11,9 +11,7 @@ resume checks need no bookkeeping beyond the offsets.
 
 from __future__ import annotations
 
-import io
 import itertools
-import json
 import math
 import os
 
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same
+from helpers import assert_same, roundtrip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DistributedSampler
@@ -599,18 +597,6 @@ def test_largest_seed():
 # --------------------------------------------------------------------------------------------------------------
 
 POINTS = ["0", "1", "mid", "last-1", "last", "stopped"]
-
-
-def roundtrip(state):
-    """The state as it comes back from json and then from torch.save/torch.load(weights_only=True)."""
-    via_json = json.loads(json.dumps(state))
-    assert via_json == state
-    buffer = io.BytesIO()
-    torch.save(via_json, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert loaded == state
-    return loaded
 
 
 def resume_check(build, point):

@@ -26,13 +26,12 @@ rank=r, drop_last=drop_last)`` assigns; shuffled shards share one permutation (s
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from helpers import MapDataset, assert_same
+from helpers import MapDataset, assert_same, roundtrip
 from torch.utils.data import (
     BatchSampler,
     Dataset,
@@ -114,17 +113,6 @@ def flat(batches):
 # --------------------------------------------------------------------------------------------------------------
 # The resume harness
 # --------------------------------------------------------------------------------------------------------------
-
-
-def roundtrip(state):
-    """The state as it comes back from json and then from torch.save/torch.load(weights_only=True)."""
-    via_json = json.loads(json.dumps(state))
-    buffer = io.BytesIO()
-    torch.save(via_json, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert loaded == state
-    return loaded
 
 
 def _epoch(loader, epoch, hook):

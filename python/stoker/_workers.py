@@ -153,65 +153,65 @@ def _fits_slot(t) -> bool:
             and not t.requires_grad and t.dtype in _TORCH_DTYPES)
 
 
+def _map_leaves(obj, leaf):
+    """obj rebuilt with leaf(x) for every x below its lists, tuples, namedtuples and plain dicts (the
+    containers default_collate builds); anything else is a leaf, kept whole."""
+    kind = type(obj)
+    if kind is list:
+        return [_map_leaves(x, leaf) for x in obj]
+    if kind is tuple:
+        return tuple(_map_leaves(x, leaf) for x in obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return kind(*(_map_leaves(x, leaf) for x in obj))
+    if kind is dict:
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
+    return leaf(obj)
+
+
 def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
     """obj with its plain CPU tensors copied into `slot` (uint8) and replaced by _InSlot places; a tensor
-    that collate already wrote into the slot (`arena`) stays where it is."""
-    if _fits_slot(obj):
+    that collate already wrote into the slot (`arena`) stays where it is. Other leaves travel pickled
+    (tensors inside them by torch's shared-memory reduction)."""
+
+    def place(t):
+        if not _fits_slot(t):
+            return t
         if arena is not None:
-            offset = arena.offset_of(obj)
+            offset = arena.offset_of(t)
             if offset is not None:
-                return _InSlot(offset, tuple(obj.shape), *_TORCH_DTYPES[obj.dtype])
-        nbytes = obj.numel() * obj.element_size()
+                return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
+        nbytes = t.numel() * t.element_size()
         offset = at[0]
         end = offset + nbytes
         if end > slot.numel():
             raise _NoFit
         at[0] = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         if nbytes:
-            slot[offset:end].view(obj.dtype).view(obj.shape).copy_(obj)
-        return _InSlot(offset, tuple(obj.shape), *_TORCH_DTYPES[obj.dtype])
-    kind = type(obj)
-    if kind is list:
-        return [_into_slot(x, slot, at, arena) for x in obj]
-    if kind is tuple:
-        return tuple(_into_slot(x, slot, at, arena) for x in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return kind(*(_into_slot(x, slot, at, arena) for x in obj))
-    if kind is dict:
-        return {k: _into_slot(v, slot, at, arena) for k, v in obj.items()}
-    return obj  # anything else travels pickled (tensors inside it by torch's shared-memory reduction)
+            slot[offset:end].view(t.dtype).view(t.shape).copy_(t)
+        return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
+
+    return _map_leaves(obj, place)
 
 
 def _detach_from(obj, arena: _Arena):
     """obj with the tensors that live in the arena's slot copied out of it."""
-    if isinstance(obj, torch.Tensor):
-        ptr = obj.data_ptr()
-        return obj.clone() if arena.base <= ptr < arena.base + arena.view.numel() else obj
-    kind = type(obj)
-    if kind is list:
-        return [_detach_from(x, arena) for x in obj]
-    if kind is tuple:
-        return tuple(_detach_from(x, arena) for x in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return kind(*(_detach_from(x, arena) for x in obj))
-    if isinstance(obj, dict):
-        return kind({k: _detach_from(v, arena) for k, v in obj.items()}) if kind is dict else obj
-    return obj
+    end = arena.base + arena.view.numel()
+
+    def detach(t):
+        return t.clone() if isinstance(t, torch.Tensor) and arena.base <= t.data_ptr() < end else t
+
+    return _map_leaves(obj, detach)
 
 
 def _from_slot(obj, lease):
-    if type(obj) is _InSlot:
-        return _native.from_dlpack(lease.tensor(obj.offset, list(obj.shape), obj.code, obj.bits))
-    kind = type(obj)
-    if kind is list:
-        return [_from_slot(x, lease) for x in obj]
-    if kind is tuple:
-        return tuple(_from_slot(x, lease) for x in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return kind(*(_from_slot(x, lease) for x in obj))
-    if kind is dict:
-        return {k: _from_slot(v, lease) for k, v in obj.items()}
-    return obj
+    """A received structure with its _InSlot places wrapped as tensors over the slot (zero-copy)."""
+
+    def wrap(x):
+        if type(x) is _InSlot:
+            return _native.from_dlpack(lease.tensor(x.offset, list(x.shape), x.code, x.bits))
+        return x
+
+    return _map_leaves(obj, wrap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
