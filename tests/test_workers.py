@@ -311,3 +311,54 @@ def test_array_datasets_stay_on_threads_in_auto_mode():
     it = iter(loader)
     assert type(it).__name__ == "ArrayIterator"
     assert [int(x) for b in it for x in b] == list(range(20))
+
+
+class RandomCrop(Dataset):
+    """An augmentation drawing from random, numpy and torch; with sample_seeds its output is a function of
+    (seed, epoch, index) alone."""
+
+    def __len__(self):
+        return 30
+
+    def __getitem__(self, i):
+        return torch.tensor([i, random.random(), float(np.random.rand()), float(torch.rand(()))], dtype=torch.float64)
+
+
+def _epochs(loader, count=2):
+    return [torch.cat(list(loader)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("batch_size", [None, 4])
+def test_sample_seeds_make_augmentation_independent_of_workers(batch_size):
+    def make(nw, **kw):
+        return stoker.DataLoader(RandomCrop(), batch_size=batch_size, shuffle=True, seed=5, num_workers=nw,
+                                 sample_seeds=True, **kw)
+
+    if batch_size is None:
+        def cat(loader):
+            return [torch.stack(list(loader)) for _ in range(2)]
+    else:
+        cat = _epochs
+    reference = cat(make(0))
+    for nw in (1, 2):
+        got = cat(make(nw))
+        assert all(torch.equal(a, b) for a, b in zip(got, reference))
+    assert not torch.equal(reference[0][:, 1:].sort(0).values, reference[1][:, 1:].sort(0).values)  # epochs differ
+
+
+def test_sample_seeds_survive_a_resume():
+    def make(nw):
+        return stoker.DataLoader(RandomCrop(), batch_size=4, shuffle=True, seed=9, num_workers=nw, sample_seeds=True)
+
+    full = list(make(2))
+    first = make(0)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    resumed = make(2)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(head + list(resumed), full))
+
+
+def test_sample_seeds_refuse_threads():
+    with pytest.raises(ValueError, match="sample_seeds"):
+        iter(stoker.DataLoader(RandomCrop(), batch_size=4, num_workers=2, worker_mode="thread", sample_seeds=True))

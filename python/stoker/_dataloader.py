@@ -70,6 +70,9 @@ class DataLoader(_TorchDataLoader):
             processes, as torch does (``worker_init_fn`` and ``get_worker_info()`` run in them), and array
             datasets on native threads; ``"thread"`` uses ``num_workers`` threads for everything;
             ``"process"`` uses processes for every dataset that is not served by the native array path.
+        sample_seeds: seeds ``random``, numpy and torch before each sample of a Python dataset from (shuffle
+            seed, epoch, index), so random augmentations give the same batches whatever ``num_workers`` and
+            after a resume (beyond torch). Python datasets only, in processes or with ``num_workers=0``.
         rank, world_size: the shard this process serves. By default they come from ``torch.distributed``
             when a process group is initialised; ``world_size=1`` turns sharding off. Rank ``r`` of ``W``
             serves the positions ``r, r+W, r+2W...`` of the epoch's order, padded by repeating its start
@@ -102,6 +105,7 @@ class DataLoader(_TorchDataLoader):
         rank: int | None = None,
         world_size: int | None = None,
         worker_mode: str = "auto",
+        sample_seeds: bool = False,
     ) -> None:
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory,
@@ -114,6 +118,7 @@ class DataLoader(_TorchDataLoader):
         if worker_mode not in ("auto", "thread", "process"):
             raise ValueError(f"worker_mode should be 'auto', 'thread' or 'process', but got worker_mode={worker_mode!r}")
         self.worker_mode = worker_mode
+        self.sample_seeds = bool(sample_seeds)
         check_count("world_size", world_size, 1)
         check_count("rank", rank, 0)
         if rank is not None and world_size is not None and rank >= world_size:

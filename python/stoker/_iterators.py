@@ -94,6 +94,12 @@ class _Iterator:
         return (len(loader.dataset), batch_size, drop_last, loader._stoker_shuffle,
                 self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch, self._rank, self._world)
 
+    def _sample_rng_key(self):
+        """(seed, epoch) when the loader seeds every sample's RNGs (sample_seeds=True), else None."""
+        if not self._loader.sample_seeds:
+            return None
+        return (self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch)
+
     def _index_batches(self):
         """The epoch's index batches from this iterator's start: lists of ints (one int per sample without
         automatic batching), from the native stream or the user's sampler."""
@@ -256,6 +262,10 @@ class PythonIterator(_Iterator):
         self._getitems = getitems if getitems else None
         self._indices = self._index_batches()
         self._count = itertools.count(self._start)
+        self._rng_key = self._sample_rng_key()
+        if self._rng_key is not None and self._num_threads > 0:
+            raise ValueError("sample_seeds=True seeds the process-wide random, numpy and torch generators before each "
+                             "sample, which threads would share: use worker_mode='process' (or num_workers=0)")
         self._pool = None
         if self._num_threads > 0:
             worker_ids = itertools.count()
@@ -280,7 +290,8 @@ class PythonIterator(_Iterator):
             self._top_up()
 
     def _load(self, number: int, indices):
-        return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices)
+        return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
+                          self._rng_key)
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
@@ -347,7 +358,7 @@ class ProcessIterator(_Iterator):
         self._pool = pool
         self._own_pool = not persistent
         self._batches = ProcessBatches(pool, self._index_batches(), self._start, bool(loader.in_order),
-                                       loader.prefetch_factor or 2, loader.timeout)
+                                       loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key())
         if persistent:
             loader._stoker_pool_epoch = self._batches
         self._started()

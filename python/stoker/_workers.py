@@ -34,7 +34,7 @@ from torch.utils.data._utils import worker as _torch_worker
 from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 
-__all__ = ["WorkerPool", "load_batch"]
+__all__ = ["ProcessBatches", "WorkerPool", "load_batch", "seed_sample", "shutdown_all"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -56,8 +56,39 @@ def _add_note(exc: BaseException, note: str) -> None:
         exc.add_note(note)
 
 
-def load_batch(dataset, getitems, auto: bool, collate, number: int, indices):
-    """Fetches and collates one batch as torch's fetcher does; an error gets a note naming the index."""
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def seed_sample(rng_key, index) -> None:
+    """Seeds random, numpy and torch from (seed, epoch, index): a sample's random choices then depend on
+    nothing else (not the worker, nor the worker count, nor what was loaded before it)."""
+    seed, epoch = rng_key
+    s = _mix64(_mix64(seed ^ 0x9E3779B97F4A7C15) ^ _mix64(epoch + 0xD1B54A32D192ED03) ^ _mix64(int(index) + 1))
+    random.seed(s)
+    np.random.seed([s & 0xFFFFFFFF, s >> 32])
+    torch.manual_seed(s)
+
+
+def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng_key=None):
+    """Fetches and collates one batch as torch's fetcher does; an error gets a note naming the index. With
+    `rng_key` = (seed, epoch), the RNGs are seeded before each sample (before each batch, with
+    __getitems__, from its first index)."""
+    if rng_key is not None:
+        if not auto:
+            seed_sample(rng_key, indices)
+        elif getitems is not None and len(indices):
+            seed_sample(rng_key, indices[0])
+        elif not len(indices):
+            pass
+        else:
+            return _load_seeded(dataset, collate, number, indices, rng_key)
     if not auto:
         try:
             return collate(dataset[indices])
@@ -84,6 +115,20 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices):
             except Exception as exc:
                 _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
                 raise
+    return collate(data)
+
+
+def _load_seeded(dataset, collate, number: int, indices, rng_key):
+    data = []
+    for i in indices:
+        seed_sample(rng_key, i)
+        try:
+            data.append(dataset[i])
+        except StopIteration:
+            raise
+        except Exception as exc:
+            _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
+            raise
     return collate(data)
 
 
@@ -322,7 +367,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             return
         if task is None:
             return
-        generation, number, indices, slot = task
+        generation, number, indices, slot, rng_key = task
         if init_error is not None:
             _send(result_queue, (generation, number, worker_id, "error", init_error, slot), worker_id)
             continue
@@ -331,7 +376,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
             arena = _collate_module.ARENA = _Arena(view)
         try:
-            batch = load_batch(dataset, getitems, auto, collate, number, indices)
+            batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
         except StopIteration:
             _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
             continue
@@ -503,7 +548,7 @@ class ProcessBatches:
     """The main process's loop over one epoch: dispatch, receive, reorder, wrap."""
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
-                 timeout: float) -> None:
+                 timeout: float, rng_key=None) -> None:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
@@ -512,6 +557,7 @@ class ProcessBatches:
         self.in_order = in_order
         self.limit = prefetch * pool.num_workers
         self.timeout = timeout
+        self.rng_key = rng_key
         self.outstanding: dict[int, int] = {}  # batch number -> slot lent (-1: none)
         self.ready: dict[int, tuple] = {}
         self.order: collections.deque = collections.deque()  # batch numbers in dispatch order
@@ -539,7 +585,7 @@ class ProcessBatches:
             self.cursor += 1
             self.outstanding[number] = slot
             self.order.append(number)
-            pool.send(worker, (self.generation, number, indices, slot))
+            pool.send(worker, (self.generation, number, indices, slot, self.rng_key))
 
     def _receive(self) -> None:
         pool = self.pool
