@@ -80,16 +80,9 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
     """Fetches and collates one batch as torch's fetcher does; an error gets a note naming the index. With
     `rng_key` = (seed, epoch), the RNGs are seeded before each sample (before each batch, with
     __getitems__, from its first index)."""
-    if rng_key is not None:
-        if not auto:
-            seed_sample(rng_key, indices)
-        elif getitems is not None and len(indices):
-            seed_sample(rng_key, indices[0])
-        elif not len(indices):
-            pass
-        else:
-            return _load_seeded(dataset, collate, number, indices, rng_key)
     if not auto:
+        if rng_key is not None:
+            seed_sample(rng_key, indices)
         try:
             return collate(dataset[indices])
         except StopIteration:
@@ -98,6 +91,8 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
             _add_note(exc, f"stoker: raised while loading dataset index {indices!r} (batch {number})")
             raise
     if getitems is not None:
+        if rng_key is not None and len(indices):
+            seed_sample(rng_key, indices[0])
         try:
             data = getitems(indices)
         except StopIteration:
@@ -108,6 +103,8 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
     else:
         data = []
         for i in indices:
+            if rng_key is not None:
+                seed_sample(rng_key, i)
             try:
                 data.append(dataset[i])
             except StopIteration:
@@ -115,20 +112,6 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
             except Exception as exc:
                 _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
                 raise
-    return collate(data)
-
-
-def _load_seeded(dataset, collate, number: int, indices, rng_key):
-    data = []
-    for i in indices:
-        seed_sample(rng_key, i)
-        try:
-            data.append(dataset[i])
-        except StopIteration:
-            raise
-        except Exception as exc:
-            _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
-            raise
     return collate(data)
 
 
