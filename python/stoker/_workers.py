@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -49,6 +50,14 @@ for _dt in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch
     _cb = dlpack_type_of_torch(_dt)
     if _cb is not None:
         _TORCH_DTYPES[_dt] = _cb
+
+
+_NUMPY_TO_TORCH = {}
+for _dt in _TORCH_DTYPES:
+    try:
+        _NUMPY_TO_TORCH[np.dtype(torch.empty(0, dtype=_dt).numpy().dtype)] = _dt
+    except TypeError:  # bfloat16 and the like have no numpy dtype
+        pass
 
 
 def _add_note(exc: BaseException, note: str) -> None:
@@ -150,7 +159,7 @@ class _Arena:
         numel = 1
         for d in shape:
             numel *= int(d)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         end = self.used + nbytes
         if end > self.view.numel():
             return None
@@ -160,11 +169,8 @@ class _Arena:
 
     def empty_like_stack(self, arrays):
         first = arrays[0]
-        try:
-            dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
-        except TypeError:
-            return None
-        if not first.dtype.isnative:
+        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
+        if dtype is None:
             return None
         return self.empty((len(arrays), *first.shape), dtype)
 
@@ -331,8 +337,6 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         init_error = _WorkerError(exc, worker_id, "in worker_init_fn")
     ring = None
     try:
-        import mmap
-
         with open(ring_path, "r+b") as f:
             ring = mmap.mmap(f.fileno(), slot_bytes * slots)
     except OSError:
@@ -410,7 +414,8 @@ class WorkerPool:
             ctx = multiprocessing.get_context(ctx)
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
         self.slot_bytes = _DEFAULT_SLOT_BYTES
-        self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{os.getpid()}-{next(_counter)}")
+        self.pid = os.getpid()
+        self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{self.pid}-{next(_counter)}")
         fd = os.open(self.ring_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.slots * self.slot_bytes)  # sparse: pages exist once a batch touches them
@@ -423,7 +428,6 @@ class WorkerPool:
         self.generation = 0
         self._ready = 0
         self._closed = False
-        self.pid = os.getpid()
         try:
             for wid in range(self.num_workers):
                 iq = ctx.Queue()
@@ -432,7 +436,7 @@ class WorkerPool:
                     target=_worker_loop,
                     args=(loader.dataset, loader._auto_collation, collate, iq, self.result_queue, self.ring_path,
                           self.slot_bytes, self.slots, wid, self.num_workers, base_seed, loader.worker_init_fn,
-                          os.getpid()),
+                          self.pid),
                     daemon=True,
                 )
                 w.start()
@@ -541,7 +545,7 @@ class ProcessBatches:
         self.limit = prefetch * pool.num_workers
         self.timeout = timeout
         self.rng_key = rng_key
-        self.outstanding: dict[int, int] = {}  # batch number -> slot lent (-1: none)
+        self.outstanding: set[int] = set()  # batch numbers sent and not yet answered
         self.ready: dict[int, tuple] = {}
         self.order: collections.deque = collections.deque()  # batch numbers in dispatch order
         self.local_errors: dict[int, BaseException] = {}
@@ -566,7 +570,7 @@ class ProcessBatches:
             slot = pool.ring.acquire()
             worker = self.cursor % pool.num_workers
             self.cursor += 1
-            self.outstanding[number] = slot
+            self.outstanding.add(number)
             self.order.append(number)
             pool.send(worker, (self.generation, number, indices, slot, self.rng_key))
 
@@ -577,7 +581,7 @@ class ProcessBatches:
             if slot >= 0:
                 pool.ring.release(slot)
             return
-        slot = self.outstanding.pop(number)
+        self.outstanding.discard(number)
         if kind == "ring":
             batch = _from_slot(payload, pool.ring.lease(slot))
             self.ready[number] = ("batch", batch)
