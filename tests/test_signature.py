@@ -423,7 +423,7 @@ def test_generator_consumed_like_torch_without_shuffle():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Iterable datasets are delegated to torch
+# Iterable datasets in the main process (workers: tests/test_iterable.py)
 # --------------------------------------------------------------------------------------------------------------
 
 

@@ -99,8 +99,32 @@ def test_python_dataset_uses_processes_and_matches_torch():
 
 
 def test_thread_mode_keeps_threads():
-    batches = list(_loader(worker_mode="thread"))
-    assert {int(w) for b in batches for w in b["w"]} == {-1}
+    import threading
+
+    class WhereAmI(Identity):
+        def __getitem__(self, i):
+            info = get_worker_info()
+            name = threading.current_thread().name
+            return {"w": info.id, "n": info.num_workers, "how": info.worker_method, "same": info.dataset is self,
+                    "thread": name, "pid": os.getpid()}
+
+    ds = WhereAmI()
+    seen_in_init = []
+    loader = stoker.DataLoader(ds, batch_size=4, num_workers=2, worker_mode="thread",
+                               worker_init_fn=lambda wid: seen_in_init.append((wid, get_worker_info().id)))
+    it = iter(loader)
+    assert get_worker_info() is None  # the main thread is not a worker, while workers run
+    batches = list(it)
+    assert get_worker_info() is None
+    assert sorted(seen_in_init) == [(0, 0), (1, 1)]
+    rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
+    assert {int(r["pid"]) for r in rows} == {os.getpid()}  # threads, not processes
+    assert {int(r["w"]) for r in rows} == {0, 1}  # each thread answers for itself
+    for r in rows:
+        assert r["thread"] == f"stoker_worker_{int(r['w'])}"
+        assert int(r["n"]) == 2 and r["how"] == "thread" and bool(r["same"])
+    # A worker process still gets its own (process-wide) answer after the per-thread one was installed.
+    assert {int(w) for b in _loader(Identity()) for w in b["w"]} == {0, 1}
 
 
 @pytest.mark.parametrize("batch_size", [None, 1, 5])

@@ -57,11 +57,20 @@ def _stack_tensors(batch, *, collate_fn_map=None):
                 return torch.stack(batch, 0, out=out)
             except RuntimeError:
                 pass  # shapes, devices or autograd: torch's function decides
+    # In a stoker worker (process or thread: get_worker_info() answers in both) torch's function would stack
+    # into a new shared-memory segment (and refuse tensors that need grad); our ring hands batches over, or
+    # the thread shares the main process's memory, so it runs as in the main process.
+    local = getattr(_tw, "_stoker_thread_info", None)  # set by stoker's worker threads (see _workers)
+    thread_info = getattr(local, "info", None)
+    if thread_info is not None:
+        local.info = None
+        try:
+            return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+        finally:
+            local.info = thread_info
     info = _tw._worker_info
     if info is None:
         return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
-    # In a stoker worker process torch's function would stack into a new shared-memory segment (and refuse
-    # tensors that need grad); our ring hands batches over, so it runs as in the main process.
     _tw._worker_info = None
     try:
         return _tc.collate_tensor_fn(batch, collate_fn_map=collate_fn_map)

@@ -15,7 +15,7 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate
 from stoker._arrays import array_plan, is_array_dataset
-from stoker._iterators import ArrayIterator, ProcessIterator, PythonIterator
+from stoker._iterators import ArrayIterator, IterableIterator, ProcessIterator, PythonIterator
 from stoker._native import core
 from stoker._shard import check_count, resolve_shard
 
@@ -55,7 +55,8 @@ class DataLoader(_TorchDataLoader):
       same for any ``num_workers``. It is not the order torch's ``RandomSampler`` draws. Without ``seed``,
       each iterator draws its seed from ``generator`` (or torch's global RNG), so ``torch.manual_seed``
       makes runs reproducible. A ``sampler`` or ``batch_sampler`` you pass is followed exactly.
-    * Iterable datasets are served by torch's own machinery for now.
+    * An ``IterableDataset`` is iterated in the main process (``num_workers=0``) or by each worker process,
+      each over its own copy, with batches formed in the worker and interleaved round-robin, as with torch.
 
     * :meth:`state_dict` / :meth:`load_state_dict` resume mid-epoch exactly, at no cost in the position.
     * Under ``torch.distributed`` (or with ``rank=``/``world_size=``) each rank serves its own shard, as with
@@ -293,13 +294,25 @@ class DataLoader(_TorchDataLoader):
         self._stoker_resume = (epoch, served)
         self._stoker_cursor = None
 
+    def _stoker_iterable_iter(self, collate):
+        if self.sample_seeds:
+            raise ValueError("sample_seeds=True seeds each sample from its index; an IterableDataset has no "
+                             "indices (seed inside the dataset, from get_worker_info().seed, instead)")
+        if self.num_workers == 0:
+            return IterableIterator(self, collate)
+        if self.worker_mode == "thread":
+            raise ValueError(
+                "worker_mode='thread' cannot serve an IterableDataset with num_workers > 0: each worker iterates "
+                "its own copy of the dataset, which threads would share. Use worker_mode='auto' or 'process'")
+        return ProcessIterator(self, collate)
+
     def __iter__(self):
-        if self._dataset_kind != _DatasetKind.Map:
-            return super().__iter__()
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         default = self.collate_fn is _tc.default_collate
+        if self._dataset_kind != _DatasetKind.Map:
+            return self._stoker_iterable_iter(_collate.default_collate if default else self.collate_fn)
         plan = array_plan(self.dataset)
         if plan is not None and default and self._auto_collation and _collate.map_is_pristine():
             return ArrayIterator(self, plan)

@@ -15,11 +15,13 @@ from concurrent.futures import TimeoutError as _FutureTimeout
 import numpy as np
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
+from torch.utils.data.dataloader import _DatasetKind
 
 from stoker._native import POOL, core, from_dlpack
-from stoker._workers import ProcessBatches, WorkerPool, load_batch, shutdown_all
+from stoker._workers import (IterableSource, ProcessBatches, WorkerPool, load_batch, set_thread_worker_info,
+                             shutdown_all)
 
-__all__ = ["ArrayIterator", "ProcessIterator", "PythonIterator"]
+__all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
 _profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -83,6 +85,10 @@ class _Iterator:
         self._epoch = self._cursor.epoch
         self._start = self._cursor.served  # the batch this iterator starts from (after load_state_dict)
         self._pid = os.getpid()
+        # An IterableDataset whose len() was asked before this iterator: each batch beyond it warns, as torch's.
+        iterable = loader._dataset_kind != _DatasetKind.Map
+        self._len_called = loader._IterableDataset_len_called if iterable else None
+        self._yielded = 0
 
     def _started(self) -> None:
         self._closed = False
@@ -157,7 +163,20 @@ class _Iterator:
             self._cursor.served += 1  # the batch's turn is taken; the next call serves the next batch
             raise
         self._cursor.served += 1
+        if self._len_called is not None:
+            self._yielded += 1
+            if self._yielded > self._len_called:
+                self._warn_length()
         return _pin_memory(batch) if self._pin else batch
+
+    def _warn_length(self) -> None:
+        message = (f"Length of IterableDataset {self._loader.dataset} was reported to be {self._len_called}"
+                   f"(when accessing len(dataloader)), but {self._yielded} samples have been fetched. ")
+        if self._num_threads > 0:
+            message += ("For multiprocessing data-loading, this could be caused by not properly configuring the "
+                        "IterableDataset replica at each worker. Please see "
+                        "https://pytorch.org/docs/stable/data.html#torch.utils.data.IterableDataset for examples.")
+        warnings.warn(message, stacklevel=3)
 
     def __getstate__(self):
         raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
@@ -270,10 +289,14 @@ class PythonIterator(_Iterator):
         if self._num_threads > 0:
             worker_ids = itertools.count()
             init = loader.worker_init_fn
+            num_threads, base_seed, dataset = self._num_threads, self._base_seed, self._dataset
 
             def start_worker() -> None:
                 wid = next(worker_ids)
                 threading.current_thread().name = f"stoker_worker_{wid}"
+                # get_worker_info() answers per thread (worker_method "thread"); the threads share the process's
+                # random generators, which are therefore not seeded per worker.
+                set_thread_worker_info(wid, num_threads, base_seed + wid, dataset)
                 if init is not None:
                     init(wid)
 
@@ -337,6 +360,28 @@ class PythonIterator(_Iterator):
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+class IterableIterator(_Iterator):
+    """Batches of an IterableDataset in the main process (num_workers=0): one pass of ``iter(dataset)``,
+    cut into batches as torch cuts them, collated into pooled buffers."""
+
+    def __init__(self, loader, collate) -> None:
+        super().__init__(loader)
+        self._collate = collate
+        # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it.
+        self._source = IterableSource(loader.dataset, loader._auto_collation, loader.batch_size,
+                                      bool(loader.drop_last))
+        self._started()
+
+    def _next(self):
+        if self._closed:
+            raise StopIteration
+        try:
+            data = self._source.next_data()
+        except StopIteration:
+            self._finish()
+        return self._collate(data)
+
+
 class ProcessIterator(_Iterator):
     """Batches of a Python dataset loaded by ``num_workers`` worker processes (torch's worker contract:
     worker_init_fn, get_worker_info, per-worker seeds), handed over through a shared-memory ring."""
@@ -347,8 +392,9 @@ class ProcessIterator(_Iterator):
         pool = getattr(loader, "_stoker_pool", None)
         if pool is not None and (not persistent or pool._closed or pool.pid != os.getpid()):
             pool = None
+        iterable = loader._dataset_kind != _DatasetKind.Map
         if pool is None:
-            pool = WorkerPool(loader, collate, self._base_seed)
+            pool = WorkerPool(loader, collate, self._base_seed, iterable)
             if persistent:
                 loader._stoker_pool = pool
         else:
@@ -357,7 +403,8 @@ class ProcessIterator(_Iterator):
                 previous.drain()  # batches prefetched for an abandoned epoch are dropped, as torch does
         self._pool = pool
         self._own_pool = not persistent
-        self._batches = ProcessBatches(pool, self._index_batches(), self._start, bool(loader.in_order),
+        batches = None if iterable else self._index_batches()
+        self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
                                        loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key())
         if persistent:
             loader._stoker_pool_epoch = self._batches

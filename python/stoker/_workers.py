@@ -21,6 +21,7 @@ import queue
 import random
 import signal
 import tempfile
+import threading
 import time
 import traceback
 import weakref
@@ -35,7 +36,8 @@ from torch.utils.data._utils import worker as _torch_worker
 from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 
-__all__ = ["ProcessBatches", "WorkerPool", "load_batch", "seed_sample", "shutdown_all"]
+__all__ = ["IterableSource", "ProcessBatches", "WorkerPool", "load_batch", "seed_sample", "set_thread_worker_info",
+           "shutdown_all"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -122,6 +124,80 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
                 _add_note(exc, f"stoker: raised while loading dataset index {i!r} (batch {number})")
                 raise
     return collate(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# get_worker_info() in worker threads
+# ----------------------------------------------------------------------------------------------------------------
+
+_thread_info = threading.local()
+_thread_info_lock = threading.Lock()
+_thread_info_installed = False
+
+
+def _per_thread_get_worker_info():
+    # This code runs as torch's get_worker_info (its code object is moved there), so the names below are looked
+    # up in torch's worker module: the thread's own WorkerInfo if stoker set one, else torch's process-wide one.
+    info = getattr(_stoker_thread_info, "info", None)  # noqa: F821 - a global of torch's worker module
+    return _worker_info if info is None else info  # noqa: F821
+
+
+def set_thread_worker_info(worker_id: int, num_workers: int, seed: int, dataset) -> None:
+    """Makes torch.utils.data.get_worker_info() answer, in the calling thread, for worker `worker_id`.
+
+    torch's get_worker_info reads one module global, which threads would share. The first call moves a
+    two-line body into that function (its __code__; the function object, its name and its docstring stay
+    torch's, so references taken with `from torch.utils.data import get_worker_info` see it too): the calling
+    thread's WorkerInfo when one is set, else what torch's global holds (None in the main process, the worker's
+    in a worker process)."""
+    global _thread_info_installed
+    with _thread_info_lock:
+        if not _thread_info_installed:
+            _torch_worker._stoker_thread_info = _thread_info
+            _torch_worker.get_worker_info.__code__ = _per_thread_get_worker_info.__code__
+            _thread_info_installed = True
+    try:
+        info = _torch_worker.WorkerInfo(id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset,
+                                        worker_method="thread")
+    except TypeError:  # a torch whose WorkerInfo has no worker_method
+        info = _torch_worker.WorkerInfo(id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset)
+    _thread_info.info = info
+
+
+class IterableSource:
+    """One pass over an IterableDataset, cut into batches as torch's iterable fetcher cuts them: up to
+    `batch_size` items per batch (one item, uncollated, without automatic batching); an empty batch, or a
+    short one with `drop_last`, ends the pass, and nothing is drawn from the iterator after it ended."""
+
+    def __init__(self, dataset, auto: bool, batch_size, drop_last: bool) -> None:
+        self.iterator = iter(dataset)
+        self.auto = auto
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.ended = False
+
+    def next_data(self):
+        """The next batch's items (a list), or the next item without automatic batching; StopIteration
+        once the pass is over."""
+        if self.ended:
+            raise StopIteration
+        if not self.auto:
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.ended = True
+                raise
+        data = []
+        for _ in range(self.batch_size):
+            try:
+                data.append(next(self.iterator))
+            except StopIteration:
+                self.ended = True
+                break
+        if not data or self.drop_last and len(data) < self.batch_size:
+            self.ended = True
+            raise StopIteration
+        return data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,7 +391,9 @@ def _send(result_queue, msg, worker_id: int) -> None:
 
 
 def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, slot_bytes, slots, worker_id,
-                 num_workers, base_seed, init_fn, parent_pid):
+                 num_workers, base_seed, init_fn, parent_pid, iterable):
+    # iterable: (batch_size, drop_last) for an IterableDataset, which this worker iterates itself (a new pass
+    # at each epoch, i.e. each new task generation); None for a map-style dataset, loaded by the indices sent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     torch.set_num_threads(1)
     # A pool of our own: a fork may have copied the parent's pool while another thread held its lock.
@@ -342,6 +420,8 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     except OSError:
         ring = None  # every batch then travels pickled
     getitems = getattr(dataset, "__getitems__", None) or None
+    source: IterableSource | None = None
+    source_generation = None
     result_queue.put(ForkingPickler.dumps(("ready", worker_id)).tobytes())
     while True:
         try:
@@ -358,17 +438,36 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         if init_error is not None:
             _send(result_queue, (generation, number, worker_id, "error", init_error, slot), worker_id)
             continue
+        if iterable is not None:
+            if generation != source_generation:
+                source_generation = generation
+                try:
+                    source = IterableSource(dataset, auto, *iterable)
+                except Exception as exc:
+                    source = None
+                    error = _WorkerError(exc, worker_id, "while starting its pass over the dataset (iter(dataset))")
+                    _send(result_queue, (generation, number, worker_id, "error", error, slot), worker_id)
+                    continue
+            if source is None or source.ended:  # this copy is exhausted: every further task of the epoch ends
+                _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
+                continue
         view = arena = None
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
             arena = _collate_module.ARENA = _Arena(view)
         try:
-            batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
+            if source is not None:
+                batch = collate(source.next_data())
+            else:
+                batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
         except StopIteration:
             _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
             continue
         except Exception as exc:
-            where = f"while loading dataset indices {list(indices) if auto else indices!r} (batch {number})"
+            if source is not None:
+                where = f"while loading batch {number} from its copy of the IterableDataset"
+            else:
+                where = f"while loading dataset indices {list(indices) if auto else indices!r} (batch {number})"
             error = _WorkerError(exc, worker_id, where)
             _send(result_queue, (generation, number, worker_id, "error", error, slot), worker_id)
             continue
@@ -405,13 +504,15 @@ _counter = itertools.count()
 class WorkerPool:
     """`num_workers` processes serving batches of one dataset, and the ring they write into."""
 
-    def __init__(self, loader, collate, base_seed: int) -> None:
+    def __init__(self, loader, collate, base_seed: int, iterable: bool = False) -> None:
         self.num_workers = int(loader.num_workers)
         ctx = loader.multiprocessing_context
         if ctx is None:
             ctx = multiprocessing.get_context()
         elif isinstance(ctx, str):
             ctx = multiprocessing.get_context(ctx)
+        # An IterableDataset is iterated by each worker, cut into (batch_size, drop_last) batches there.
+        self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
         self.slot_bytes = _DEFAULT_SLOT_BYTES
         self.pid = os.getpid()
@@ -436,7 +537,7 @@ class WorkerPool:
                     target=_worker_loop,
                     args=(loader.dataset, loader._auto_collation, collate, iq, self.result_queue, self.ring_path,
                           self.slot_bytes, self.slots, wid, self.num_workers, base_seed, loader.worker_init_fn,
-                          self.pid),
+                          self.pid, self.iterable),
                     daemon=True,
                 )
                 w.start()
@@ -532,14 +633,21 @@ def shutdown_all() -> None:
 
 
 class ProcessBatches:
-    """The main process's loop over one epoch: dispatch, receive, reorder, wrap."""
+    """The main process's loop over one epoch: dispatch, receive, reorder, wrap.
+
+    Tasks go round-robin to the active workers, as torch sends them. For a map-style dataset every worker
+    stays active and each task names the indices of its batch. For an IterableDataset a task asks a worker
+    for the next batch of its own pass; a worker whose pass is over answers "stop" (to that task and any
+    other it was sent), leaves the cycle, and its stops are skipped, so the epoch interleaves the workers'
+    batches round-robin until the last worker ends, as torch's loader does."""
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
                  timeout: float, rng_key=None) -> None:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
-        self.batches = batches  # iterator of index batches (or sampler errors as exceptions)
+        self.batches = batches  # iterator of index batches (or sampler errors as exceptions); unused if iterable
+        self.iterable = pool.iterable is not None
         self.numbers = itertools.count(first_number)
         self.in_order = in_order
         self.limit = prefetch * pool.num_workers
@@ -549,27 +657,39 @@ class ProcessBatches:
         self.ready: dict[int, tuple] = {}
         self.order: collections.deque = collections.deque()  # batch numbers in dispatch order
         self.local_errors: dict[int, BaseException] = {}
-        self.cursor = 0  # dispatched tasks, for round-robin
+        self.active = [True] * pool.num_workers
+        self.cycle = itertools.cycle(range(pool.num_workers))
         self.exhausted = False
         self._top_up()
+
+    def _next_worker(self) -> int | None:
+        for _ in range(self.pool.num_workers):
+            worker = next(self.cycle)
+            if self.active[worker]:
+                return worker
+        return None
 
     def _top_up(self) -> None:
         pool = self.pool
         while not self.exhausted and len(self.outstanding) < self.limit:
-            try:
-                indices = next(self.batches)
-            except StopIteration:
+            indices = None
+            if not self.iterable:
+                try:
+                    indices = next(self.batches)
+                except StopIteration:
+                    self.exhausted = True
+                    return
+                except Exception as exc:  # the sampler's error, raised at this batch's turn
+                    number = next(self.numbers)
+                    self.local_errors[number] = exc
+                    self.order.append(number)
+                    continue
+            worker = self._next_worker()
+            if worker is None:  # every worker's pass is over
                 self.exhausted = True
                 return
-            except Exception as exc:  # the sampler's error, raised at this batch's turn
-                number = next(self.numbers)
-                self.local_errors[number] = exc
-                self.order.append(number)
-                continue
             number = next(self.numbers)
             slot = pool.ring.acquire()
-            worker = self.cursor % pool.num_workers
-            self.cursor += 1
             self.outstanding.add(number)
             self.order.append(number)
             pool.send(worker, (self.generation, number, indices, slot, self.rng_key))
@@ -590,16 +710,16 @@ class ProcessBatches:
             pool.ring.release(slot)
         if kind == "pickled":
             self.ready[number] = ("batch", payload)
+        elif kind == "stop" and self.iterable:
+            self.active[worker] = False
+            self.ready[number] = ("skip", None)
         elif kind == "stop":
             self.ready[number] = ("stop", None)
         else:
             self.ready[number] = ("error", payload.exception(pool.workers[worker].pid))
 
-    def next(self):
-        """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
-        self._top_up()
-        if not self.order:
-            return None
+    def _take(self):
+        """The next answer in the order asked for: in dispatch order, or the first that has arrived."""
         if self.in_order:
             number = self.order[0]
             if number in self.local_errors:
@@ -618,6 +738,16 @@ class ProcessBatches:
                     self.order.remove(number)
                     return self.ready.pop(number)
             self._receive()
+
+    def next(self):
+        """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
+        while True:
+            self._top_up()
+            if not self.order:
+                return None
+            item = self._take()
+            if item[0] != "skip":
+                return item
 
     def drain(self) -> None:
         """Waits for this epoch's outstanding tasks (persistent workers), returning their slots."""

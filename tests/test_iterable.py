@@ -1,0 +1,327 @@
+"""IterableDataset in stoker.DataLoader: the main-process pass (num_workers=0) and worker processes that each
+iterate their own copy, compared batch by batch with torch's loader in the same test."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import TorchDataLoader, assert_batches_equal, assert_same
+from torch.utils.data import IterableDataset, get_worker_info
+
+import stoker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class PerWorker(IterableDataset):
+    """Worker w yields sizes[w] items (w*100 + k, as a dict with a tensor); in the main process, sizes[0]."""
+
+    def __init__(self, sizes, sized=None):
+        self.sizes = sizes
+        self.sized = sized
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        for k in range(self.sizes[wid]):
+            yield {"v": wid * 100 + k, "x": torch.full((3,), float(wid * 100 + k)), "name": f"w{wid}-{k}"}
+
+    def __len__(self):
+        if self.sized is None:
+            raise TypeError("no length")
+        return self.sized
+
+
+class Shard(IterableDataset):
+    """range(n) split between the workers by get_worker_info(), as torch's documentation shows."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:
+            return iter(range(self.n))
+        return iter(range(info.id, self.n, info.num_workers))
+
+
+class Unsharded(IterableDataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        return self.n
+
+
+class Counter(IterableDataset):
+    """Each copy counts its own passes: persistent workers keep the count, fresh workers start again."""
+
+    def __init__(self):
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        for k in range(3):
+            yield np.array([wid, self.passes, k], dtype=np.int64)
+
+
+class Failing(IterableDataset):
+    """Raises at item `bad` of worker 0 (an iterator class, so iteration can go on after the error)."""
+
+    def __init__(self, n, bad):
+        self.n, self.bad = n, bad
+
+    def __iter__(self):
+        return _FailingIter(self.n, self.bad)
+
+
+class _FailingIter:
+    def __init__(self, n, bad):
+        info = get_worker_info()
+        self.wid = 0 if info is None else info.id
+        self.k, self.n, self.bad = 0, n, bad
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        k = self.k
+        if k >= self.n:
+            raise StopIteration
+        self.k += 1
+        if self.wid == 0 and k == self.bad:
+            raise ValueError(f"bad item {k}")
+        return torch.tensor([self.wid, k])
+
+
+class BrokenIter(IterableDataset):
+    def __iter__(self):
+        raise KeyError("cannot open the shard")
+
+
+def _both(dataset, **kwargs):
+    return (list(stoker.DataLoader(dataset, **kwargs)), list(TorchDataLoader(dataset, **kwargs)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: the same as torch's, in the same order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("kwargs", [dict(batch_size=7), dict(batch_size=7, drop_last=True), dict(batch_size=2),
+                                    dict(batch_size=None), dict(batch_size=4, collate_fn=list)],
+                         ids=["bs7", "bs7-drop", "bs2", "bs-None", "collate-list"])
+def test_uneven_workers_match_torch(num_workers, kwargs):
+    # Sizes [0, 4, 20]: a worker with nothing, one with a short batch only, one with several; torch's own test.
+    dataset = PerWorker({0: [9], 1: [9], 2: [9, 4], 3: [0, 4, 20]}[num_workers])
+    ours, theirs = _both(dataset, num_workers=num_workers, **kwargs)
+    assert_batches_equal(ours, theirs)
+
+
+def test_round_robin_with_a_worker_ending_first():
+    # Worker sizes [3, 1], batch 2: w0 b0, w1 b0 (short), w0 b1 (short): torch's probe.
+    ours, theirs = _both(PerWorker([3, 1]), num_workers=2, batch_size=2)
+    assert [b["v"].tolist() for b in ours] == [[0, 1], [100], [2]]
+    assert_batches_equal(ours, theirs)
+
+
+def test_sharded_by_worker_info_covers_the_range_once():
+    for nw in (1, 2, 3):
+        ours, theirs = _both(Shard(50), num_workers=nw, batch_size=4)
+        assert_batches_equal(ours, theirs)
+        assert sorted(torch.cat(ours).tolist()) == list(range(50))
+
+
+def test_unsharded_data_is_duplicated_per_worker_as_torch():
+    ours, theirs = _both(Unsharded(4), num_workers=2, batch_size=None)
+    assert [int(x) for x in ours] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert_batches_equal(ours, theirs)
+
+
+def test_batches_travel_through_the_ring():
+    loader = stoker.DataLoader(Shard(64), num_workers=2, batch_size=8)
+    it = iter(loader)
+    first = next(it)
+    # Zero-copy: the batch lives in the loader's ring, not in a shared-memory segment of its own (the pickled
+    # path, torch's, gives tensors for which is_shared() is True).
+    assert not first.is_shared()
+    assert first.tolist() == [0, 2, 4, 6, 8, 10, 12, 14]
+    rest = list(it)
+    assert sorted(torch.cat([first, *rest]).tolist()) == list(range(64))
+
+
+def test_in_order_false_gives_the_same_batches():
+    ours = list(stoker.DataLoader(Shard(40), num_workers=2, batch_size=3, in_order=False))
+    theirs = list(TorchDataLoader(Shard(40), num_workers=2, batch_size=3))
+    key = sorted(tuple(b.tolist()) for b in ours)
+    assert key == sorted(tuple(b.tolist()) for b in theirs)
+
+
+def test_worker_init_fn_can_configure_the_copy():
+    def init(worker_id):
+        info = get_worker_info()
+        info.dataset.n = 10 + worker_id  # each copy is the worker's own
+
+    ours, theirs = _both(Unsharded(0), num_workers=2, batch_size=None, worker_init_fn=init)
+    assert len(ours) == 21
+    assert_batches_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_epochs_restart_each_copy(persistent):
+    kwargs = dict(num_workers=2, batch_size=2, persistent_workers=persistent)
+    ours_loader = stoker.DataLoader(Counter(), **kwargs)
+    theirs_loader = TorchDataLoader(Counter(), **kwargs)
+    for _ in range(3):
+        assert_batches_equal(list(ours_loader), list(theirs_loader))
+
+
+def test_persistent_workers_abandoned_epoch():
+    loader = stoker.DataLoader(Shard(40), num_workers=2, batch_size=3, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    full = list(loader)  # a new epoch while the first was only begun: the old prefetch is dropped
+    assert sorted(torch.cat(full).tolist()) == list(range(40))
+
+
+def test_spawn_context_matches_torch():
+    kwargs = dict(num_workers=2, batch_size=5, multiprocessing_context="spawn")
+    ours, theirs = _both(PerWorker([7, 3]), **kwargs)
+    assert_batches_equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# len() and its warnings
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _warnings_of(loader):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    return batches, [str(w.message) for w in caught if "Length of IterableDataset" in str(w.message)]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("ask_len", [True, False])
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_length_warnings_match_torch(num_workers, ask_len, batch_size):
+    results = []
+    dataset = Unsharded(6)  # one object: the warning names it
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        loader = cls(dataset, batch_size=batch_size, num_workers=num_workers)
+        if ask_len:
+            assert len(loader) == (6 if batch_size is None else 3)
+        results.append(_warnings_of(loader))
+    (ours, our_warnings), (theirs, their_warnings) = results
+    assert_batches_equal(ours, theirs)
+    # torch compares the batches yielded with len(dataset) (not len(loader)): with two unsharded workers and
+    # no batching, the 7th..12th items warn.
+    assert len(our_warnings) == (6 if ask_len and num_workers and batch_size is None else 0)
+    assert our_warnings == their_warnings
+
+
+def test_iterator_len_raises_like_torch():
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        with pytest.raises(TypeError):
+            len(iter(cls(Shard(4), batch_size=2)))
+        with pytest.raises(TypeError):
+            len(cls(Shard(4), batch_size=2))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_error_in_a_worker_keeps_its_type_and_iteration_goes_on():
+    loader = stoker.DataLoader(Failing(6, bad=2), num_workers=2, batch_size=None)
+    it = iter(loader)
+    seen = []
+    errors = []
+    while True:
+        try:
+            seen.append(tuple(next(it).tolist()))
+        except StopIteration:
+            break
+        except ValueError as exc:
+            errors.append(exc)
+    assert len(errors) == 1 and "bad item 2" in str(errors[0])
+    notes = "\n".join(getattr(errors[0], "__notes__", []))
+    assert "worker process 0" in notes
+    assert sorted(seen) == sorted([(0, k) for k in range(6) if k != 2] + [(1, k) for k in range(6)])
+
+
+def test_error_in_main_process_iteration_propagates_unchanged():
+    it = iter(stoker.DataLoader(Failing(4, bad=1), batch_size=None))
+    assert next(it).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="bad item 1"):
+        next(it)
+    assert [b.tolist() for b in it] == [[0, 2], [0, 3]]
+
+
+def test_error_in_iter_of_a_worker_copy():
+    it = iter(stoker.DataLoader(BrokenIter(), num_workers=2, batch_size=2))
+    with pytest.raises(KeyError, match="cannot open the shard"):
+        next(it)
+
+
+def test_error_in_iter_in_the_main_process_at_iter_like_torch():
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        with pytest.raises(KeyError, match="cannot open the shard"):
+            iter(cls(BrokenIter(), batch_size=2))
+
+
+def test_thread_mode_and_sample_seeds_refuse_iterable_datasets():
+    with pytest.raises(ValueError, match="worker_mode='thread'"):
+        iter(stoker.DataLoader(Shard(4), num_workers=2, worker_mode="thread"))
+    with pytest.raises(ValueError, match="sample_seeds"):
+        iter(stoker.DataLoader(Shard(4), sample_seeds=True))
+
+
+def test_killed_worker_is_reported():
+    import signal
+    import time
+
+    class Slow(IterableDataset):
+        def __iter__(self):
+            for k in range(1000):
+                time.sleep(0.01)
+                yield k
+
+    it = iter(stoker.DataLoader(Slow(), num_workers=2, batch_size=4))
+    next(it)
+    pid = it._pool.workers[0].pid
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match=f"pid {pid}"):
+        for _ in it:
+            pass
+
+
+def test_break_and_del_stop_the_workers():
+    it = iter(stoker.DataLoader(Shard(10_000), num_workers=2, batch_size=4))
+    next(it)
+    workers = list(it._pool.workers)
+    del it
+    import gc
+
+    gc.collect()
+    for w in workers:
+        w.join(timeout=5)
+        assert w.exitcode is not None
+
+
+def test_main_process_batches_match_value_by_value():
+    dataset = PerWorker([13])
+    ours, theirs = _both(dataset, batch_size=4)
+    assert_same(ours, theirs)
