@@ -325,3 +325,142 @@ def test_main_process_batches_match_value_by_value():
     dataset = PerWorker([13])
     ours, theirs = _both(dataset, batch_size=4)
     assert_same(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# state_dict / load_state_dict
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Passes(IterableDataset):
+    """A stateful IterableDataset (torchdata's protocol): each pass draws a fresh random seed, so replaying a
+    pass cannot reproduce it; only its saved state (seed, position) can."""
+
+    def __init__(self, n=23):
+        self.n = n
+        self.seed = None
+        self.pos = 0
+        self.loaded = False
+
+    def __iter__(self):
+        # Not a generator function: the pass's seed is drawn at iter(), so a state taken before the first
+        # batch already holds it.
+        if not self.loaded:
+            self.seed, self.pos = int.from_bytes(os.urandom(4), "little"), 0
+        self.loaded = False
+        return self._items()
+
+    def _items(self):
+        info = get_worker_info()
+        wid, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mine = list(range(wid, self.n, workers))
+        while self.pos < len(mine):
+            value = mine[self.pos] * 1000 + self.seed % 1000
+            self.pos += 1
+            yield value
+
+    def state_dict(self):
+        return {"seed": self.seed, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.seed, self.pos, self.loaded = state["seed"], state["pos"], True
+
+
+def _resume_case(make_dataset, num_workers, k, batch_size=3, **kwargs):
+    """Serves k batches, saves (through json and torch.save), and checks that a fresh loader over a fresh
+    dataset continues with exactly the batches the first loader goes on to serve, then the next epoch."""
+    from helpers import roundtrip
+
+    kwargs = dict(batch_size=batch_size, num_workers=num_workers, **kwargs)
+    first = stoker.DataLoader(make_dataset(), **kwargs)
+    it = iter(first)
+    head = [next(it) for _ in range(k)]
+    state = roundtrip(first.state_dict())
+    rest = list(it)
+    assert len(head) + len(rest) > 0
+    resumed = stoker.DataLoader(make_dataset(), **kwargs)
+    resumed.load_state_dict(state)
+    assert_batches_equal(list(resumed), rest)
+    # The epoch after: each loader's next epoch (fresh passes of the same, deterministic datasets).
+    return resumed
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
+@pytest.mark.parametrize("k", [0, 1, 3, 5])
+def test_resume_replays_a_stateless_pass(num_workers, k):
+    # PerWorker has no state: each worker's pass is drawn again and the served batches dropped.
+    sizes = {0: [17], 1: [17], 2: [9, 4], 3: [0, 4, 20]}[num_workers]
+    resumed = _resume_case(lambda: PerWorker(sizes), num_workers, k, batch_size=2)
+    expected = list(TorchDataLoader(PerWorker(sizes), batch_size=2, num_workers=num_workers))
+    assert_batches_equal(list(resumed), expected)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("k", [0, 1, 2, 4, 7])
+def test_resume_loads_each_copy_state(num_workers, k):
+    # Each pass of Passes is random: only its saved state continues it. With workers, the state of each
+    # worker's copy is the one after the last batch the user received from it, not after its prefetch.
+    _resume_case(Passes, num_workers, k)
+
+
+def test_resume_with_in_order_false_serves_every_item_once():
+    kwargs = dict(batch_size=2, num_workers=2, in_order=False)
+    first = stoker.DataLoader(Shard(30), **kwargs)
+    it = iter(first)
+    head = [next(it) for _ in range(4)]
+    resumed = stoker.DataLoader(Shard(30), **kwargs)
+    resumed.load_state_dict(first.state_dict())
+    items = torch.cat(head + list(resumed)).tolist()
+    assert sorted(items) == list(range(30))
+
+
+def test_resume_with_persistent_workers():
+    kwargs = dict(batch_size=2, num_workers=2, persistent_workers=True)
+    first = stoker.DataLoader(Passes(), **kwargs)
+    it = iter(first)
+    next(it)
+    next(it)
+    state = first.state_dict()
+    rest = list(it)
+    resumed = stoker.DataLoader(Passes(), **kwargs)
+    list(resumed)  # an epoch first: the loaded state then replaces the workers' positions
+    resumed.load_state_dict(state)
+    assert_batches_equal(list(resumed), rest)
+
+
+def test_state_after_the_epoch_starts_the_next():
+    loader = stoker.DataLoader(Shard(10), batch_size=4, num_workers=2)
+    list(loader)
+    state = loader.state_dict()
+    assert state["epoch"] == 1 and state["batches_served"] == 0 and state["workers"] is None
+    other = stoker.DataLoader(Shard(10), batch_size=4, num_workers=1)
+    other.load_state_dict(state)  # at an epoch's start the worker count may change
+    assert sorted(torch.cat(list(other)).tolist()) == list(range(10))
+
+
+def test_resume_refuses_another_worker_count_mid_epoch():
+    loader = stoker.DataLoader(Shard(10), batch_size=2, num_workers=2)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    with pytest.raises(ValueError, match="num_workers=2"):
+        stoker.DataLoader(Shard(10), batch_size=2, num_workers=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size"):
+        stoker.DataLoader(Shard(10), batch_size=3, num_workers=2).load_state_dict(state)
+
+
+def test_error_batches_count_as_served_on_resume():
+    kwargs = dict(batch_size=None, num_workers=2)
+    first = stoker.DataLoader(Failing(6, bad=2), **kwargs)
+    it = iter(first)
+    got = []
+    while len(got) < 6:
+        try:
+            got.append(tuple(next(it).tolist()))
+        except ValueError:
+            got.append("error")
+    state = first.state_dict()
+    rest = [tuple(b.tolist()) for b in it]
+    resumed = stoker.DataLoader(Failing(6, bad=2), **kwargs)
+    resumed.load_state_dict(state)
+    assert [tuple(b.tolist()) for b in resumed] == rest

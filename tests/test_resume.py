@@ -675,13 +675,16 @@ class Numbers(IterableDataset):
         return iter(range(10))
 
 
-def test_iterable_dataset_has_no_state():
+def test_iterable_dataset_state_is_not_a_map_state():
+    # IterableDataset states are tested in tests/test_iterable.py; the two kinds do not mix.
     loader = stoker.DataLoader(Numbers(), batch_size=3)
     assert [b.tolist() for b in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
-    with pytest.raises(NotImplementedError):
-        loader.state_dict()
-    with pytest.raises(NotImplementedError):
+    state = loader.state_dict()
+    assert state["dataset"] == "iterable"
+    with pytest.raises(ValueError, match="map-style"):
         loader.load_state_dict(_saved())
+    with pytest.raises(ValueError, match="iterable"):
+        stoker.DataLoader(list(range(10)), batch_size=3).load_state_dict(state)
 
 
 # --------------------------------------------------------------------------------------------------------------

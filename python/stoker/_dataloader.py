@@ -29,12 +29,16 @@ class _Cursor:
     """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
     raised counts: its turn is taken), and whether it has reached its end."""
 
-    __slots__ = ("epoch", "served", "finished")
+    __slots__ = ("epoch", "served", "finished", "resume_workers", "position")
 
     def __init__(self, epoch: int, served: int) -> None:
         self.epoch = epoch
         self.served = served
         self.finished = False
+        # IterableDataset: the saved per-worker position this epoch resumes from, and a callable the iterator
+        # sets that tells the position as the user has consumed it.
+        self.resume_workers = None
+        self.position = None
 
 
 class DataLoader(_TorchDataLoader):
@@ -134,6 +138,7 @@ class DataLoader(_TorchDataLoader):
         self._stoker_seed: int | None = None  # the shuffle seed once drawn (or loaded)
         self._stoker_cursor: _Cursor | None = None
         self._stoker_resume: tuple[int, int] | None = None  # (epoch, batch) a loaded state starts from
+        self._stoker_resume_workers: dict | None = None  # IterableDataset: where each worker stood
         if (rank is not None or world_size is not None) and not self._stoker_native_sampler:
             given = sampler if sampler is not None else getattr(batch_sampler, "sampler", None)
             if not isinstance(given, DistributedSampler):
@@ -185,11 +190,15 @@ class DataLoader(_TorchDataLoader):
         epoch = self._stoker_epoch
         self._stoker_epoch += 1
         start = 0
+        workers = None
         if self._stoker_resume is not None:
             if self._stoker_resume[0] == epoch:
                 start = self._stoker_resume[1]
+                workers = self._stoker_resume_workers
             self._stoker_resume = None
+            self._stoker_resume_workers = None
         cursor = _Cursor(epoch, start)
+        cursor.resume_workers = workers
         self._stoker_cursor = cursor
         return cursor
 
@@ -218,11 +227,14 @@ class DataLoader(_TorchDataLoader):
         raised counts). A finished iterator, or none yet, stands at the start of the next epoch. Load it
         into a loader built the same way (:meth:`load_state_dict`) and its next iterator continues exactly
         there, and every later epoch is the one this loader would have served; ``num_workers`` may differ.
+
+        For an ``IterableDataset`` it also holds each worker's position: the batches the user received from
+        it and, when the dataset has ``state_dict()``/``load_state_dict()``, its copy's state after the last
+        of them (a worker with no batch received yet reports the state its pass started from; this call
+        waits for that report). Such a state resumes with the same ``num_workers`` (any at an epoch's start).
         """
         if self._dataset_kind != _DatasetKind.Map:
-            raise NotImplementedError(
-                "state_dict() is not supported yet for an IterableDataset (its iteration is served by torch); "
-                "only map-style datasets can be resumed")
+            return self._stoker_iterable_state()
         epoch, served = self._stoker_position()
         rank, world = self._stoker_shard()
         seed = self.seed if self.seed is not None else self._stoker_seed
@@ -251,14 +263,17 @@ class DataLoader(_TorchDataLoader):
 
         Raises ``ValueError`` when the state comes from a different dataset length, batching, shuffle, shard
         or seed."""
-        if self._dataset_kind != _DatasetKind.Map:
-            raise NotImplementedError(
-                "load_state_dict() is not supported yet for an IterableDataset; only map-style datasets can "
-                "be resumed")
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"load_state_dict expects a state from stoker.DataLoader.state_dict() "
                              f"(format {STATE_FORMAT!r}); got {found!r}")
+        iterable = self._dataset_kind != _DatasetKind.Map
+        if (state.get("dataset") == "iterable") != iterable:
+            raise ValueError(f"the state was saved by a loader over {'an iterable' if not iterable else 'a map-style'} "
+                             f"dataset; this loader's dataset is {'iterable' if iterable else 'map-style'}")
+        if iterable:
+            self._stoker_load_iterable_state(state)
+            return
         missing = {"dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size", "seed",
                    "epoch", "batches_served"} - set(state)
         if missing:
@@ -292,6 +307,66 @@ class DataLoader(_TorchDataLoader):
             self._stoker_seed = seed  # None: the saved loader had not drawn one yet, nor will this one have
         self._stoker_epoch = epoch
         self._stoker_resume = (epoch, served)
+        self._stoker_cursor = None
+
+    def _stoker_iterable_state(self) -> dict[str, Any]:
+        """state_dict() of a loader over an IterableDataset: the epoch, the batches served, and where each
+        worker's pass stood (its batches served, and its dataset copy's own state when the dataset has
+        state_dict()/load_state_dict(), as torchdata's Stateful datasets do)."""
+        cursor = self._stoker_cursor
+        workers = None
+        if cursor is not None and not cursor.finished:
+            epoch, served = cursor.epoch, cursor.served
+            if cursor.position is not None:
+                workers = cursor.position()
+            elif cursor.resume_workers is not None:
+                workers = cursor.resume_workers
+        else:
+            epoch, served = self._stoker_position()
+            if self._stoker_resume is not None and self._stoker_resume[0] == epoch:
+                workers = self._stoker_resume_workers
+        return {
+            "format": STATE_FORMAT,
+            "dataset": "iterable",
+            "batch_size": self.batch_size,
+            "drop_last": bool(self.drop_last),
+            "num_workers": int(self.num_workers),
+            "epoch": epoch,
+            "batches_served": served,
+            "workers": None if workers is None else workers["workers"],
+            "next_worker": 0 if workers is None else workers["next_worker"],
+        }
+
+    def _stoker_load_iterable_state(self, state: Mapping[str, Any]) -> None:
+        missing = {"batch_size", "drop_last", "num_workers", "epoch", "batches_served", "workers",
+                   "next_worker"} - set(state)
+        if missing:
+            raise ValueError(f"the state lacks {sorted(missing)}")
+        for key in ("batch_size", "drop_last"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"the state was saved by a loader with {key}={state[key]}; this one has "
+                                 f"{key}={getattr(self, key)}, so its batches would not continue that run")
+        epoch, served = state["epoch"], state["batches_served"]
+        check_count("the state's epoch", epoch, 0)
+        check_count("the state's batches_served", served, 0)
+        workers = state["workers"]
+        if workers is not None:
+            if state["num_workers"] != self.num_workers:
+                raise ValueError(
+                    f"the state was saved by a loader with num_workers={state['num_workers']}; this one has "
+                    f"num_workers={self.num_workers}. Each worker of an IterableDataset iterates its own copy, "
+                    "so an epoch resumes only with the same number of workers (or at the start of an epoch)")
+            if not isinstance(workers, list) or len(workers) != max(1, self.num_workers) or not all(
+                    isinstance(w, Mapping) and {"batches", "ended", "state"} <= set(w) for w in workers):
+                raise ValueError("the state's workers must be a list with one {batches, ended, state} entry per "
+                                 "worker")
+            for w in workers:
+                check_count("a worker's batches", w["batches"], 0)
+            check_count("the state's next_worker", state["next_worker"], 0)
+            workers = {"workers": [dict(w) for w in workers], "next_worker": state["next_worker"]}
+        self._stoker_epoch = epoch
+        self._stoker_resume = (epoch, served)
+        self._stoker_resume_workers = workers
         self._stoker_cursor = None
 
     def _stoker_iterable_iter(self, collate):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import itertools
 import os
 import threading
@@ -18,8 +19,8 @@ from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
 from stoker._native import POOL, core, from_dlpack
-from stoker._workers import (IterableSource, ProcessBatches, WorkerPool, load_batch, set_thread_worker_info,
-                             shutdown_all)
+from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, is_stateful, load_batch,
+                             set_thread_worker_info, shutdown_all)
 
 __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
@@ -367,9 +368,27 @@ class IterableIterator(_Iterator):
     def __init__(self, loader, collate) -> None:
         super().__init__(loader)
         self._collate = collate
+        dataset = loader.dataset
+        self._dataset = dataset
+        self._stateful = is_stateful(dataset)
+        saved = self._cursor.resume_workers
+        position = IterablePosition(1, saved)
+        start = position.start_of(0)
+        if start is not None and start[1] is not None:
+            dataset.load_state_dict(start[1])
         # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it.
-        self._source = IterableSource(loader.dataset, loader._auto_collation, loader.batch_size,
-                                      bool(loader.drop_last))
+        self._source = IterableSource(dataset, loader._auto_collation, loader.batch_size, bool(loader.drop_last))
+        if start is not None and start[1] is None:
+            self._source.skip(start[0])  # no state of its own: the pass is replayed up to there
+        cursor, stateful = self._cursor, self._stateful
+
+        def position() -> dict:
+            # No prefetch here: the dataset's own state is the consumer's position. (The cursor, which the
+            # loader keeps, must not keep this iterator alive: no reference to self.)
+            state = dataset.state_dict() if stateful else None
+            return {"workers": [{"batches": cursor.served, "ended": False, "state": state}], "next_worker": 0}
+
+        self._cursor.position = position
         self._started()
 
     def _next(self):
@@ -404,11 +423,17 @@ class ProcessIterator(_Iterator):
         self._pool = pool
         self._own_pool = not persistent
         batches = None if iterable else self._index_batches()
+        position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if iterable else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
-                                       loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key())
+                                       loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key(),
+                                       position)
+        if iterable:
+            # Bound to the epoch's batches, not to this iterator, which the loader's cursor must not keep alive.
+            self._cursor.position = functools.partial(self._batches.position_dict, is_stateful(loader.dataset))
         if persistent:
             loader._stoker_pool_epoch = self._batches
         self._started()
+        pool.start()  # after the first tasks are queued (a no-op for persistent workers already running)
 
     @property
     def _workers(self):
@@ -434,5 +459,6 @@ class ProcessIterator(_Iterator):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._batches.ready.clear()  # prefetched batches release their slots
             if self._own_pool and self._pid == os.getpid():
                 self._pool.shutdown()

@@ -36,8 +36,8 @@ from torch.utils.data._utils import worker as _torch_worker
 from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 
-__all__ = ["IterableSource", "ProcessBatches", "WorkerPool", "load_batch", "seed_sample", "set_thread_worker_info",
-           "shutdown_all"]
+__all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "is_stateful", "load_batch",
+           "seed_sample", "set_thread_worker_info", "shutdown_all"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -175,6 +175,17 @@ class IterableSource:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.ended = False
+
+    def skip(self, batches: int) -> None:
+        """Draws (and drops, uncollated) the items of `batches` batches, cut as they were served, a batch that
+        raised included: the pass then stands where the pass that served them stood."""
+        for _ in range(batches):
+            try:
+                self.next_data()
+            except StopIteration:
+                return
+            except Exception:  # the served batch raised here too; its turn was taken all the same
+                continue
 
     def next_data(self):
         """The next batch's items (a list), or the next item without automatic batching; StopIteration
@@ -384,10 +395,18 @@ def _send(result_queue, msg, worker_id: int) -> None:
     try:
         data = ForkingPickler.dumps(msg)
     except Exception as exc:
-        generation, number, _, _, _, slot = msg
+        generation, number, _, _, _, slot, position = msg
         err = _WorkerError(exc, worker_id, f"while sending batch {number} to the main process")
-        data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot))
+        try:
+            data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot, position))
+        except Exception:  # the dataset's state itself does not pickle
+            data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot, None))
     result_queue.put(data.tobytes() if isinstance(data, memoryview) else bytes(data))
+
+
+def is_stateful(dataset) -> bool:
+    """Whether a dataset keeps its own position (torchdata's Stateful protocol: state_dict/load_state_dict)."""
+    return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
 
 
 def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, slot_bytes, slots, worker_id,
@@ -422,6 +441,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     getitems = getattr(dataset, "__getitems__", None) or None
     source: IterableSource | None = None
     source_generation = None
+    stateful = iterable is not None and is_stateful(dataset)
     result_queue.put(ForkingPickler.dumps(("ready", worker_id)).tobytes())
     while True:
         try:
@@ -434,22 +454,41 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             return
         if task is None:
             return
-        generation, number, indices, slot, rng_key = task
+        generation, number, indices, slot, rng_key, start = task
+        position = None  # an IterableDataset's own state after this batch (stateful datasets)
+
+        def reply(kind, payload):
+            _send(result_queue, (generation, number, worker_id, kind, payload, slot, position), worker_id)
+
         if init_error is not None:
-            _send(result_queue, (generation, number, worker_id, "error", init_error, slot), worker_id)
+            # Every batch of a map-style dataset fails alike; an IterableDataset's copy reports it once per
+            # epoch and then counts as exhausted (its pass never started).
+            if iterable is not None and generation == source_generation:
+                reply("stop", None)
+            else:
+                source_generation = generation
+                reply("error", init_error)
             continue
         if iterable is not None:
             if generation != source_generation:
                 source_generation = generation
                 try:
+                    # start: (batches already served by this worker, its dataset's state then) on a resume.
+                    if start is not None and start[1] is not None:
+                        dataset.load_state_dict(start[1])
                     source = IterableSource(dataset, auto, *iterable)
+                    if start is not None and start[1] is None:
+                        source.skip(start[0])  # no state of its own: the pass is replayed up to there
+                    if stateful:
+                        # Where this pass starts, for a state taken before the user has any batch of it.
+                        _send(result_queue, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()),
+                              worker_id)
                 except Exception as exc:
                     source = None
-                    error = _WorkerError(exc, worker_id, "while starting its pass over the dataset (iter(dataset))")
-                    _send(result_queue, (generation, number, worker_id, "error", error, slot), worker_id)
+                    reply("error", _WorkerError(exc, worker_id, "while starting its pass over the dataset"))
                     continue
             if source is None or source.ended:  # this copy is exhausted: every further task of the epoch ends
-                _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
+                reply("stop", None)
                 continue
         view = arena = None
         if slot >= 0 and ring is not None:
@@ -458,18 +497,24 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         try:
             if source is not None:
                 batch = collate(source.next_data())
+                if stateful:
+                    position = dataset.state_dict()
             else:
                 batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
         except StopIteration:
-            _send(result_queue, (generation, number, worker_id, "stop", None, slot), worker_id)
+            reply("stop", None)
             continue
         except Exception as exc:
             if source is not None:
                 where = f"while loading batch {number} from its copy of the IterableDataset"
+                if stateful:  # the batch's turn is taken: the position after it is still reported
+                    try:
+                        position = dataset.state_dict()
+                    except Exception:
+                        position = None
             else:
                 where = f"while loading dataset indices {list(indices) if auto else indices!r} (batch {number})"
-            error = _WorkerError(exc, worker_id, where)
-            _send(result_queue, (generation, number, worker_id, "error", error, slot), worker_id)
+            reply("error", _WorkerError(exc, worker_id, where))
             continue
         finally:
             _collate_module.ARENA = None
@@ -481,10 +526,10 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
                 batch = _detach_from(batch, arena)
             else:
                 del view, arena, batch
-                _send(result_queue, (generation, number, worker_id, "ring", structure, slot), worker_id)
+                reply("ring", structure)
                 continue
             del view, arena
-        _send(result_queue, (generation, number, worker_id, "pickled", batch, slot), worker_id)
+        reply("pickled", batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,24 +574,36 @@ class WorkerPool:
         self.generation = 0
         self._ready = 0
         self._closed = False
+        self._started = False
+        _pools.add(self)
         try:
             for wid in range(self.num_workers):
                 iq = ctx.Queue()
                 iq.cancel_join_thread()
-                w = ctx.Process(
+                self.index_queues.append(iq)
+                self.workers.append(ctx.Process(
                     target=_worker_loop,
                     args=(loader.dataset, loader._auto_collation, collate, iq, self.result_queue, self.ring_path,
                           self.slot_bytes, self.slots, wid, self.num_workers, base_seed, loader.worker_init_fn,
                           self.pid, self.iterable),
                     daemon=True,
-                )
-                w.start()
-                self.index_queues.append(iq)
-                self.workers.append(w)
+                ))
         except BaseException:
             self.shutdown()
             raise
-        _pools.add(self)
+
+    def start(self) -> None:
+        """Starts the workers, the first first: the tasks already queued for it are loaded while the main
+        process forks (or spawns) the next, so the first batch waits for one worker's start, not all."""
+        if self._started:
+            return
+        self._started = True
+        try:
+            for w in self.workers:
+                w.start()
+        except BaseException:
+            self.shutdown()
+            raise
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
@@ -605,10 +662,11 @@ class WorkerPool:
             except Exception:
                 pass
         # Idle workers exit at once; one still busy with a sample (say after a timeout) is not waited for.
+        started = [w for w in self.workers if w.pid is not None]
         deadline = time.monotonic() + _EXIT_GRACE_S
-        for w in self.workers:
+        for w in started:
             w.join(timeout=max(0.0, deadline - time.monotonic()))
-        for w in self.workers:
+        for w in started:
             if w.exitcode is None:
                 w.terminate()
                 w.join(timeout=1.0)
@@ -632,6 +690,46 @@ def shutdown_all() -> None:
         pool.shutdown()
 
 
+class IterablePosition:
+    """Where an epoch over an IterableDataset stands as the user consumed it: per worker (the main process
+    counts as the one worker when num_workers=0) the batches it served, whether its pass is known to be over,
+    and its dataset copy's state after its last served batch (stateful datasets); and the worker whose batch
+    comes next in the round-robin."""
+
+    def __init__(self, workers: int, saved: dict | None = None) -> None:
+        if saved is None:
+            self.batches = [0] * workers
+            self.ended = [False] * workers
+            self.states: list = [None] * workers
+            self.next_worker = 0
+        else:
+            self.batches = [int(w["batches"]) for w in saved["workers"]]
+            self.ended = [bool(w["ended"]) for w in saved["workers"]]
+            self.states = [w["state"] for w in saved["workers"]]
+            self.next_worker = int(saved["next_worker"])
+        self.resumed = saved is not None
+
+    def served(self, worker: int, state) -> None:
+        self.batches[worker] += 1
+        self.states[worker] = state
+        self.next_worker = (worker + 1) % len(self.batches)
+
+    def started(self, worker: int, state) -> None:
+        if self.batches[worker] == 0 and self.states[worker] is None:
+            self.states[worker] = state
+
+    def start_of(self, worker: int):
+        """What a worker's pass starts from: None (the beginning), else (batches to skip, state to load)."""
+        if not self.resumed or not (self.batches[worker] or self.states[worker] is not None):
+            return None
+        return (self.batches[worker], self.states[worker])
+
+    def to_dict(self) -> dict:
+        return {"workers": [{"batches": b, "ended": e, "state": st}
+                            for b, e, st in zip(self.batches, self.ended, self.states)],
+                "next_worker": self.next_worker}
+
+
 class ProcessBatches:
     """The main process's loop over one epoch: dispatch, receive, reorder, wrap.
 
@@ -639,26 +737,32 @@ class ProcessBatches:
     stays active and each task names the indices of its batch. For an IterableDataset a task asks a worker
     for the next batch of its own pass; a worker whose pass is over answers "stop" (to that task and any
     other it was sent), leaves the cycle, and its stops are skipped, so the epoch interleaves the workers'
-    batches round-robin until the last worker ends, as torch's loader does."""
+    batches round-robin until the last worker ends, as torch's loader does. `position` (iterable only)
+    follows what the user has consumed, and a saved one makes each worker start where it stood."""
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
-                 timeout: float, rng_key=None) -> None:
+                 timeout: float, rng_key=None, position: IterablePosition | None = None) -> None:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
         self.batches = batches  # iterator of index batches (or sampler errors as exceptions); unused if iterable
         self.iterable = pool.iterable is not None
+        self.position = position if position is not None else IterablePosition(pool.num_workers)
         self.numbers = itertools.count(first_number)
         self.in_order = in_order
         self.limit = prefetch * pool.num_workers
         self.timeout = timeout
         self.rng_key = rng_key
         self.outstanding: set[int] = set()  # batch numbers sent and not yet answered
-        self.ready: dict[int, tuple] = {}
+        self.ready: dict[int, tuple] = {}  # number -> (kind, value, worker, dataset state)
         self.order: collections.deque = collections.deque()  # batch numbers in dispatch order
         self.local_errors: dict[int, BaseException] = {}
-        self.active = [True] * pool.num_workers
+        self.active = [not ended for ended in self.position.ended]
+        self.first_task = [True] * pool.num_workers
+        self.heard = [False] * pool.num_workers  # a message of this epoch came from the worker
         self.cycle = itertools.cycle(range(pool.num_workers))
+        for _ in range(self.position.next_worker):
+            next(self.cycle)
         self.exhausted = False
         self._top_up()
 
@@ -688,35 +792,52 @@ class ProcessBatches:
             if worker is None:  # every worker's pass is over
                 self.exhausted = True
                 return
+            start = None
+            if self.iterable and self.first_task[worker]:
+                self.first_task[worker] = False
+                start = self.position.start_of(worker)
             number = next(self.numbers)
             slot = pool.ring.acquire()
             self.outstanding.add(number)
             self.order.append(number)
-            pool.send(worker, (self.generation, number, indices, slot, self.rng_key))
+            pool.send(worker, (self.generation, number, indices, slot, self.rng_key, start))
 
     def _receive(self) -> None:
         pool = self.pool
-        generation, number, worker, kind, payload, slot = pool.get(self.timeout)
+        generation, number, worker, kind, payload, slot, state = pool.get(self.timeout)
         if generation != self.generation:  # left over from an earlier epoch of persistent workers
             if slot >= 0:
                 pool.ring.release(slot)
             return
+        self.heard[worker] = True
+        if kind == "started":  # a stateful copy's state at the start of its pass: its position until it serves
+            self.position.started(worker, state)
+            return
         self.outstanding.discard(number)
         if kind == "ring":
             batch = _from_slot(payload, pool.ring.lease(slot))
-            self.ready[number] = ("batch", batch)
+            self.ready[number] = ("batch", batch, worker, state)
             return
         if slot >= 0:
             pool.ring.release(slot)
         if kind == "pickled":
-            self.ready[number] = ("batch", payload)
+            self.ready[number] = ("batch", payload, worker, state)
         elif kind == "stop" and self.iterable:
             self.active[worker] = False
-            self.ready[number] = ("skip", None)
+            self.ready[number] = ("skip", None, worker, None)
         elif kind == "stop":
-            self.ready[number] = ("stop", None)
+            self.ready[number] = ("stop", None, worker, None)
         else:
-            self.ready[number] = ("error", payload.exception(pool.workers[worker].pid))
+            self.ready[number] = ("error", payload.exception(pool.workers[worker].pid), worker, state)
+
+    def position_dict(self, stateful: bool) -> dict:
+        """The consumer's position (IterableDataset). For a stateful dataset it first waits until every
+        worker asked for a batch has reported the state its pass started from, so that a worker the user
+        has no batch of yet resumes that same pass, not a new one."""
+        if stateful and not self.pool._closed:
+            while any(not self.first_task[w] and not self.heard[w] for w in range(self.pool.num_workers)):
+                self._receive()
+        return self.position.to_dict()
 
     def _take(self):
         """The next answer in the order asked for: in dispatch order, or the first that has arrived."""
@@ -724,7 +845,7 @@ class ProcessBatches:
             number = self.order[0]
             if number in self.local_errors:
                 self.order.popleft()
-                return ("error", self.local_errors.pop(number))
+                return ("error", self.local_errors.pop(number), None, None)
             while number not in self.ready:
                 self._receive()
             self.order.popleft()
@@ -733,7 +854,7 @@ class ProcessBatches:
             for number in list(self.order):
                 if number in self.local_errors:
                     self.order.remove(number)
-                    return ("error", self.local_errors.pop(number))
+                    return ("error", self.local_errors.pop(number), None, None)
                 if number in self.ready:
                     self.order.remove(number)
                     return self.ready.pop(number)
@@ -745,9 +866,15 @@ class ProcessBatches:
             self._top_up()
             if not self.order:
                 return None
-            item = self._take()
-            if item[0] != "skip":
-                return item
+            kind, value, worker, state = self._take()
+            if not self.iterable:
+                return kind, value
+            if kind == "skip":
+                self.position.ended[worker] = True
+                continue
+            if kind in ("batch", "error"):
+                self.position.served(worker, state)
+            return kind, value
 
     def drain(self) -> None:
         """Waits for this epoch's outstanding tasks (persistent workers), returning their slots."""
