@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from stoker._bench import CropFlip
+from stoker._bench import CropFlip, PngFiles, write_pngs
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,10 @@ def large():
 def crop_flip():
     images = np.random.default_rng(0).integers(0, 256, size=(10_000, 3, 64, 64), dtype=np.uint8)
     return CropFlip(images, np.arange(10_000))
+
+
+@pytest.fixture(scope="session")
+def png_files(tmp_path_factory):
+    pytest.importorskip("PIL.Image", reason="the PNG workload needs Pillow: pip install 'stoker[bench]'")
+    folder = tmp_path_factory.mktemp("png")
+    return PngFiles(write_pngs(str(folder), 2_000), [i % 1000 for i in range(2_000)])

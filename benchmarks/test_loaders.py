@@ -71,6 +71,12 @@ def test_crop_flip(benchmark, crop_flip, kind, nw):
     benchmark.pedantic(epoch, args=(LOADERS[kind](crop_flip, 256, nw),), rounds=2)
 
 
+@pytest.mark.benchmark(group="PNG files decoded with PIL: RGB 64x64, crop 56 + flip, batch 64")
+@pytest.mark.parametrize("kind,nw", [("torch", 0), ("torch", 1), ("torch", 2), ("stoker", 0), ("stoker", 2)])
+def test_png(benchmark, png_files, kind, nw):
+    benchmark.pedantic(epoch, args=(LOADERS[kind](png_files, 64, nw),), rounds=2)
+
+
 RESUME_N, RESUME_BS = 10_000_000, 1000
 RESUME_AT = RESUME_N // RESUME_BS * 9 // 10
 

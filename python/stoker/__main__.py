@@ -5,8 +5,8 @@ import sys
 
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] != "bench":
-        print("usage: python -m stoker bench [--scale S] [--rounds N] [--budget SECONDS] [--only TEXT] "
-              "[--json FILE]", file=sys.stderr)
+        print("usage: python -m stoker bench [--quick] [--scale S] [--rounds N] [--budget SECONDS] [--only TEXT] "
+              "[--json FILE] [--plot FILE]   (python -m stoker bench --help for more)", file=sys.stderr)
         return 2
     from stoker._bench import main
 

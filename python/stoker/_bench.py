@@ -1,28 +1,37 @@
-"""`python -m stoker bench`: stoker against torch's DataLoader on built-in synthetic workloads.
+"""`python -m stoker bench`: stoker beside torch's DataLoader (and torchdata, when it is installed) on built-in
+synthetic workloads.
 
-Each workload builds its data once, then runs its loaders interleaved for several rounds after a warm-up
-and reports the median samples/s, the ratio to torch's best configuration on that workload, and the time
-from iter() to the first batch.
+Each throughput workload builds its data once, then runs its loaders interleaved for several rounds after a
+warm-up and reports the median samples/s and the ratio to torch's best configuration on that workload, measured
+in the same run. Other sections time the first batch and the peak memory of worker processes, the cost of a
+resume, and sequence packing. --only picks sections, --quick runs a smaller version of everything in a few
+minutes, --json and --plot write the records and a bar chart of the ratios. Progress goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import gc
+import importlib
 import json
 import os
+import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, RandomSampler, TensorDataset, default_collate
 
 import stoker
 
@@ -49,20 +58,117 @@ class CropFlip(Dataset):
         return np.ascontiguousarray(crop), int(self.labels[i])
 
 
+def _crop_flip_size(scale: float) -> int:
+    return max(512, int(100_000 * scale))
+
+
+def _crop_flip(n: int) -> CropFlip:
+    images = np.random.default_rng(0).integers(0, 256, size=(n, 3, 64, 64), dtype=np.uint8)
+    return CropFlip(images, np.arange(n))
+
+
+class PngFiles(Dataset):
+    """PNG files decoded with PIL per sample, as an image folder would be: open, convert to RGB, random 56x56
+    crop and horizontal flip; returns a CHW uint8 tensor and the label."""
+
+    def __init__(self, paths: list[str], labels: list[int]) -> None:
+        self.paths, self.labels = paths, labels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            im = im.convert("RGB")
+        x, y = random.randint(0, im.width - 56), random.randint(0, im.height - 56)
+        im = im.crop((x, y, x + 56, y + 56))
+        if random.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(im).transpose(2, 0, 1).copy()), self.labels[i]
+
+
+def write_pngs(folder: str, n: int, size: int = 64, seed: int = 0) -> list[str]:
+    """Writes `n` RGB PNGs of `size`x`size` (smooth colour fields plus noise, so that they compress about as
+    little as photographs do) into `folder` and returns their paths."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        field_ = np.asarray(coarse.resize((size, size), Image.Resampling.BILINEAR), dtype=np.int16)
+        noise = rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+        path = os.path.join(folder, f"{i:06d}.png")
+        Image.fromarray(np.clip(field_ + noise, 0, 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+class _NumpyGather:
+    """The plain numpy answer to an array workload: one shuffled fancy-index gather per batch."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __iter__(self):
+        perm = np.random.default_rng().permutation(len(self.x))
+        for i in range(0, len(perm), self.batch_size):
+            j = perm[i:i + self.batch_size]
+            yield torch.from_numpy(self.x[j]), torch.from_numpy(self.y[j])
+
+
+class _FetchCollate:
+    """torchdata nodes' map function for a map-style dataset: a batch of indices in, the collated batch out."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __call__(self, indices):
+        return default_collate([self.dataset[i] for i in indices])
+
+
+def _optional(module: str):
+    """The module, or None when it (or something it needs) cannot be imported."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _torchdata_nodes_loader(dataset, batch_size: int, workers: int, method: str):
+    """torchdata's nodes for a map-style dataset: shuffled indices, batched, fetched and collated by a
+    ParallelMapper (threads or processes), iterated by a Loader (which restarts the graph each epoch)."""
+    from torchdata import nodes
+
+    node = nodes.Batcher(nodes.SamplerWrapper(RandomSampler(dataset)), batch_size=batch_size, drop_last=False)
+    node = nodes.ParallelMapper(node, map_fn=_FetchCollate(dataset), num_workers=workers, method=method)
+    return nodes.Loader(node)
+
+
+class Skipped(Exception):
+    """A section that cannot run here (a package is missing); the message says why."""
+
+
+@dataclass
+class Options:
+    scale: float
+    rounds: int
+    budget: float
+    quick: bool
+    tmp: str
+    out: TextIO = sys.stdout
+    progress: Callable[[str], None] = lambda text: None
+
+
 @dataclass
 class Case:
     name: str
-    make: Callable[[], object]  # returns an iterable of batches (a loader)
+    make: Callable[[], object]  # returns an iterable of batches (a loader), made once and iterated each round
     baseline: bool = False  # a torch configuration: the ratio is taken to the best of these
     results: list = field(default_factory=list)
     first_batch: list = field(default_factory=list)
-
-
-@dataclass
-class Workload:
-    name: str
-    samples: int
-    cases: list
 
 
 def _first_len(batch) -> int:
@@ -73,114 +179,321 @@ def _first_len(batch) -> int:
     return int(batch.shape[0])
 
 
-def _run_once(case: Case, limit: int) -> None:
+def _run_once(loader, limit: int) -> tuple[int, float, float, float]:
+    """One pass from iter() until `limit` samples: (samples, seconds to the first batch, seconds in all,
+    samples/s after the first batch)."""
     start = time.perf_counter()
-    it = iter(case.make())
+    it = iter(loader)
     batch = next(it)
-    case.first_batch.append(time.perf_counter() - start)
-    seen = _first_len(batch)
-    for batch in it:
-        seen += _first_len(batch)
-        if seen >= limit:
-            break
-    case.results.append(seen / (time.perf_counter() - start))
+    first = time.perf_counter()
+    seen = first_len = _first_len(batch)
+    if seen < limit:
+        for batch in it:
+            seen += _first_len(batch)
+            if seen >= limit:
+                break
+    end = time.perf_counter()
+    steady = (seen - first_len) / (end - first) if seen > first_len and end > first else seen / (end - start)
+    return seen, first - start, end - start, steady
 
 
-def _workloads(scale: float, tmp: str) -> list[Workload]:
+def _throughput(title: str, samples: int, cases: list[Case], opts: Options, min_samples: int = 4096) -> list[dict]:
+    """Warm-up, then `opts.rounds` interleaved rounds of every case, each round `opts.budget / opts.rounds`
+    seconds long but at least `min_samples` and at most an epoch; one record per case."""
+    print(f"\n{title} ({samples} samples)", file=opts.out, flush=True)
+    loaders, limits = {}, {}
+    try:
+        # Warm-up: one short pass of each case (which starts persistent workers) sizes the rounds to the budget.
+        for case in cases:
+            loaders[case.name] = case.make()
+            _, _, _, steady = _run_once(loaders[case.name], min(samples, min_samples))
+            limits[case.name] = int(min(samples, max(min_samples, steady * opts.budget / opts.rounds)))
+        for r in range(opts.rounds):
+            opts.progress(f"round {r + 1}/{opts.rounds}")
+            for case in cases:
+                seen, first, total, _ = _run_once(loaders[case.name], limits[case.name])
+                case.results.append(seen / total)
+                case.first_batch.append(first)
+    finally:
+        loaders.clear()
+        gc.collect()  # shuts persistent workers down before the next workload
+    best_torch = max(statistics.median(c.results) for c in cases if c.baseline)
+    records = []
+    for case in cases:
+        rate = statistics.median(case.results)
+        rec = {"workload": title, "loader": case.name, "samples_per_s": rate,
+               "ratio_to_torch_best": rate / best_torch, "first_batch_ms": 1e3 * statistics.median(case.first_batch)}
+        records.append(rec)
+        print(f"  {case.name:<44} {rate / 1e6:9.4f} M samples/s   x{rec['ratio_to_torch_best']:7.2f}"
+              f"   first batch {rec['first_batch_ms']:8.2f} ms", file=opts.out, flush=True)
+    return records
+
+
+def _torch_dl(ds, bs: int, nw: int = 0):
+    return lambda: TorchDataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw, persistent_workers=nw > 0)
+
+
+def _stoker_dl(ds, bs: int, nw: int = 0, **kw):
+    return lambda: stoker.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw, persistent_workers=nw > 0,
+                                     **kw)
+
+
+def _torch_baselines(ds, bs: int) -> list[Case]:
+    """torch's configurations for a Python dataset: in the main process, and 1 or 2 persistent workers."""
+    return [Case("torch num_workers=0", _torch_dl(ds, bs), baseline=True),
+            Case("torch num_workers=1 (persistent)", _torch_dl(ds, bs, 1), baseline=True),
+            Case("torch num_workers=2 (persistent)", _torch_dl(ds, bs, 2), baseline=True)]
+
+
+def _torchdata_cases(ds, bs: int, methods: tuple[str, ...], opts: Options) -> list[Case]:
+    if _optional("torchdata.nodes") is None:
+        print("  (torchdata is not installed: its nodes column is skipped)", file=opts.out)
+        return []
+    return [Case(f"torchdata nodes, 2 {m}{'es' if m == 'process' else 's'}",
+                 lambda m=m: _torchdata_nodes_loader(ds, bs, 2, m)) for m in methods]
+
+
+def _dense(scale: float):
     g = torch.Generator().manual_seed(0)
     n = max(1024, int(200_000 * scale))
-    x = torch.randn(n, 256, generator=g)
-    y = torch.randint(0, 1000, (n,), generator=g)
-    dense = TensorDataset(x, y)
-    xn, yn = x.numpy(), y.numpy()
+    return TensorDataset(torch.randn(n, 256, generator=g), torch.randint(0, 1000, (n,), generator=g))
 
-    def numpy_gather(bs: int = 256):
-        perm = np.random.default_rng().permutation(n)
-        for i in range(0, n, bs):
-            j = perm[i:i + bs]
-            yield torch.from_numpy(xn[j]), torch.from_numpy(yn[j])
 
-    path = os.path.join(tmp, "features.npy")
-    np.save(path, xn)
-    mm = np.load(path, mmap_mode="r")
-    mmap_ds = stoker.ArrayDataset(mm, yn)
+def bench_arrays(opts: Options) -> list[dict]:
+    dense = _dense(opts.scale)
+    x, y = dense.tensors[0].numpy(), dense.tensors[1].numpy()
+    return _throughput("arrays: TensorDataset float32[256]+label, batch 256", len(dense), [
+        Case("torch num_workers=0", _torch_dl(dense, 256), baseline=True),
+        Case("numpy fancy-index gather", lambda: _NumpyGather(x, y, 256)),
+        Case("stoker num_workers=0", _stoker_dl(dense, 256)),
+        Case("stoker num_workers=2", _stoker_dl(dense, 256, 2)),
+    ], opts)
 
+
+def bench_mmap(opts: Options) -> list[dict]:
+    dense = _dense(opts.scale)
+    path = os.path.join(opts.tmp, "features.npy")
+    np.save(path, dense.tensors[0].numpy())
+    mmap_ds = stoker.ArrayDataset(np.load(path, mmap_mode="r"), dense.tensors[1].numpy())
+    del dense
+    try:
+        return _throughput("memory-mapped .npy float32[256]+label, batch 256", len(mmap_ds), [
+            Case("torch num_workers=0", _torch_dl(mmap_ds, 256), baseline=True),
+            Case("stoker num_workers=0", _stoker_dl(mmap_ds, 256)),
+            Case("stoker num_workers=2", _stoker_dl(mmap_ds, 256, 2)),
+        ], opts)
+    finally:
+        del mmap_ds
+        gc.collect()
+        os.remove(path)
+
+
+def bench_tiny(opts: Options) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    n = max(1024, int(200_000 * opts.scale))
     tiny = TensorDataset(torch.randn(n, generator=g), torch.randint(0, 10, (n,), generator=g))
-    n_large = max(64, int(2_000 * scale))
-    large = TensorDataset(torch.randn(n_large, 65536, generator=g), torch.arange(n_large))
-    n_img = max(512, int(20_000 * scale))
-    images = np.random.default_rng(0).integers(0, 256, size=(n_img, 3, 64, 64), dtype=np.uint8)
-    crop = CropFlip(images, np.arange(n_img))
-
-    def torch_dl(ds, bs, nw=0, **kw):
-        return lambda: TorchDataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw,
-                                       persistent_workers=nw > 0, **kw)
-
-    def stoker_dl(ds, bs, nw=0):
-        return lambda: stoker.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=nw)
-
-    return [
-        Workload("arrays: TensorDataset float32[256]+label, batch 256", n, [
-            Case("torch num_workers=0", torch_dl(dense, 256), baseline=True),
-            Case("numpy fancy-index gather", numpy_gather),
-            Case("stoker num_workers=0", stoker_dl(dense, 256)),
-            Case("stoker num_workers=2", stoker_dl(dense, 256, 2)),
-        ]),
-        Workload("memory-mapped .npy float32[256]+label, batch 256", n, [
-            Case("torch num_workers=0", torch_dl(mmap_ds, 256), baseline=True),
-            Case("stoker num_workers=0", stoker_dl(mmap_ds, 256)),
-            Case("stoker num_workers=2", stoker_dl(mmap_ds, 256, 2)),
-        ]),
-        Workload("tiny: one float + label, batch 1024", n, [
-            Case("torch num_workers=0", torch_dl(tiny, 1024), baseline=True),
-            Case("stoker num_workers=0", stoker_dl(tiny, 1024)),
-        ]),
-        Workload("large: 256 KiB samples, batch 16", n_large, [
-            Case("torch num_workers=0", torch_dl(large, 16), baseline=True),
-            Case("stoker num_workers=0", stoker_dl(large, 16)),
-            Case("stoker num_workers=2", stoker_dl(large, 16, 2)),
-        ]),
-        Workload("Python dataset: crop 56 + flip of uint8 3x64x64, batch 256", n_img, [
-            Case("torch num_workers=0", torch_dl(crop, 256), baseline=True),
-            Case("torch num_workers=2", torch_dl(crop, 256, 2), baseline=True),
-            Case("stoker num_workers=0", stoker_dl(crop, 256)),
-            Case("stoker num_workers=2", stoker_dl(crop, 256, 2)),
-        ]),
-    ]
+    return _throughput("tiny: one float + label, batch 1024", n, [
+        Case("torch num_workers=0", _torch_dl(tiny, 1024), baseline=True),
+        Case("stoker num_workers=0", _stoker_dl(tiny, 1024)),
+    ], opts)
 
 
-def run(scale: float = 1.0, rounds: int = 3, budget_s: float = 4.0, only: str | None = None,
-        out=sys.stdout) -> list[dict]:
-    """Runs every workload and returns one record per (workload, loader)."""
+def bench_large(opts: Options) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    n = max(64, int(2_000 * opts.scale))
+    large = TensorDataset(torch.randn(n, 65536, generator=g), torch.arange(n))
+    return _throughput("large: 256 KiB samples, batch 16", n, [
+        Case("torch num_workers=0", _torch_dl(large, 16), baseline=True),
+        Case("stoker num_workers=0", _stoker_dl(large, 16)),
+        Case("stoker num_workers=2", _stoker_dl(large, 16, 2)),
+    ], opts)
+
+
+def bench_crop_flip(opts: Options) -> list[dict]:
+    crop = _crop_flip(_crop_flip_size(opts.scale))
+    return _throughput("Python dataset: crop 56 + flip of uint8 3x64x64, batch 256", len(crop), [
+        *_torch_baselines(crop, 256),
+        Case("stoker num_workers=0", _stoker_dl(crop, 256)),
+        Case("stoker num_workers=2 (processes, persistent)", _stoker_dl(crop, 256, 2)),
+        Case("stoker num_workers=2 worker_mode=thread", _stoker_dl(crop, 256, 2, worker_mode="thread")),
+        *_torchdata_cases(crop, 256, ("process",), opts),
+    ], opts)
+
+
+def bench_png(opts: Options) -> list[dict]:
+    if _optional("PIL.Image") is None:
+        raise Skipped("Pillow is not installed (pip install 'stoker[bench]' or pillow)")
+    n = max(256, int(5_000 * opts.scale))
+    folder = tempfile.mkdtemp(prefix="png-", dir=opts.tmp)
+    opts.progress(f"writing {n} PNG files")
+    ds = PngFiles(write_pngs(folder, n), [i % 1000 for i in range(n)])
+    return _throughput("PNG files decoded with PIL: RGB 64x64, crop 56 + flip, batch 64", n, [
+        *_torch_baselines(ds, 64),
+        Case("stoker num_workers=0", _stoker_dl(ds, 64)),
+        Case("stoker num_workers=2 (processes, persistent)", _stoker_dl(ds, 64, 2)),
+        Case("stoker num_workers=2 worker_mode=thread", _stoker_dl(ds, 64, 2, worker_mode="thread")),
+        *_torchdata_cases(ds, 64, ("process", "thread"), opts),
+    ], opts, min_samples=512)  # decoding runs at about a thousand samples/s: a round of 4096 would take seconds
+
+
+def bench_first_batch(opts: Options) -> list[dict]:
+    """Time from iter() to the first batch of a fresh loader with two worker processes (median of several),
+    the loaders interleaved."""
+    crop = _crop_flip(_crop_flip_size(opts.scale))
+    reps = 3 if opts.quick else 7
+    print(f"\ntime from iter() to the first batch, fresh loaders, num_workers=2, crop + flip ({len(crop)} "
+          f"samples), batch 256, median of {reps}", file=opts.out, flush=True)
+    makers = {"torch num_workers=2": _torch_dl(crop, 256, 2), "stoker num_workers=2": _stoker_dl(crop, 256, 2)}
+    if _optional("torchdata.nodes") is not None:
+        makers["torchdata nodes, 2 processes"] = lambda: _torchdata_nodes_loader(crop, 256, 2, "process")
+    times: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(reps):
+        for name, make in makers.items():
+            loader = make()
+            gc.collect()
+            start = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            times[name].append(time.perf_counter() - start)
+            del it, loader
+            gc.collect()  # the workers are shut down before the next loader starts its own
+    torch_ms = 1e3 * statistics.median(times["torch num_workers=2"])
     records = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for w in _workloads(scale, tmp):
-            if only and only.lower() not in w.name.lower():
+    for name, values in times.items():
+        ms = 1e3 * statistics.median(values)
+        records.append({"workload": "first batch, num_workers=2", "loader": name, "first_batch_ms": ms,
+                        "ratio_to_torch": ms / torch_ms})
+        print(f"  {name:<44} {ms:9.1f} ms   x{ms / torch_ms:6.2f} of torch's   (min {1e3 * min(values):.1f}, "
+              f"max {1e3 * max(values):.1f})", file=opts.out, flush=True)
+    return records
+
+
+def _pss_child(kind: str, n: int, epochs: int) -> None:
+    """Run in a fresh interpreter by bench_pss: builds the crop + flip dataset, says "ready", waits for the
+    parent to measure it idle, then iterates `epochs` epochs with two worker processes and says "done"."""
+    crop = _crop_flip(n)
+    if kind == "torch":
+        loader = TorchDataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
+    elif kind == "stoker":
+        loader = stoker.DataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
+    else:
+        loader = _torchdata_nodes_loader(crop, 256, 2, "process")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    for _ in range(epochs):
+        for _batch in loader:
+            pass
+    print("done", flush=True)
+    sys.stdin.readline()
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:  # the process ended between listing and reading
+        pass
+    return 0
+
+
+def _tree_pss_kib(root: int) -> tuple[int, int]:
+    """(PSS in KiB summed over `root` and all its descendants, number of processes)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            print(f"\n{w.name} ({w.samples} samples)", file=out, flush=True)
-            # Warm-up: one short pass of each case, which also sizes the rounds to the time budget.
-            limits = {}
-            for case in w.cases:
-                t = time.perf_counter()
-                _run_once(case, min(w.samples, 4096))
-                rate = case.results.pop()
-                case.first_batch.pop()
-                limits[case.name] = int(min(w.samples, max(4096, rate * budget_s / rounds)))
-                del t
-            for _ in range(rounds):
-                for case in w.cases:
-                    _run_once(case, limits[case.name])
-            best_torch = max(statistics.median(c.results) for c in w.cases if c.baseline)
-            for case in w.cases:
-                rate = statistics.median(case.results)
-                rec = {
-                    "workload": w.name, "loader": case.name, "samples_per_s": rate,
-                    "ratio_to_torch_best": rate / best_torch,
-                    "first_batch_ms": 1e3 * statistics.median(case.first_batch),
-                }
-                records.append(rec)
-                print(f"  {case.name:<28} {rate / 1e6:9.3f} M samples/s   x{rec['ratio_to_torch_best']:7.2f}"
-                      f"   first batch {rec['first_batch_ms']:8.2f} ms", file=out, flush=True)
+            children.setdefault(ppid, []).append(int(name))
+    total, count, stack = 0, 0, [root]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, ()))
+        total += _pss_kib(pid)
+        count += 1
+    return total, count
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(stoker.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([here] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _measure_pss(kind: str, n: int, epochs: int, interval: float = 0.02) -> dict:
+    code = f"from stoker._bench import _pss_child; _pss_child({kind!r}, {n}, {epochs})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=_child_env())
+    try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the {kind} memory probe exited early (code {proc.wait()})")
+        idle = min(_tree_pss_kib(proc.pid)[0] for _ in range(3))
+        peak, peak_procs, samples, stop = [idle], [1], [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                kib, procs = _tree_pss_kib(proc.pid)
+                if kib > peak[0]:
+                    peak[0], peak_procs[0] = kib, procs
+                samples[0] += 1
+                stop.wait(interval)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        start = time.perf_counter()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline().strip()
+        seconds = time.perf_counter() - start
+        stop.set()
+        sampler.join()
+        if line != "done":
+            raise RuntimeError(f"the {kind} memory probe failed (code {proc.wait()})")
+        proc.stdin.write("exit\n")
+        proc.stdin.flush()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return {"idle_pss_mib": idle / 1024, "peak_pss_mib": peak[0] / 1024, "processes_at_peak": peak_procs[0],
+            "samples": samples[0], "seconds": seconds}
+
+
+def bench_pss(opts: Options) -> list[dict]:
+    """Peak PSS of the main process and its workers together, two epochs with num_workers=2, each loader in a
+    fresh interpreter, sampled from outside (so the sampling takes no GIL from the loader)."""
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        raise Skipped("needs /proc/<pid>/smaps_rollup (Linux 4.14 or later)")
+    n = _crop_flip_size(opts.scale)
+    print(f"\npeak memory: PSS of the main process and its workers together, sampled every 20 ms over two "
+          f"epochs, crop + flip ({n} samples, {n * 3 * 64 * 64 / 2**20:.0f} MiB of images), batch 256, "
+          "num_workers=2, each loader in a fresh process", file=opts.out, flush=True)
+    kinds = ["torch", "stoker"] + (["torchdata"] if _optional("torchdata.nodes") is not None else [])
+    names = {"torch": "torch num_workers=2", "stoker": "stoker num_workers=2",
+             "torchdata": "torchdata nodes, 2 processes"}
+    measured = {}
+    for kind in kinds:
+        opts.progress(f"{kind} in a fresh process")
+        measured[kind] = _measure_pss(kind, n, 2)
+    base = measured["torch"]
+    records = []
+    for kind, m in measured.items():
+        growth = m["peak_pss_mib"] - m["idle_pss_mib"]
+        base_growth = base["peak_pss_mib"] - base["idle_pss_mib"]
+        rec = {"workload": "peak PSS, num_workers=2", "loader": names[kind], **m, "loading_pss_mib": growth,
+               "ratio_to_torch": m["peak_pss_mib"] / base["peak_pss_mib"],
+               "loading_ratio_to_torch": growth / base_growth if base_growth > 0 else None}
+        records.append(rec)
+        print(f"  {names[kind]:<44} peak {m['peak_pss_mib']:8.1f} MiB   x{rec['ratio_to_torch']:5.2f} of torch's"
+              f"   (idle before iter() {m['idle_pss_mib']:7.1f} MiB; loading added {growth:7.1f} MiB, "
+              f"x{rec['loading_ratio_to_torch'] or float('nan'):5.2f}; {m['processes_at_peak']} processes)",
+              file=opts.out, flush=True)
     return records
 
 
@@ -221,7 +534,7 @@ def peak_memory(scale: float = 1.0, out=sys.stdout) -> list[dict]:
     records = []
     for kind in ("torch", "stoker"):
         proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, kind, str(n)], capture_output=True,
-                              text=True, check=True)
+                              text=True, check=True, env=_child_env())
         before, after = (int(v) / 1024 for v in proc.stdout.split())
         records.append({"workload": "peak RSS", "loader": f"{kind} num_workers=0", "peak_rss_mib": after,
                         "growth_while_loading_mib": after - before})
@@ -444,26 +757,161 @@ def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[d
     return records
 
 
+@dataclass
+class Section:
+    key: str  # what --only matches, beside the title
+    title: str  # the progress line
+    run: Callable[[Options], list[dict]]
+
+
+SECTIONS = [
+    Section("arrays", "arrays: TensorDataset float32[256]+label", bench_arrays),
+    Section("mmap", "memory-mapped .npy", bench_mmap),
+    Section("tiny", "tiny samples", bench_tiny),
+    Section("large", "large samples", bench_large),
+    Section("crop", "Python dataset: crop + flip", bench_crop_flip),
+    Section("png", "PNG files decoded with PIL", bench_png),
+    Section("first-batch", "worker processes: time to first batch", bench_first_batch),
+    Section("pss", "worker processes: peak memory (PSS)", bench_pss),
+    Section("rss", "peak RSS, num_workers=0", lambda o: peak_memory(o.scale, o.out)),
+    Section("resume", "resume", lambda o: resume_cost(o.scale, o.out)),
+    Section("packing", "packing", lambda o: packing_bench(o.scale, o.rounds, o.out)),
+]
+
+
+def select(only: str | None) -> list[Section]:
+    """The sections whose key or title contains one of the comma-separated words of `only` (all without)."""
+    if not only:
+        return list(SECTIONS)
+    words = [w.strip().lower() for w in only.split(",") if w.strip()]
+    return [s for s in SECTIONS if any(w in s.key or w in s.title.lower() for w in words)]
+
+
+def _ratio(rec: dict):
+    return rec.get("ratio_to_torch_best", rec.get("ratio_to_torch"))
+
+
+def plot(records: list[dict], path: str) -> None:
+    """A bar chart of every record's ratio to torch, one panel per workload: each bar runs from 1 (torch) to the
+    ratio, on one log scale shared by all panels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for rec in records:
+        if _ratio(rec) is not None:
+            groups.setdefault(rec["workload"], []).append((rec["loader"], _ratio(rec)))
+    if not groups:
+        return
+    ratios = [v for bars in groups.values() for _, v in bars]
+    lo, hi = min(ratios + [1.0]) / 1.5, max(ratios + [1.0]) * 1.8
+    ticks = [t * 10.0 ** e for e in range(-3, 5) for t in (1, 2, 5) if lo <= t * 10.0 ** e <= hi]
+    heights = [len(bars) + 1 for bars in groups.values()]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 0.28 * sum(heights) + 0.45 * len(groups)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colours = {"torch": "#9e9e9e", "stoker": "#1f77b4"}
+    for ax, (workload, bars) in zip(axes[:, 0], groups.items()):
+        names = [b[0] for b in bars][::-1]
+        values = [b[1] for b in bars][::-1]
+        ax.barh(range(len(bars)), [v - 1.0 for v in values], left=1.0,
+                color=[colours.get(n.split()[0], "#ff7f0e") for n in names])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlim(lo, hi)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=7)
+        ax.set_yticks(range(len(bars)), names, fontsize=8)
+        lower = workload.startswith(("first batch", "peak PSS"))
+        ax.set_title(f"{workload}  ({'lower' if lower else 'higher'} is better)", fontsize=9, loc="left")
+        for y, v in enumerate(values):
+            ax.annotate(f"x{v:.2f}", (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
+                        va="center", ha="left" if v >= 1 else "right", fontsize=7)
+    axes[-1, 0].set_xlabel("ratio to torch's DataLoader (its best configuration for throughput), log scale",
+                           fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
+            "stoker": stoker.__version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "pillow": getattr(_optional("PIL"), "__version__", None),
+            "torchdata": getattr(_optional("torchdata"), "__version__", None)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__)
-    parser.add_argument("--scale", type=float, default=1.0, help="dataset size factor (default 1.0)")
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds per loader (default 3)")
-    parser.add_argument("--budget", type=float, default=3.0,
-                        help="seconds of measurement per loader over all rounds (default 3)")
-    parser.add_argument("--only", help="run only workloads whose name contains this text")
-    parser.add_argument("--json", metavar="FILE", help="also write the records as JSON to FILE")
+    parser = argparse.ArgumentParser(prog="python -m stoker bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="every section, smaller and shorter (scale 0.1, 2 rounds, budget 1 s): a few minutes")
+    parser.add_argument("--scale", type=float, help="dataset size factor (default 1.0; 0.1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="measured rounds per loader (default 3; 2 with --quick)")
+    parser.add_argument("--budget", type=float,
+                        help="seconds of measurement per loader over all rounds (default 3; 1 with --quick)")
+    parser.add_argument("--only", help="run only the sections whose name contains this text (comma-separated "
+                        "for several): " + ", ".join(s.key for s in SECTIONS))
+    parser.add_argument("--json", metavar="FILE", help="also write the machine and the records as JSON to FILE")
+    parser.add_argument("--plot", metavar="FILE", help="also draw the ratios as a bar chart into FILE (needs "
+                        "matplotlib: pip install 'stoker[plot]')")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"stoker {stoker.__version__}, torch {torch.__version__}, {os.cpu_count()} CPUs; "
-          "ratio = samples/s over torch's best configuration in the same run")
-    records = run(args.scale, args.rounds, args.budget, args.only)
-    if not args.only:
-        records += peak_memory(args.scale)
-    if not args.only or args.only.lower() in "resume":
-        records += resume_cost(args.scale)
-    if not args.only or args.only.lower() in "packing":
-        records += packing_bench(args.scale, args.rounds)
+    scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
+    budget = args.budget if args.budget is not None else (1.0 if args.quick else 3.0)
+    if scale <= 0 or rounds < 1 or budget <= 0:
+        parser.error("--scale and --budget must be positive and --rounds at least 1")
+    if args.plot and _optional("matplotlib.pyplot") is None:
+        print("--plot needs matplotlib, which is not installed: pip install 'stoker[plot]' (or matplotlib)",
+              file=sys.stderr)
+        return 2
+    sections = select(args.only)
+    if not sections:
+        print(f"--only {args.only!r} matches no section; the sections are: "
+              + ", ".join(s.key for s in SECTIONS), file=sys.stderr)
+        return 2
+
+    machine = _machine()
+    print(f"stoker {stoker.__version__}, torch {torch.__version__}, {machine['cpus']} CPUs ({machine['cpu']}), "
+          f"{'a' if machine['cuda'] else 'no'} GPU; Pillow {machine['pillow'] or 'absent'}, torchdata "
+          f"{machine['torchdata'] or 'absent'}; scale {scale}, {rounds} rounds, {budget} s per loader\n"
+          "ratio = samples/s over torch's best configuration in the same run (for first batch and PSS: "
+          "over torch's figure, lower is better)", flush=True)
+    # torch's collate warns once that a read-only memory map makes a read-only tensor: noise in a table.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+    records, skipped = [], []
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
+        for i, section in enumerate(sections, 1):
+            tag = f"[{i}/{len(sections)}]"
+            print(f"{tag} {section.title} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            opts = Options(scale, rounds, budget, args.quick, tmp, out=sys.stdout,
+                           progress=lambda text, tag=tag: print(f"{tag}   {text}", file=sys.stderr, flush=True))
+            try:
+                records += section.run(opts)
+            except Skipped as why:
+                skipped.append({"section": section.key, "reason": str(why)})
+                print(f"\n{section.title}: skipped, {why}", flush=True)
+            gc.collect()
+            print(f"{tag} {section.title}: {time.perf_counter() - start:.1f} s (all so far "
+                  f"{time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
+            json.dump({"date": datetime.date.today().isoformat(), "machine": machine,
+                       "settings": {"scale": scale, "rounds": rounds, "budget_s": budget, "quick": args.quick,
+                                    "only": args.only},
+                       "records": records, "skipped": skipped}, f, indent=2)
+    if args.plot:
+        plot(records, args.plot)
+        print(f"\nplot written to {args.plot}", flush=True)
     return 0

@@ -1,0 +1,138 @@
+"""The benchmark runner, `python -m stoker bench`: its records and options, never its numbers."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from stoker import _bench
+
+THROUGHPUT = {"arrays", "mmap", "tiny", "large", "crop", "png"}
+
+
+def has(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def hide(monkeypatch, *modules: str) -> None:
+    """Makes `import module` fail as if it were not installed."""
+    for name in modules:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_quick_run_writes_every_section_as_records(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stoker", "bench", "--quick", "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=280,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report) == {"date", "machine", "settings", "records", "skipped"}
+    assert report["settings"] == {"scale": 0.002, "rounds": 1, "budget_s": 0.05, "quick": True, "only": None}
+    assert report["machine"]["cpus"] >= 1 and report["machine"]["torch"]
+    records, skipped = report["records"], {s["section"] for s in report["skipped"]}
+    assert skipped == (set() if has("PIL.Image") else {"png"})
+    by_workload = {}
+    for rec in records:
+        by_workload.setdefault(rec["workload"], []).append(rec)
+    # Every section of the runner left records (or said why it was skipped), and the progress went to stderr.
+    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped)
+    assert f"[{len(_bench.SECTIONS)}/{len(_bench.SECTIONS)}]" in proc.stderr
+    assert "M samples/s" in proc.stdout
+
+    throughput = [w for w, rows in by_workload.items() if "samples_per_s" in rows[0]]
+    assert len(throughput) == len(THROUGHPUT - skipped)
+    for w in throughput:
+        rows = by_workload[w]
+        torch_rows = [r for r in rows if r["loader"].startswith("torch ")]
+        assert torch_rows and any(r["loader"].startswith("stoker") for r in rows)
+        assert max(r["ratio_to_torch_best"] for r in torch_rows) == pytest.approx(1.0)
+        assert all(r["samples_per_s"] > 0 and r["first_batch_ms"] > 0 for r in rows)
+    python_workloads = [w for w in throughput if w.startswith(("Python dataset", "PNG"))]
+    for w in python_workloads:
+        loaders = {r["loader"] for r in by_workload[w]}
+        assert {"torch num_workers=0", "torch num_workers=1 (persistent)", "torch num_workers=2 (persistent)",
+                "stoker num_workers=0", "stoker num_workers=2 (processes, persistent)",
+                "stoker num_workers=2 worker_mode=thread"} <= loaders
+        assert any(name.startswith("torchdata nodes") for name in loaders) == has("torchdata.nodes")
+
+    first = {r["loader"]: r for r in by_workload["first batch, num_workers=2"]}
+    assert first["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
+    assert first["stoker num_workers=2"]["first_batch_ms"] > 0
+    pss = {r["loader"]: r for r in by_workload["peak PSS, num_workers=2"]}
+    assert {"torch num_workers=2", "stoker num_workers=2"} <= set(pss)
+    for r in pss.values():
+        assert r["peak_pss_mib"] >= r["idle_pss_mib"] > 0 and r["processes_at_peak"] >= 1
+    assert pss["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
+
+    memory = by_workload["peak RSS"]
+    assert [r["loader"].split()[0] for r in memory] == ["torch", "stoker"]
+    assert all(r["peak_rss_mib"] > 0 for r in memory)
+    resume = {r["loader"].split()[0]: r["resume_ms"] for r in by_workload["resume"]}
+    assert {"stoker", "torch"} <= set(resume) and all(v > 0 for v in resume.values())
+    packing = {r["loader"]: r for r in by_workload["packing"]}
+    assert any(name.startswith("stoker PackedLoader") for name in packing)
+    assert all(r["tokens_per_s"] > 0 for r in packing.values())
+    assert all(0.99 < r["efficiency"] <= 1 for r in packing.values() if "efficiency" in r)
+
+
+def test_png_workload_is_skipped_without_pillow(tmp_path, monkeypatch, capsys):
+    hide(monkeypatch, "PIL", "PIL.Image")
+    out = tmp_path / "bench.json"
+    assert _bench.main(["--only", "png", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["records"] == []
+    assert [s["section"] for s in report["skipped"]] == ["png"]
+    assert "Pillow is not installed" in report["skipped"][0]["reason"]
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_torchdata_column_is_skipped_without_torchdata(tmp_path, monkeypatch, capsys):
+    hide(monkeypatch, "torchdata", "torchdata.nodes")
+    out = tmp_path / "bench.json"
+    assert _bench.main(["--only", "crop", "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
+                        "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert records and not any("torchdata" in r["loader"] for r in records)
+    assert "torchdata is not installed" in capsys.readouterr().out
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):
+    hide(monkeypatch, "matplotlib", "matplotlib.pyplot")
+    assert _bench.main(["--only", "resume", "--plot", str(tmp_path / "ratios.png")]) == 2
+    assert "stoker[plot]" in capsys.readouterr().err
+    assert not (tmp_path / "ratios.png").exists()
+
+
+def test_plot_draws_the_ratios(tmp_path):
+    pytest.importorskip("matplotlib")
+    records = [
+        {"workload": "w", "loader": "torch num_workers=0", "ratio_to_torch_best": 1.0},
+        {"workload": "w", "loader": "stoker num_workers=0", "ratio_to_torch_best": 2.5},
+        {"workload": "first batch, num_workers=2", "loader": "stoker num_workers=2", "ratio_to_torch": 0.4},
+        {"workload": "resume", "loader": "stoker", "resume_ms": 0.5},  # no ratio: left out of the chart
+    ]
+    _bench.plot(records, str(tmp_path / "ratios.png"))
+    assert (tmp_path / "ratios.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_only_selects_sections_by_key_or_title(capsys):
+    assert [s.key for s in _bench.select("resume")] == ["resume"]
+    assert [s.key for s in _bench.select("png, pss")] == ["png", "pss"]
+    assert [s.key for s in _bench.select("Worker Processes")] == ["first-batch", "pss"]
+    assert len(_bench.select(None)) == len(_bench.SECTIONS)
+    assert _bench.main(["--only", "no such section"]) == 2
+    assert "matches no section" in capsys.readouterr().err
+
+
+def test_bench_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "stoker"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "usage" in proc.stderr
