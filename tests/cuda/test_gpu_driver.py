@@ -87,8 +87,10 @@ def test_side_stream_copy_then_torch_stream_waits_on_its_event(device):
     src = from_dlpack(pool.empty([n], 1, 8))
     src.copy_(torch.randint(0, 256, (n,), dtype=torch.uint8))
     dst = torch.empty(n, dtype=torch.uint8, device="cuda")
-    torch.cuda.current_stream().synchronize()  # dst's allocation is ordered on torch's stream
     stream = core.CudaStream(device)
+    allocated = core.CudaEvent(device)
+    allocated.record(torch.cuda.current_stream().cuda_stream)
+    stream.wait(allocated)  # the copy is ordered after dst's allocation on torch's stream, without a host wait
     stream.copy_to_device(dst.data_ptr(), src.data_ptr(), n)
     done = stream.record()
     done.block_stream(torch.cuda.current_stream().cuda_stream)  # the device waits, the host does not

@@ -29,7 +29,12 @@ void register_cuda(py::module_& m) {
         "The handle of the context current on the calling thread (0 when none).");
 
   py::class_<cuda::Event, std::shared_ptr<cuda::Event>>(m, "CudaEvent")
+      .def(py::init([](int device) { return std::make_shared<cuda::Event>(cuda::primary_context(device)); }),
+           py::arg("device"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("handle", [](const cuda::Event& e) { return reinterpret_cast<uintptr_t>(e.get()); })
+      .def("record", [](const cuda::Event& e, uintptr_t stream) { e.record(reinterpret_cast<cuda::CUstream>(stream)); },
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "Records the event on a stream given by its handle (e.g. torch's current stream; 0 is the legacy one).")
       .def("query", &cuda::Event::query, py::call_guard<py::gil_scoped_release>())
       .def("synchronize", &cuda::Event::synchronize, py::call_guard<py::gil_scoped_release>())
       .def("block_stream", [](const cuda::Event& e, uintptr_t stream) {
