@@ -2,6 +2,7 @@
 
 from stoker._arrays import ArrayDataset
 from stoker._collate import default_collate
+from stoker._cuda import cuda_available
 from stoker._dataloader import DataLoader
 from stoker._packing import PackedLoader, TokenDataset, write_token_files
 from stoker._varlen import LengthBucketSampler, PadCollate, TokenBudgetSampler
@@ -14,6 +15,7 @@ __all__ = [
     "PadCollate",
     "TokenBudgetSampler",
     "TokenDataset",
+    "cuda_available",
     "default_collate",
     "write_token_files",
 ]

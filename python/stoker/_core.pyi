@@ -34,15 +34,50 @@ class ArraySource:
     def __len__(self) -> int: ...
 
 class BufferPool:
-    def __init__(self, max_cached_bytes: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def __init__(
+        self,
+        max_cached_bytes: typing.SupportsInt | typing.SupportsIndex,
+        pin_device: typing.SupportsInt | typing.SupportsIndex | None = None,
+    ) -> None:
+        """With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context."""
     def empty(
         self,
         shape: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
         code: typing.SupportsInt | typing.SupportsIndex,
         bits: typing.SupportsInt | typing.SupportsIndex,
     ) -> typing_extensions.CapsuleType: ...
+    @property
+    def pinned(self) -> bool: ...
     def set_max_cached_bytes(self, bytes: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     def stats(self) -> dict[typing.Any, typing.Any]: ...
+
+class CudaEvent:
+    def __init__(self, device: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def block_stream(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """Makes later work on a foreign stream (a handle, e.g. torch's current stream) wait for this event."""
+    @property
+    def handle(self) -> int: ...
+    def query(self) -> bool: ...
+    def record(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """Records the event on a stream given by its handle (e.g. torch's current stream; 0 is the legacy one)."""
+    def synchronize(self) -> None: ...
+
+class CudaStream:
+    def __init__(self, device: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def copy_to_device(
+        self,
+        dst: typing.SupportsInt | typing.SupportsIndex,
+        src: typing.SupportsInt | typing.SupportsIndex,
+        bytes: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None:
+        """Queues a host-to-device copy; the caller keeps both buffers alive until an event recorded after it has completed."""
+    @property
+    def device(self) -> int: ...
+    @property
+    def handle(self) -> int: ...
+    def record(self) -> CudaEvent:
+        """A new event recorded on this stream."""
+    def wait(self, event: CudaEvent) -> None: ...
 
 class IndexStream:
     def __init__(
@@ -100,6 +135,10 @@ class SlotRing:
     def free_slots(self) -> int: ...
     def lease(self, slot: typing.SupportsInt | typing.SupportsIndex) -> SlotLease:
         """Takes over a lent slot: it returns to the ring when the lease and its tensors are gone."""
+    def pin(self, device: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context."""
+    @property
+    def pinned(self) -> bool: ...
     def release(self, slot: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     @property
     def slot_bytes(self) -> int: ...
@@ -118,6 +157,18 @@ class TokenSource:
     @property
     def num_tokens(self) -> int: ...
 
+
+def cuda_available() -> bool:
+    """Whether the CUDA driver loaded, initialised and sees a device (False in a forked child)."""
+
+def cuda_current_context() -> int:
+    """The handle of the context current on the calling thread (0 when none)."""
+
+def cuda_primary_context(device: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """The handle of the device's primary context, retained once for the process."""
+
+def cuda_status() -> dict[typing.Any, typing.Any]:
+    """The CUDA driver as stoker found it (loaded once, at the first query); never raises."""
 
 def materialize_packed(
     plan: PackPlan,

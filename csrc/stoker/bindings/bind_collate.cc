@@ -38,9 +38,10 @@ void register_collate(py::module_& m) {
     }
     size_t numel = 1;
     for (int64_t d : shape) numel *= static_cast<size_t>(d);
-    std::shared_ptr<Block> block = pool.acquire(count * numel * dtype.itemsize());
+    std::shared_ptr<Block> block;
     {
-      py::gil_scoped_release release;
+      py::gil_scoped_release release;  // a page-locked pool may call the driver to allocate
+      block = pool.acquire(count * numel * dtype.itemsize());
       stack_views(views, shape, dtype.itemsize(), static_cast<uint8_t*>(block->data));
     }
     std::vector<int64_t> out_shape{static_cast<int64_t>(count)};

@@ -1,5 +1,6 @@
 #include "stoker/bindings/bindings.h"
 #include "stoker/common/check.h"
+#include "stoker/cuda/driver.h"
 #include "stoker/pool/buffer_pool.h"
 #include "stoker/pool/slot_ring.h"
 
@@ -7,7 +8,13 @@ namespace stoker::bindings {
 
 void register_pool(py::module_& m) {
   py::class_<BufferPool, std::shared_ptr<BufferPool>>(m, "BufferPool")
-      .def(py::init<size_t>(), py::arg("max_cached_bytes"))
+      .def(py::init([](size_t max_cached_bytes, std::optional<int> pin_device) {
+             if (!pin_device) return std::make_shared<BufferPool>(max_cached_bytes);
+             return std::make_shared<BufferPool>(max_cached_bytes, cuda::primary_context(*pin_device));
+           }),
+           py::arg("max_cached_bytes"), py::arg("pin_device") = py::none(), py::call_guard<py::gil_scoped_release>(),
+           "With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context.")
+      .def_property_readonly("pinned", &BufferPool::pinned)
       .def("stats", [](const BufferPool& p) {
         const PoolStats s = p.stats();
         py::dict d;
@@ -15,6 +22,7 @@ void register_pool(py::module_& m) {
         d["reuses"] = s.reuses;
         d["outstanding"] = s.outstanding;
         d["cached_bytes"] = s.cached_bytes;
+        d["pinned_bytes"] = s.pinned_bytes;
         return d;
       })
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
@@ -27,7 +35,11 @@ void register_pool(py::module_& m) {
           STOKER_CHECK_AS(ValueError, d >= 0, "negative dimension ", d);
           numel *= static_cast<size_t>(d);
         }
-        std::shared_ptr<Block> block = p.acquire(numel * t.itemsize());
+        std::shared_ptr<Block> block;
+        {
+          py::gil_scoped_release release;  // a page-locked pool may call the driver (milliseconds)
+          block = p.acquire(numel * t.itemsize());
+        }
         void* data = block->data;
         return to_capsule(export_dlpack(std::move(block), data, t, shape));
       }, py::arg("shape"), py::arg("code"), py::arg("bits"));
@@ -58,6 +70,10 @@ void register_pool(py::module_& m) {
       .def_property_readonly("free_slots", &SlotRing::free_slots)
       .def_property_readonly("slots", &SlotRing::slots)
       .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
+      .def_property_readonly("pinned", &SlotRing::pinned)
+      .def("pin", [](SlotRing& ring, int device) { ring.pin(cuda::primary_context(device)); }, py::arg("device"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context.")
       .def("lease", [](std::shared_ptr<SlotRing> ring, int slot) {
         STOKER_CHECK_AS(IndexError, slot >= 0 && slot < ring->slots(), "slot ", slot, " out of range");
         return std::make_shared<SlotLease>(ring, slot);

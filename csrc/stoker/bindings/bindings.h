@@ -19,6 +19,7 @@ void register_pool(py::module_& m);
 void register_pipeline(py::module_& m);
 void register_collate(py::module_& m);
 void register_packing(py::module_& m);
+void register_cuda(py::module_& m);
 
 /// A `dltensor` capsule owning `managed`; if nobody consumes it, its destructor frees the tensor.
 py::capsule to_capsule(DLManagedTensor* managed);

@@ -6,6 +6,8 @@
 #include <unordered_map>
 #include <vector>
 
+#include "stoker/cuda/driver.h"
+
 namespace stoker {
 
 struct BufferPool::State {
@@ -13,10 +15,21 @@ struct BufferPool::State {
   std::unordered_map<size_t, std::vector<void*>> free;  // exact size -> cached blocks
   size_t max_cached = 0;
   PoolStats stats;
+  std::shared_ptr<cuda::PrimaryContext> pin;  // set: blocks come from cuMemHostAlloc in this context
 
   ~State() {
     for (auto& [size, list] : free)
-      for (void* p : list) std::free(p);
+      for (void* p : list) release(p);
+  }
+
+  void* allocate(size_t size) { return pin ? cuda::alloc_pinned(*pin, size) : std::aligned_alloc(64, size); }
+
+  // Frees a block's memory; never throws (a failed cuMemFreeHost can only be dropped, see driver.h).
+  void release(void* p) noexcept {
+    if (pin)
+      cuda::free_pinned(*pin, p);
+    else
+      std::free(p);
   }
 
   void give_back(void* p, size_t bytes) {
@@ -28,20 +41,35 @@ struct BufferPool::State {
         stats.cached_bytes += static_cast<int64_t>(bytes);
         return;
       }
+      if (pin) stats.pinned_bytes -= static_cast<int64_t>(bytes);
     }
-    std::free(p);
+    release(p);
   }
 };
 
+size_t pinned_size_class(size_t bytes) {
+  constexpr size_t kPage = 4096;
+  if (bytes <= 64 * 1024) return bytes == 0 ? kPage : (bytes + kPage - 1) / kPage * kPage;
+  const int top = 63 - __builtin_clzll(static_cast<unsigned long long>(bytes));  // floor(log2(bytes))
+  const size_t step = size_t{1} << (top - 3);
+  return (bytes + step - 1) / step * step;
+}
+
 BufferPool::BufferPool(size_t max_cached_bytes) : state_(std::make_shared<State>()) {
   state_->max_cached = max_cached_bytes;
+}
+
+BufferPool::BufferPool(size_t max_cached_bytes, std::shared_ptr<cuda::PrimaryContext> ctx)
+    : BufferPool(max_cached_bytes) {
+  state_->pin = std::move(ctx);
 }
 
 BufferPool::~BufferPool() = default;
 
 std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
   constexpr size_t kAlign = 64;
-  const size_t size = bytes == 0 ? kAlign : (bytes + kAlign - 1) / kAlign * kAlign;
+  const size_t size = state_->pin ? pinned_size_class(bytes)
+                                  : (bytes == 0 ? kAlign : (bytes + kAlign - 1) / kAlign * kAlign);
   void* p = nullptr;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
@@ -57,14 +85,24 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
     ++state_->stats.outstanding;
   }
   if (p == nullptr) {
-    p = std::aligned_alloc(kAlign, size);
+    try {
+      p = state_->allocate(size);  // outside the lock: page-locking can take milliseconds
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      --state_->stats.outstanding;
+      throw;
+    }
     if (p == nullptr) {
       std::lock_guard<std::mutex> lock(state_->mu);
       --state_->stats.outstanding;
       throw std::bad_alloc();
     }
+    if (state_->pin) {
+      std::lock_guard<std::mutex> lock(state_->mu);
+      state_->stats.pinned_bytes += static_cast<int64_t>(size);
+    }
   }
-  auto* block = new Block{p, size};
+  auto* block = new Block{p, size, state_->pin != nullptr};
   std::shared_ptr<State> state = state_;
   return std::shared_ptr<Block>(block, [state](Block* b) {
     state->give_back(b->data, b->bytes);
@@ -77,6 +115,8 @@ PoolStats BufferPool::stats() const {
   return state_->stats;
 }
 
+bool BufferPool::pinned() const { return state_->pin != nullptr; }
+
 void BufferPool::set_max_cached_bytes(size_t bytes) {
   std::vector<void*> drop;
   {
@@ -88,11 +128,12 @@ void BufferPool::set_max_cached_bytes(size_t bytes) {
           drop.push_back(list.back());
           list.pop_back();
           state_->stats.cached_bytes -= static_cast<int64_t>(size);
+          if (state_->pin) state_->stats.pinned_bytes -= static_cast<int64_t>(size);
         }
       }
     }
   }
-  for (void* p : drop) std::free(p);
+  for (void* p : drop) state_->release(p);
 }
 
 }  // namespace stoker

@@ -8,25 +8,38 @@
 
 namespace stoker {
 
+namespace cuda {
+class PrimaryContext;
+}
+
 /// A block of host memory owned by a pool. Hold it through the shared_ptr acquire() returns.
 struct Block {
   void* data = nullptr;
   size_t bytes = 0;
+  bool pinned = false;  // page-locked: a device copy from it is asynchronous
 };
 
 /// Counters of a pool's life, for stats() and tests.
 struct PoolStats {
-  int64_t allocations = 0;  // blocks created by the allocator
-  int64_t reuses = 0;       // acquisitions served from the free list
-  int64_t outstanding = 0;  // blocks handed out and not yet returned
-  int64_t cached_bytes = 0; // bytes waiting in the free list
+  int64_t allocations = 0;   // blocks created by the allocator
+  int64_t reuses = 0;        // acquisitions served from the free list
+  int64_t outstanding = 0;   // blocks handed out and not yet returned
+  int64_t cached_bytes = 0;  // bytes waiting in the free list
+  int64_t pinned_bytes = 0;  // page-locked bytes the pool holds, cached or handed out (0 for a plain pool)
 };
 
 /// A thread-safe pool of 64-byte aligned blocks, kept per exact size. Returned blocks are cached while the
 /// cache holds at most `max_cached_bytes`; past that they are freed.
 class BufferPool {
  public:
+  /// Plain blocks (aligned_alloc), sizes rounded up to 64 bytes.
   explicit BufferPool(size_t max_cached_bytes);
+  /// Page-locked blocks: each is allocated with cuMemHostAlloc (portable: pinned for every context) in `ctx`,
+  /// once, and stays pinned through every reuse; no page-lock call is made for a block served from the cache.
+  /// Sizes are rounded up to classes (pages up to 64 KiB, then eight classes per power of two, at most 1/8
+  /// over the request) so batches of varying size reuse blocks instead of page-locking new ones. Allocation
+  /// and freeing make `ctx` current on the calling thread for the call only.
+  BufferPool(size_t max_cached_bytes, std::shared_ptr<cuda::PrimaryContext> ctx);
   ~BufferPool();
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
@@ -35,10 +48,15 @@ class BufferPool {
   std::shared_ptr<Block> acquire(size_t bytes);
   PoolStats stats() const;
   void set_max_cached_bytes(size_t bytes);
+  /// Whether this pool's blocks are page-locked.
+  bool pinned() const;
 
  private:
   struct State;
   std::shared_ptr<State> state_;  // shared with every block's deleter, so blocks may outlive the pool
 };
+
+/// The size a page-locked pool allocates for a request of `bytes` (see the constructor).
+size_t pinned_size_class(size_t bytes);
 
 }  // namespace stoker

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "stoker/common/check.h"
+#include "stoker/cuda/driver.h"
 
 namespace stoker {
 
@@ -33,7 +34,20 @@ SlotRing::SlotRing(const std::string& path, size_t slot_bytes, int slots)
 }
 
 SlotRing::~SlotRing() {
+  registration_.reset();  // unregister while the pages are still mapped
   if (base_) ::munmap(base_, slot_bytes_ * static_cast<size_t>(slots_));
+}
+
+void SlotRing::pin(std::shared_ptr<cuda::PrimaryContext> ctx) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (registration_) return;
+  registration_ = std::make_unique<cuda::HostRegistration>(std::move(ctx), base_,
+                                                           slot_bytes_ * static_cast<size_t>(slots_));
+}
+
+bool SlotRing::pinned() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return registration_ != nullptr;
 }
 
 int SlotRing::acquire() {

@@ -13,6 +13,11 @@
 
 namespace stoker {
 
+namespace cuda {
+class HostRegistration;
+class PrimaryContext;
+}  // namespace cuda
+
 /// The main process's view of the ring: the mapping, and which slots are lent out.
 class SlotRing : public std::enable_shared_from_this<SlotRing> {
  public:
@@ -30,9 +35,15 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   int slots() const { return slots_; }
   size_t slot_bytes() const { return slot_bytes_; }
   uint8_t* slot_data(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
+  /// Page-locks the whole mapping once (cuMemHostRegister, portable), so tensors over its slots are pinned
+  /// in this process; later calls do nothing. Registering commits every page of the (sparse) file. Undone
+  /// before the mapping goes. Throws CudaError when the driver refuses.
+  void pin(std::shared_ptr<cuda::PrimaryContext> ctx);
+  bool pinned() const;
 
  private:
   uint8_t* base_ = nullptr;
+  std::unique_ptr<cuda::HostRegistration> registration_;  // set once pinned
   size_t slot_bytes_;
   int slots_;
   mutable std::mutex mu_;

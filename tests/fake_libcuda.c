@@ -1,0 +1,369 @@
+/* A stand-in for the CUDA driver (libcuda.so.1), for tests on machines without a GPU. stoker loads it when
+ * STOKER_LIBCUDA names it (tests/test_cuda_driver.py compiles it with the system C compiler).
+ *
+ * It implements what stoker's driver layer resolves, with the driver's rules where stoker could get them
+ * wrong: entry points are served through cuGetProcAddress only at an ABI version at least the one where their
+ * current signature began (and not above the driver's version), every call but the queries needs cuInit first,
+ * and memory, stream and event calls need a retained context current on the calling thread (else
+ * CUDA_ERROR_INVALID_CONTEXT, counted as "bad_context"). Host memory is malloc'ed; "device" pointers are host
+ * addresses, so a host-to-device copy is a memcpy; an event reports NOT_READY at its first query after a
+ * record, then completes.
+ *
+ * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
+ * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
+ * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY). Built with -DFAKE_NO_PROC_ADDRESS it exports no
+ * cuGetProcAddress, as drivers before 11.3, and stoker falls back to dlsym on the exported names.
+ *
+ * For the tests: fake_counter(name) reads a counter, fake_lookups() lists "name@version/flags" per
+ * cuGetProcAddress call.
+ */
+#define _GNU_SOURCE
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+enum {
+  SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, NO_DEVICE = 100,
+  INVALID_DEVICE = 101, INVALID_CONTEXT = 201, INVALID_HANDLE = 400, NOT_READY = 600,
+};
+
+#define EXPORT __attribute__((visibility("default")))
+
+/* ---- machine and counters ---- */
+
+static const char* mode(void) {
+  const char* m = getenv("STOKER_FAKE_CUDA");
+  return m && *m ? m : "one";
+}
+static int is(const char* m) { return strcmp(mode(), m) == 0; }
+static int devices(void) { return is("two") ? 2 : (is("zero") || is("nodevice")) ? 0 : 1; }
+static int driver_version(void) { return is("old") ? 10020 : 12040; }
+
+enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
+       C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
+       C_BAD_HANDLE, C_SET_CURRENT, C_COUNT };
+static const char* counter_names[C_COUNT] = {
+  "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
+  "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
+  "bad_handle", "set_current"};
+static long counters[C_COUNT];
+static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
+
+EXPORT long fake_counter(const char* name) {
+  for (int i = 0; i < C_COUNT; ++i)
+    if (strcmp(name, counter_names[i]) == 0) return __atomic_load_n(&counters[i], __ATOMIC_SEQ_CST);
+  return -1;
+}
+
+static char lookups[8192];
+EXPORT const char* fake_lookups(void) { return lookups; }
+
+/* ---- state ---- */
+
+static int initialised;
+static long retained[2];                 /* primary-context reference counts per device */
+static char contexts[2];                 /* a context handle is the address of its device's byte */
+static __thread void* current;           /* the calling thread's current context */
+
+static int context_ok(void) {
+  if (!initialised) return 0;
+  for (int d = 0; d < devices(); ++d)
+    if (current == &contexts[d]) return __atomic_load_n(&retained[d], __ATOMIC_SEQ_CST) > 0;
+  return 0;
+}
+#define NEED_CONTEXT()                 \
+  do {                                 \
+    if (!initialised) return NOT_INITIALIZED; \
+    if (!context_ok()) {               \
+      bump(C_BAD_CONTEXT, 1);          \
+      return INVALID_CONTEXT;          \
+    }                                  \
+  } while (0)
+
+#define HANDLE_MAGIC 0x5a5a1234u
+struct handle { unsigned magic; int kind; int pending; };  /* kind 1: stream, 2: event */
+static struct handle* new_handle(int kind) {
+  struct handle* h = malloc(sizeof *h);
+  if (h) { h->magic = HANDLE_MAGIC; h->kind = kind; h->pending = 0; }
+  return h;
+}
+static int valid(void* p, int kind) {
+  struct handle* h = p;
+  if (h == NULL || h->magic != HANDLE_MAGIC || h->kind != kind) { bump(C_BAD_HANDLE, 1); return 0; }
+  return 1;
+}
+
+/* ---- entry points ---- */
+
+EXPORT CUresult cuDriverGetVersion(int* v) {
+  if (!v) return INVALID_VALUE;
+  *v = driver_version();
+  return SUCCESS;
+}
+
+EXPORT CUresult cuInit(unsigned flags) {
+  if (flags != 0) return INVALID_VALUE;
+  bump(C_INIT, 1);
+  if (is("nodevice")) return NO_DEVICE;
+  initialised = 1;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
+  const char* n = NULL;
+  switch (e) {
+    case SUCCESS: n = "CUDA_SUCCESS"; break;
+    case INVALID_VALUE: n = "CUDA_ERROR_INVALID_VALUE"; break;
+    case OUT_OF_MEMORY: n = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+    case NOT_INITIALIZED: n = "CUDA_ERROR_NOT_INITIALIZED"; break;
+    case NO_DEVICE: n = "CUDA_ERROR_NO_DEVICE"; break;
+    case INVALID_DEVICE: n = "CUDA_ERROR_INVALID_DEVICE"; break;
+    case INVALID_CONTEXT: n = "CUDA_ERROR_INVALID_CONTEXT"; break;
+    case INVALID_HANDLE: n = "CUDA_ERROR_INVALID_HANDLE"; break;
+    case NOT_READY: n = "CUDA_ERROR_NOT_READY"; break;
+  }
+  if (!s) return INVALID_VALUE;
+  *s = n;
+  return n ? SUCCESS : INVALID_VALUE;
+}
+
+EXPORT CUresult cuGetErrorString(CUresult e, const char** s) {
+  const char* n = NULL;
+  switch (e) {
+    case NO_DEVICE: n = "no CUDA-capable device is detected (fake driver)"; break;
+    case OUT_OF_MEMORY: n = "out of memory (fake driver)"; break;
+    case INVALID_CONTEXT: n = "invalid device context (fake driver)"; break;
+    default: if (cuGetErrorName(e, &n) == SUCCESS) n = "fake driver error"; break;
+  }
+  if (!s) return INVALID_VALUE;
+  *s = n;
+  return n ? SUCCESS : INVALID_VALUE;
+}
+
+EXPORT CUresult cuDeviceGetCount(int* n) {
+  if (!initialised) return NOT_INITIALIZED;
+  *n = devices();
+  return SUCCESS;
+}
+
+EXPORT CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (ordinal < 0 || ordinal >= devices()) return INVALID_DEVICE;
+  *d = ordinal;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice d) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (d < 0 || d >= devices()) return INVALID_DEVICE;
+  __atomic_fetch_add(&retained[d], 1, __ATOMIC_SEQ_CST);
+  bump(C_RETAIN, 1);
+  *ctx = &contexts[d];
+  return SUCCESS;
+}
+
+EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (d < 0 || d >= devices() || __atomic_load_n(&retained[d], __ATOMIC_SEQ_CST) <= 0) return INVALID_DEVICE;
+  __atomic_fetch_sub(&retained[d], 1, __ATOMIC_SEQ_CST);
+  bump(C_RELEASE, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuCtxSetCurrent(void* ctx) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (ctx != NULL && ctx != &contexts[0] && ctx != &contexts[1]) return INVALID_CONTEXT;
+  bump(C_SET_CURRENT, 1);
+  current = ctx;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuCtxGetCurrent(void** ctx) {
+  if (!initialised) return NOT_INITIALIZED;
+  *ctx = current;
+  return SUCCESS;
+}
+
+/* Host memory: a page of header (magic and size) before the bytes handed out. */
+#define PAGE 4096
+#define ALLOC_MAGIC 0x70696e6e6564ull
+EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
+  NEED_CONTEXT();
+  if (bytes == 0 || flags > 0xF) return INVALID_VALUE;
+  if (is("oom")) return OUT_OF_MEMORY;
+  unsigned char* raw = aligned_alloc(PAGE, PAGE + (bytes + PAGE - 1) / PAGE * PAGE);
+  if (!raw) return OUT_OF_MEMORY;
+  ((unsigned long long*)raw)[0] = ALLOC_MAGIC;
+  ((unsigned long long*)raw)[1] = bytes;
+  bump(C_HOST_ALLOC, 1);
+  bump(C_HOST_BYTES, (long)bytes);
+  *p = raw + PAGE;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuMemFreeHost(void* p) {
+  NEED_CONTEXT();
+  if (!p) return INVALID_VALUE;
+  unsigned char* raw = (unsigned char*)p - PAGE;
+  if (((unsigned long long*)raw)[0] != ALLOC_MAGIC) { bump(C_BAD_HANDLE, 1); return INVALID_VALUE; }
+  bump(C_HOST_FREE, 1);
+  bump(C_HOST_BYTES, -(long)((unsigned long long*)raw)[1]);
+  ((unsigned long long*)raw)[0] = 0;
+  free(raw);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
+  NEED_CONTEXT();
+  if (!p || bytes == 0 || flags > 0xF) return INVALID_VALUE;
+  bump(C_REGISTER, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuMemHostUnregister(void* p) {
+  NEED_CONTEXT();
+  if (!p) return INVALID_VALUE;
+  bump(C_UNREGISTER, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamCreate(void** s, unsigned flags) {
+  NEED_CONTEXT();
+  if (flags > 1) return INVALID_VALUE;
+  *s = new_handle(1);
+  bump(C_STREAM_CREATE, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuStreamDestroy_v2(void* s) {
+  NEED_CONTEXT();
+  if (!valid(s, 1)) return INVALID_HANDLE;
+  ((struct handle*)s)->magic = 0;
+  free(s);
+  bump(C_STREAM_DESTROY, 1);
+  return SUCCESS;
+}
+
+/* Stream 0 (the legacy default stream) is a valid stream argument. */
+static int stream_ok(void* s) { return s == NULL || valid(s, 1); }
+
+EXPORT CUresult cuStreamWaitEvent(void* s, void* e, unsigned flags) {
+  NEED_CONTEXT();
+  if (!stream_ok(s) || !valid(e, 2) || flags != 0) return INVALID_HANDLE;
+  bump(C_WAIT, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuEventCreate(void** e, unsigned flags) {
+  NEED_CONTEXT();
+  if (flags > 0xF) return INVALID_VALUE;
+  *e = new_handle(2);
+  bump(C_EVENT_CREATE, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuEventRecord(void* e, void* s) {
+  NEED_CONTEXT();
+  if (!valid(e, 2) || !stream_ok(s)) return INVALID_HANDLE;
+  ((struct handle*)e)->pending = 1;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuEventQuery(void* e) {
+  NEED_CONTEXT();
+  if (!valid(e, 2)) return INVALID_HANDLE;
+  struct handle* h = e;
+  if (h->pending) { h->pending = 0; return NOT_READY; }
+  return SUCCESS;
+}
+
+EXPORT CUresult cuEventSynchronize(void* e) {
+  NEED_CONTEXT();
+  if (!valid(e, 2)) return INVALID_HANDLE;
+  ((struct handle*)e)->pending = 0;
+  return SUCCESS;
+}
+
+EXPORT CUresult cuEventDestroy_v2(void* e) {
+  NEED_CONTEXT();
+  if (!valid(e, 2)) return INVALID_HANDLE;
+  ((struct handle*)e)->magic = 0;
+  free(e);
+  bump(C_EVENT_DESTROY, 1);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, void* s) {
+  NEED_CONTEXT();
+  if (!stream_ok(s)) return INVALID_HANDLE;
+  if (bytes && (!dst || !src)) return INVALID_VALUE;
+  memcpy((void*)(uintptr_t)dst, src, bytes);
+  bump(C_COPY, 1);
+  return SUCCESS;
+}
+
+/* ---- cuGetProcAddress ---- */
+
+#ifndef FAKE_NO_PROC_ADDRESS
+struct entry { const char* name; int since; void* fn; };
+/* The version where each entry point's current signature and behaviour began. */
+static const struct entry entries[] = {
+  {"cuGetErrorName", 6000, (void*)cuGetErrorName},
+  {"cuGetErrorString", 6000, (void*)cuGetErrorString},
+  {"cuInit", 2000, (void*)cuInit},
+  {"cuDriverGetVersion", 2020, (void*)cuDriverGetVersion},
+  {"cuDeviceGetCount", 2000, (void*)cuDeviceGetCount},
+  {"cuDeviceGet", 2000, (void*)cuDeviceGet},
+  {"cuDevicePrimaryCtxRetain", 7000, (void*)cuDevicePrimaryCtxRetain},
+  {"cuDevicePrimaryCtxRelease", 11000, (void*)cuDevicePrimaryCtxRelease_v2},
+  {"cuCtxSetCurrent", 4000, (void*)cuCtxSetCurrent},
+  {"cuCtxGetCurrent", 4000, (void*)cuCtxGetCurrent},
+  {"cuMemHostAlloc", 2020, (void*)cuMemHostAlloc},
+  {"cuMemFreeHost", 2000, (void*)cuMemFreeHost},
+  {"cuMemHostRegister", 6050, (void*)cuMemHostRegister_v2},
+  {"cuMemHostUnregister", 4000, (void*)cuMemHostUnregister},
+  {"cuStreamCreate", 2000, (void*)cuStreamCreate},
+  {"cuStreamDestroy", 4000, (void*)cuStreamDestroy_v2},
+  {"cuStreamWaitEvent", 3020, (void*)cuStreamWaitEvent},
+  {"cuEventCreate", 2000, (void*)cuEventCreate},
+  {"cuEventRecord", 2000, (void*)cuEventRecord},
+  {"cuEventQuery", 2000, (void*)cuEventQuery},
+  {"cuEventSynchronize", 2000, (void*)cuEventSynchronize},
+  {"cuEventDestroy", 4000, (void*)cuEventDestroy_v2},
+  {"cuMemcpyHtoDAsync", 3020, (void*)cuMemcpyHtoDAsync_v2},
+};
+
+static CUresult lookup(const char* name, void** fn, int version, unsigned long long flags, int* status) {
+  size_t used = strlen(lookups);
+  if (used < sizeof lookups - 1)
+    (void)!snprintf(lookups + used, sizeof lookups - used, "%s@%d/%llu;", name ? name : "?", version, flags);
+  if (!name || !fn) return INVALID_VALUE;
+  if (version > driver_version()) return INVALID_VALUE;
+  *fn = NULL;
+  if (status) *status = 1; /* symbol not found */
+  for (size_t i = 0; i < sizeof entries / sizeof entries[0]; ++i) {
+    if (strcmp(entries[i].name, name) != 0) continue;
+    if (version < entries[i].since) {
+      if (status) *status = 2; /* version not sufficient */
+    } else {
+      *fn = entries[i].fn;
+      if (status) *status = 0;
+    }
+  }
+  return SUCCESS;
+}
+
+EXPORT CUresult cuGetProcAddress(const char* name, void** fn, int version, unsigned long long flags) {
+  return lookup(name, fn, version, flags, NULL);
+}
+
+EXPORT CUresult cuGetProcAddress_v2(const char* name, void** fn, int version, unsigned long long flags,
+                                    int* status) {
+  return lookup(name, fn, version, flags, status);
+}
+#endif
