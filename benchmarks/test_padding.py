@@ -4,7 +4,8 @@ Run: pytest benchmarks/test_padding.py --benchmark-only --benchmark-group-by=gro
 Each contender turns 256 sequences (lognormal lengths, mean about 300 tokens) into int64 ``input_ids`` and
 ``attention_mask`` [256, T]. "random" batches are padded to their longest (about 13 times the mean: writing the
 padding dominates); "bucketed" batches hold sequences of similar lengths, as LengthBucketSampler makes them (reading
-the inputs dominates). Compare the means within a group.
+the inputs dominates). Compare the means within a group. torch runs on one thread here, as in a DataLoader
+worker (on a busy 2-core machine its default two threads make pad_sequence's timings swing tenfold).
 """
 
 import numpy as np
@@ -15,6 +16,14 @@ from torch.nn.utils.rnn import pad_sequence
 from stoker import PadCollate
 
 BATCH = 256
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _lengths(bucketed: bool) -> np.ndarray:

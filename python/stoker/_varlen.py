@@ -167,11 +167,12 @@ class PadCollate:
     Cost: one native call. Numpy arrays and CPU tensors of any integer or bool dtype and stride are read where
     they lie, with the GIL released; lists and tuples of Python ints are converted with the GIL held, straight
     into their rows (about 2 ns per token); the padded keys and the mask are written into one block of stoker's
-    buffer pool. On a length-bucketed batch (256 sequences of about 250 tokens, one key) this is 4 to 7 times
-    faster than the numpy implementation that preceded it and, against a tensor per sample padded by
-    ``torch.nn.utils.rnn.pad_sequence``, 4 times faster for tensors, 14 for numpy int32 arrays and 28 for lists.
-    When the longest sequence is many times the mean, writing the padding dominates and the gains shrink to 2
-    to 6 times the numpy implementation (2 to 20 times ``pad_sequence``). Batches the native call does not
+    buffer pool. On a length-bucketed batch (256 sequences of about 250 tokens, one key, a 2-core machine) this
+    is 3 times faster than the numpy implementation that preceded it for tensors, 5 times for numpy int32 arrays
+    and 8 times for lists; against a tensor per sample padded by ``torch.nn.utils.rnn.pad_sequence`` (torch on
+    one thread, as in DataLoader workers), 4, 18 and 33 times. When the longest sequence is many times the mean,
+    writing the padding dominates and the gains shrink to 1.1 to 4.5 times the numpy implementation (2 to 15
+    times ``pad_sequence``). See ``benchmarks/test_padding.py``. Batches the native call does not
     cover (other sequence types such as ``range``, lists of numpy scalars, byte-swapped or subclassed arrays,
     tensor subclasses, padded keys of different lengths, and every error) take that numpy implementation,
     which gives the results and errors described above at its cost. The output tensors are views of one pooled
