@@ -5,15 +5,19 @@ padding than random batches); and both end to end through stoker.DataLoader, com
 from __future__ import annotations
 
 import pickle
+import threading
 
 import numpy as np
 import pytest
 import torch
-from helpers import MapDataset, TorchDataLoader, assert_batches_equal, assert_same
+from helpers import MapDataset, TorchDataLoader, assert_batches_equal, assert_same, raises_same
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import BatchSampler, RandomSampler, default_collate
 
 import stoker
+from stoker import _collate
 from stoker._varlen import LengthBucketSampler, PadCollate, TokenBudgetSampler
 
 
@@ -213,6 +217,295 @@ def test_default_collate_error_gets_a_note():
 def test_collate_argument_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         PadCollate(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PadCollate: the native path, against the numpy path and pad_sequence
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _numpy_only(collate: PadCollate) -> PadCollate:
+    """The same collate, held to the numpy path: the reference for the native one."""
+    slow = pickle.loads(pickle.dumps(collate))
+    slow._use_native = False
+    return slow
+
+
+def _pool_acquisitions() -> int:
+    stats = _collate.POOL.stats()
+    return stats["allocations"] + stats["reuses"]
+
+
+def _collate_natively(collate: PadCollate, batch):
+    """collate(batch), asserting that it took the native path (one pooled block per batch)."""
+    before = _pool_acquisitions()
+    out = collate(batch)
+    assert _pool_acquisitions() == before + 1, "the native path was not taken"
+    return out
+
+
+def _wrap64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v  # uint64 above INT64_MAX, cast to int64 as numpy and C do
+
+
+_NUMPY_INTS = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64]
+_TORCH_INTS = [torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16,
+               torch.uint32, torch.uint64]
+_NATIVE_KINDS = ["list", "tuple", "numpy", "numpy strided", "numpy reversed", "tensor", "tensor strided"]
+
+
+def _sequence_of(rng: np.random.Generator, kind: str, dtype: np.dtype, n: int):
+    """A sequence of n integers in a form the native path reads, and its values as int64 Python ints."""
+    if kind in ("list", "tuple"):  # any int64, small ones (cached objects) and bools mixed in
+        values = rng.integers(-(1 << 63), (1 << 63) - 1, n, dtype=np.int64, endpoint=True).tolist()
+        for j in np.flatnonzero(rng.random(n) < 0.3):
+            values[j] = bool(rng.integers(2)) if rng.random() < 0.5 else int(rng.integers(-5, 6))
+        return (values if kind == "list" else tuple(values)), [int(v) for v in values]
+    if dtype.kind == "b":
+        array = rng.integers(0, 2, n).astype(bool)
+    else:
+        info = np.iinfo(dtype)
+        array = rng.integers(info.min, info.max, n, dtype=dtype, endpoint=True)
+    values = [_wrap64(int(v)) for v in array.tolist()]
+    torch_dtype = _TORCH_INTS[_NUMPY_INTS.index(dtype.type)]
+    if kind == "numpy strided":
+        array = np.repeat(array, 3)[::3]
+    elif kind == "numpy reversed":
+        array = array[::-1].copy()[::-1]
+    elif kind == "tensor":
+        array = torch.from_numpy(array.copy()).to(torch_dtype)
+    elif kind == "tensor strided":
+        array = torch.from_numpy(array.copy()).to(torch_dtype).repeat_interleave(2)[::2]
+    return array, values
+
+
+@st.composite
+def _padding_case(draw):
+    """A random batch (bare sequences or dicts of two keys) in every form and dtype, PadCollate's arguments, and
+    the int64 values of each key's sequences. Hypothesis draws the shape of the case; numpy, the values."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    lengths = draw(st.lists(st.integers(0, 24), min_size=1, max_size=10))
+    dicts = draw(st.booleans())
+    keys = ["input_ids", "labels"] if dicts else ["input_ids"]
+    forms = st.tuples(st.sampled_from(_NATIVE_KINDS), st.sampled_from(_NUMPY_INTS).map(np.dtype))
+    columns = {k: [_sequence_of(rng, *draw(forms), n) for n in lengths] for k in keys}
+    if dicts:
+        batch = [{k: columns[k][i][0] for k in keys} for i in range(len(lengths))]
+    else:
+        batch = [seq for seq, _ in columns["input_ids"]]
+    kwargs = dict(
+        pad_id=draw(st.integers(-(1 << 53), 1 << 53)),  # pad_sequence's padding_value is a float
+        label_pad_id=draw(st.sampled_from([-100, 0, 7])),
+        padding_side=draw(st.sampled_from(["right", "left"])),
+        pad_to_multiple_of=draw(st.sampled_from([None, 1, 3, 8, 64])),
+        return_attention_mask=draw(st.booleans()),
+    )
+    values = {k: [ints for _, ints in columns[k]] for k in keys}
+    return batch, kwargs, values, lengths
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_padding_case())
+def test_native_matches_numpy_and_pad_sequence(case):
+    batch, kwargs, values, lengths = case
+    collate = PadCollate(**kwargs)
+    out = _collate_natively(collate, batch)
+    assert_same(out, _numpy_only(collate)(batch))
+    longest, multiple = max(lengths), kwargs["pad_to_multiple_of"]
+    width = -(-longest // multiple) * multiple if multiple else longest
+    pad_row = [[0] * width]  # pad_sequence pads to the longest: a row of the width asked for sets it
+    side = kwargs["padding_side"]
+    for key, rows in values.items():
+        pad = kwargs["label_pad_id"] if key == "labels" else kwargs["pad_id"]
+        assert_same(out[key], _reference_pad(rows + pad_row, pad, side)[:-1], key)
+    if kwargs["return_attention_mask"]:
+        assert_same(out["attention_mask"], _reference_pad([[1] * n for n in lengths] + pad_row, 0, side)[:-1])
+    assert list(out) == list(values) + (["attention_mask"] if kwargs["return_attention_mask"] else [])
+
+
+@pytest.mark.parametrize("make", [
+    *(pytest.param(lambda v, d=d: np.array(v).astype(d), id=np.dtype(d).name) for d in _NUMPY_INTS),
+    *(pytest.param(lambda v, d=d: torch.tensor(v).to(d), id=str(d)) for d in _TORCH_INTS),
+    pytest.param(list, id="list"), pytest.param(tuple, id="tuple"),
+])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_native_every_dtype(make, side):
+    rows = [[0, 1, 2, 127, 100], [], [1, 0], [255, 3, 9]]
+    batch = [make(r) for r in rows]
+    collate = PadCollate(pad_id=-7, padding_side=side, pad_to_multiple_of=4)
+    out = _collate_natively(collate, batch)
+    assert_same(out, _numpy_only(collate)(batch))
+    expected_rows = [torch.as_tensor(np.asarray(make(r)).astype(np.int64)) for r in rows]
+    assert_same(out["input_ids"], _reference_pad(expected_rows + [[0] * 8], -7, side)[:-1])
+
+
+@pytest.mark.parametrize(("values", "dtype"), [
+    ([-128, 127, -1], np.int8), ([-(1 << 15), (1 << 15) - 1], np.int16), ([-(1 << 31), (1 << 31) - 1], np.int32),
+    ([-(1 << 63), (1 << 63) - 1], np.int64), ([255, 0], np.uint8), ([65535], np.uint16), ([(1 << 32) - 1], np.uint32),
+    ([(1 << 64) - 1, 1 << 63, (1 << 63) - 1], np.uint64),
+])
+def test_native_extreme_values(values, dtype):
+    for make in (lambda v: np.array(v, dtype), lambda v: torch.from_numpy(np.array(v, dtype))):
+        batch = [make(values), make(values[:1])]
+        collate = PadCollate(pad_id=5)
+        out = _collate_natively(collate, batch)
+        assert_same(out, _numpy_only(collate)(batch))
+        assert out["input_ids"][0].tolist() == [_wrap64(v) for v in values]
+    ints = [-(1 << 63), (1 << 63) - 1, True, False, 0, (1 << 30) - 1, 1 << 30, -(1 << 30), 1 - (1 << 30), -1, 1 << 62]
+    assert _collate_natively(PadCollate(), [ints])["input_ids"].tolist() == [[int(v) for v in ints]]
+    for pad in (-(1 << 63), (1 << 63) - 1, (1 << 53) + 1):
+        collate = PadCollate(pad_id=pad, label_pad_id=pad - 1 if pad > 0 else pad + 1)
+        batch = [{"input_ids": [1, 2], "labels": [3, 4]}, {"input_ids": [5], "labels": [6]}]
+        out = _collate_natively(collate, batch)
+        assert_same(out, _numpy_only(collate)(batch))
+        assert out["input_ids"][1, 1].item() == pad and out["labels"][1, 1].item() == collate.label_pad_id
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize(("lengths", "multiple"), [([0], None), ([0, 0, 0], 8), ([0, 3, 0], None), ([0, 5], 4),
+                                                   ([1, 0], 1)])
+def test_native_empty_sequences(side, lengths, multiple):
+    kinds = [list, tuple, lambda r: np.array(r, np.int32), lambda r: torch.tensor(r, dtype=torch.int64),
+             lambda r: np.zeros(0, np.uint8) if not r else np.array(r, np.uint8)]
+    for make in kinds:
+        batch = [{"input_ids": make(list(range(1, n + 1))), "labels": make([2] * n)} for n in lengths]
+        collate = PadCollate(pad_id=9, padding_side=side, pad_to_multiple_of=multiple)
+        out = _collate_natively(collate, batch)
+        assert_same(out, _numpy_only(collate)(batch))
+        assert out["attention_mask"].sum(1).tolist() == lengths
+
+
+def test_batches_held_are_never_overwritten():
+    rng = np.random.default_rng(3)
+    collate = PadCollate(pad_id=-1, padding_side="left", pad_to_multiple_of=8)
+    held, parts = [], []
+    reuses = _collate.POOL.stats()["reuses"]
+    for step in range(120):
+        lengths = rng.integers(0, 60, int(rng.integers(1, 9)))  # widths 0..64: few block sizes, many reuses
+        batch = [{"input_ids": rng.integers(0, 1000, n).tolist(), "labels": rng.integers(0, 9, n, np.int32)}
+                 for n in lengths]
+        out = _collate_natively(collate, batch)
+        if step % 5 == 0:
+            held.append((out, {k: v.clone() for k, v in out.items()}))
+        elif step % 5 == 1:
+            parts.append((out["labels"], out["labels"].clone()))  # one tensor keeps the whole block
+        for value in out.values():
+            value.add_(0)  # touching a batch not kept changes nothing
+        del out
+    assert _collate.POOL.stats()["reuses"] > reuses + 50  # the dropped batches' blocks did come back
+    for out, copy in held:
+        assert_same(out, copy)
+    for part, copy in parts:
+        assert_same(part, copy)
+
+
+def test_native_outputs_are_one_block():
+    out = _collate_natively(PadCollate(), [{"input_ids": [1, 2, 3], "labels": [4, 5, 6]}, {"input_ids": [7],
+                                                                                            "labels": [8]}])
+    starts = [t.data_ptr() for t in out.values()]
+    assert starts == [starts[0] + k * 2 * 3 * 8 for k in range(3)]
+    assert all(t.is_contiguous() and t.dtype is torch.int64 for t in out.values())
+
+
+class _IntList(list):
+    pass
+
+
+class _Array(np.ndarray):
+    pass
+
+
+# Batches the native path leaves to the numpy path, which gives them its own result.
+_FALLBACK_BATCHES = {
+    "numpy scalars in a list": [[np.int64(3), np.int32(4)], [5]],
+    "range": [range(3), [1]],
+    "list subclass": [_IntList([1, 2]), [3]],
+    "byte-swapped array": [np.array([1, 2, 300], ">i4"), [4]],
+    "ndarray subclass": [np.arange(3).view(_Array), [4]],
+    "empty float array": [np.zeros(0, np.float32), [4]],
+    "empty float tensor": [torch.zeros(0), [4]],
+    "parameter": [torch.nn.Parameter(torch.arange(3), requires_grad=False), [4]],
+    "memmap and others": [np.arange(4)[1:], torch.arange(2), (7,)],  # native, as a control
+}
+
+
+@pytest.mark.parametrize("batch", _FALLBACK_BATCHES.values(), ids=_FALLBACK_BATCHES.keys())
+def test_values_the_native_path_leaves_to_numpy(batch):
+    collate = PadCollate(padding_side="left")
+    assert_same(collate(batch), _numpy_only(collate)(batch))
+
+
+def _good(i: int, n: int = 5) -> dict:
+    return {"input_ids": list(range(i, i + n)), "labels": np.arange(n, dtype=np.int32), "id": i}
+
+
+_BAD_BATCHES = {
+    "float late in a list": [_good(i) for i in range(40)] + [{"input_ids": [1, 2.5], "labels": [1, 2], "id": 0}],
+    "float array under labels": [_good(i) for i in range(7)] + [{"input_ids": [1], "labels": np.ones(1), "id": 0}],
+    "lengths differ": [_good(i) for i in range(3)] + [{"input_ids": torch.arange(4), "labels": [1, 2], "id": 0}],
+    "int beyond int64 in a list": [_good(0), {"input_ids": [1 << 63, 1], "labels": [1, 2], "id": 0}],
+    "string in a list": [_good(0), {"input_ids": [1, "2"], "labels": [1, 2], "id": 0}],
+    "None in a list": [_good(0), {"input_ids": [1, 2], "labels": [1, None], "id": 0}],
+    "2-D tensor": [_good(0), {"input_ids": torch.zeros(2, 2, dtype=torch.int64), "labels": [1, 2], "id": 0}],
+    "nested list": [_good(0), {"input_ids": [[1, 2], [3, 4]], "labels": [1, 2], "id": 0}],
+    "scalar under a padded key": [_good(0), {"input_ids": 3, "labels": [1, 2], "id": 0}],
+    "bad field and lengths differ": [_good(0), {"input_ids": [1, 2], "labels": [1], "id": "x"}],
+}
+
+
+# Tensors numpy() refuses and the numpy path's second try (detach().cpu().numpy()) also refuses: torch's own
+# error comes through, naming neither sample nor key. The native path leaves them to it.
+_TORCH_REFUSES = {
+    "negative-bit tensor": [_good(0), {"input_ids": torch._neg_view(torch.arange(2)), "labels": [1, 2], "id": 0}],
+    "meta tensor": [_good(0), {"input_ids": torch.zeros(2, dtype=torch.int64, device="meta"), "labels": [1, 2],
+                               "id": 0}],
+}
+
+
+@pytest.mark.parametrize("name", [*_BAD_BATCHES, *_TORCH_REFUSES])
+def test_native_path_raises_the_numpy_path_error(name):
+    batch = _BAD_BATCHES.get(name) or _TORCH_REFUSES[name]
+    collate = PadCollate()
+    error = raises_same(lambda: _numpy_only(collate)(batch), lambda: collate(batch))
+    if name not in _TORCH_REFUSES:
+        assert "sample" in str(error) or "default_collate" in "".join(getattr(error, "__notes__", []))
+
+
+def test_native_path_error_names_the_sample_and_key():
+    batch = [_good(i) for i in range(9)] + [{"input_ids": list(range(5)), "labels": [0, 1, 2, 3.5, 4], "id": 9}]
+    with pytest.raises(TypeError, match=r"^sample 9: 'labels' should hold integers, got dtype float64"):
+        PadCollate()(batch)
+    batch[9] = {"input_ids": list(range(5)), "labels": np.arange(4), "id": 9}
+    with pytest.raises(ValueError, match=r"^sample 9: 'labels' has length 4 but 'input_ids' has length 5"):
+        PadCollate()(batch)
+
+
+def test_native_path_from_several_threads():
+    rng = np.random.default_rng(4)
+    batches = [[rng.integers(0, 100, int(n)).astype(np.int32) for n in rng.integers(0, 300, 32)] for _ in range(40)]
+    collate = PadCollate(padding_side="left")
+    expected = [_numpy_only(collate)(b) for b in batches]
+    results: dict[int, dict] = {}
+
+    def work(first: int) -> None:
+        for j in range(first, len(batches), 4):
+            results[j] = collate(batches[j])
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j, out in sorted(results.items()):
+        assert_same(out, expected[j], f"batch {j}")
+    assert len(results) == len(batches)
+
+
+def test_native_batches_cross_torch_worker_processes():
+    dataset = MapDataset(_token_sample, 96)
+    collate = PadCollate(padding_side="left")
+    across = list(TorchDataLoader(dataset, batch_size=16, num_workers=2, collate_fn=collate))
+    assert_batches_equal(across, list(TorchDataLoader(dataset, batch_size=16, collate_fn=_numpy_only(collate))))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -179,6 +179,15 @@ def materialize_packed(
     pool: BufferPool,
 ) -> tuple[dict[typing.Any, typing.Any], int]: ...
 
+def pad_sequences(
+    columns: list[typing.Any],
+    pad_values: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+    multiple: typing.SupportsInt | typing.SupportsIndex,
+    left: bool,
+    mask: bool,
+    pool: BufferPool,
+) -> object: ...
+
 def plan_packing(
     source: TokenSource,
     order: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],

@@ -1,9 +1,141 @@
+#include <pybind11/gil_safe_call_once.h>
+#if PY_VERSION_HEX < 0x030B0000
+#include <longintrepr.h>  // PyLongObject's layout; Python.h includes it from 3.11 on
+#endif
+
 #include "stoker/bindings/bindings.h"
+#include "stoker/collate/pad.h"
 #include "stoker/collate/stack.h"
 #include "stoker/common/check.h"
 #include "stoker/pool/buffer_pool.h"
 
 namespace stoker::bindings {
+namespace {
+
+// What pad_sequences recognises without linking torch: the classes and dtype objects, looked up once, and the
+// names of the Tensor attributes it reads, interned.
+struct PadTypes {
+  py::object tensor, strided, memmap;
+  std::vector<std::pair<py::object, DType>> dtypes;
+  py::object is_cpu, layout, dtype, shape, stride, data_ptr, is_neg;
+};
+
+const PadTypes& pad_types() {
+  PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<PadTypes> storage;
+  return storage.call_once_and_store_result([] {
+    py::module_ torch = py::module_::import("torch");
+    PadTypes t;
+    t.tensor = torch.attr("Tensor");
+    t.strided = torch.attr("strided");
+    t.memmap = py::module_::import("numpy").attr("memmap");
+    const std::pair<const char*, DType> table[] = {
+        {"bool", {DTypeCode::Bool, 8}},  {"int8", {DTypeCode::Int, 8}},     {"int16", {DTypeCode::Int, 16}},
+        {"int32", {DTypeCode::Int, 32}}, {"int64", {DTypeCode::Int, 64}},   {"uint8", {DTypeCode::UInt, 8}},
+        {"uint16", {DTypeCode::UInt, 16}}, {"uint32", {DTypeCode::UInt, 32}}, {"uint64", {DTypeCode::UInt, 64}},
+    };
+    for (const auto& [name, dt] : table)
+      if (py::hasattr(torch, name)) t.dtypes.emplace_back(torch.attr(name), dt);
+    auto intern = [](const char* s) { return py::reinterpret_steal<py::object>(PyUnicode_InternFromString(s)); };
+    t.is_cpu = intern("is_cpu");
+    t.layout = intern("layout");
+    t.dtype = intern("dtype");
+    t.shape = intern("shape");
+    t.stride = intern("stride");
+    t.data_ptr = intern("data_ptr");
+    t.is_neg = intern("is_neg");
+    return t;
+  }).get_stored();
+}
+
+// A 1-D numpy array (ndarray or memmap, not other subclasses) of a type pad_batch reads, or false.
+bool array_sequence(const PadTypes& types, PyObject* o, IntSequence& s) {
+  if (Py_TYPE(o) != py::detail::npy_api::get().PyArray_Type_ &&
+      Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(types.memmap.ptr()))
+    return false;
+  auto a = py::reinterpret_borrow<py::array>(o);
+  if (a.ndim() != 1) return false;
+  const auto dt = dtype_of(a.dtype());
+  if (!dt || !pad_dtype_supported(*dt)) return false;
+  s.data = static_cast<const uint8_t*>(a.data());
+  s.length = static_cast<int64_t>(a.shape(0));
+  s.stride = static_cast<int64_t>(a.strides(0));
+  s.dtype = *dt;
+  return true;
+}
+
+// A plain 1-D CPU tensor (exactly torch.Tensor, strided, no negative bit) of a type pad_batch reads, or false.
+// Read through seven attributes (no torch headers): about half the cost of Tensor.numpy().
+bool tensor_sequence(const PadTypes& types, PyObject* o, IntSequence& s) {
+  if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(types.tensor.ptr())) return false;
+  auto get = [o](const py::object& name) { return py::reinterpret_steal<py::object>(PyObject_GetAttr(o, name.ptr())); };
+  auto call = [o](const py::object& name) {
+    return py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, name.ptr()));
+  };
+  py::object is_cpu = get(types.is_cpu);
+  if (is_cpu.ptr() != Py_True) return false;
+  py::object layout = get(types.layout);
+  if (!layout.is(types.strided)) return false;
+  py::object dtype = get(types.dtype);
+  const DType* dt = nullptr;
+  for (const auto& [obj, code] : types.dtypes)
+    if (dtype.is(obj)) dt = &code;
+  if (dt == nullptr) return false;
+  py::object shape = get(types.shape);
+  if (!shape || !PyTuple_Check(shape.ptr()) || PyTuple_GET_SIZE(shape.ptr()) != 1) return false;
+  const long long n = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), 0));
+  if (n < 0) return false;
+  py::object neg = call(types.is_neg);
+  if (neg.ptr() != Py_False) return false;
+  s.length = n;
+  s.dtype = *dt;
+  if (n == 0) return true;
+  py::object strides = call(types.stride);  // stride() is several times cheaper than stride(0)
+  py::object ptr = call(types.data_ptr);
+  if (!strides || !ptr || !PyTuple_Check(strides.ptr()) || PyTuple_GET_SIZE(strides.ptr()) != 1) return false;
+  const long long step = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), 0));
+  const unsigned long long address = PyLong_AsUnsignedLongLong(ptr.ptr());
+  if (PyErr_Occurred() || address == 0) return false;
+  s.data = reinterpret_cast<const uint8_t*>(static_cast<uintptr_t>(address));
+  s.stride = step * static_cast<int64_t>(dt->itemsize());
+  return true;
+}
+
+// The value of an exact int of one digit (|v| < 2**30: token ids), read in place as CPython's own inline
+// helpers do; false for a larger one. Twice as fast as PyLong_AsLongLongAndOverflow, which is the cost of lists.
+inline bool compact_int(PyObject* item, int64_t& value) {
+#if PY_VERSION_HEX >= 0x030C0000
+  auto* number = reinterpret_cast<PyLongObject*>(item);
+  if (!PyUnstable_Long_IsCompact(number)) return false;
+  value = static_cast<int64_t>(PyUnstable_Long_CompactValue(number));
+  return true;
+#else
+  const Py_ssize_t size = Py_SIZE(item);
+  if (size < -1 || size > 1) return false;
+  value = static_cast<int64_t>(size) * static_cast<int64_t>(reinterpret_cast<PyLongObject*>(item)->ob_digit[0]);
+  return true;
+#endif
+}
+
+// The items of a list or tuple of `n` Python ints (int or bool, within int64) into dst; false at anything else.
+bool ints_into(PyObject* seq, int64_t n, int64_t* dst) {
+  if (PySequence_Fast_GET_SIZE(seq) != n) return false;  // changed since it was measured
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  for (int64_t j = 0; j < n; ++j) {
+    PyObject* item = items[j];
+    if (PyLong_CheckExact(item)) {
+      if (compact_int(item, dst[j])) continue;
+    } else if (!PyBool_Check(item)) {
+      return false;
+    }
+    int overflow = 0;
+    const long long v = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow) return false;
+    dst[j] = v;
+  }
+  return true;
+}
+
+}  // namespace
 
 void register_collate(py::module_& m) {
   // Stacks a list of numpy arrays of one shape and dtype into a pooled buffer; returns a dltensor capsule
@@ -49,6 +181,83 @@ void register_collate(py::module_& m) {
     void* data = block->data;
     return to_capsule(export_dlpack(std::move(block), data, dtype, out_shape));
   }, py::arg("arrays"), py::arg("pool"));
+
+  // Pads columns[k][i], sample i's sequence under key k (a list or tuple of ints, a 1-D numpy array or a 1-D
+  // CPU tensor of integers or bools), into int64 [B, T] outputs in one pooled block: one capsule per key, then
+  // the mask when `mask`. Returns None when any value is something else, or a sample's keys differ in
+  // length: the caller's own path then decides (with its result or its error).
+  m.def("pad_sequences", [](const py::list& columns, const std::vector<int64_t>& pad_values, int64_t multiple,
+                            bool left, bool mask, BufferPool& pool) -> py::object {
+    const auto keys = static_cast<int64_t>(columns.size());
+    STOKER_CHECK_AS(ValueError, keys >= 1 && static_cast<int64_t>(pad_values.size()) == keys,
+                    "pad_sequences: ", keys, " columns for ", pad_values.size(), " pad values");
+    int64_t batch = -1;
+    for (py::handle column : columns) {
+      STOKER_CHECK_AS(TypeError, PyList_CheckExact(column.ptr()), "pad_sequences: each column must be a list");
+      const auto n = static_cast<int64_t>(PyList_GET_SIZE(column.ptr()));
+      STOKER_CHECK_AS(ValueError, batch < 0 || n == batch, "pad_sequences: columns of ", batch, " and ", n,
+                      " samples");
+      batch = n;
+    }
+    if (batch == 0) return py::none();
+    const PadTypes* types = nullptr;  // imported at the first array or tensor
+    std::vector<IntSequence> seqs(static_cast<size_t>(keys * batch));
+    std::vector<int64_t> lengths(static_cast<size_t>(batch));
+    std::vector<py::object> held;  // what the copy reads, alive while it runs without the GIL
+    held.reserve(seqs.size());
+    for (int64_t k = 0; k < keys; ++k) {
+      PyObject* column = PyList_GET_ITEM(columns.ptr(), k);
+      for (int64_t i = 0; i < batch; ++i) {
+        PyObject* o = PyList_GET_ITEM(column, i);
+        IntSequence& s = seqs[static_cast<size_t>(k * batch + i)];
+        if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
+          s.length = static_cast<int64_t>(PySequence_Fast_GET_SIZE(o));  // written in place below
+        } else {
+          if (types == nullptr) types = &pad_types();
+          if (!array_sequence(*types, o, s) && !tensor_sequence(*types, o, s)) {
+            PyErr_Clear();  // a tensor attribute may have raised: this value is not ours to judge
+            return py::none();
+          }
+          held.push_back(py::reinterpret_borrow<py::object>(o));
+        }
+        if (k == 0) {
+          lengths[static_cast<size_t>(i)] = s.length;
+        } else if (s.length != lengths[static_cast<size_t>(i)]) {
+          return py::none();
+        }
+      }
+    }
+    PadLayout layout;
+    if (!PadLayout::make(lengths.data(), batch, keys, multiple, left, mask, layout)) return py::none();
+    std::shared_ptr<Block> block;
+    try {
+      block = pool.acquire(layout.block_bytes());
+    } catch (const std::bad_alloc&) {
+      return py::none();  // too large: the caller's path raises its own MemoryError
+    }
+    auto* base = static_cast<int64_t*>(block->data);
+    // Python ints are converted with the GIL held, straight into their rows.
+    for (int64_t k = 0; k < keys; ++k) {
+      PyObject* column = PyList_GET_ITEM(columns.ptr(), k);
+      for (int64_t i = 0; i < batch; ++i) {
+        PyObject* o = PyList_GET_ITEM(column, i);
+        const IntSequence& s = seqs[static_cast<size_t>(k * batch + i)];
+        if (s.data == nullptr && s.length > 0 && !ints_into(o, s.length, layout.row(base, k, i, s.length)))
+          return py::none();
+      }
+    }
+    {
+      py::gil_scoped_release release;
+      pad_batch(layout, seqs.data(), lengths.data(), pad_values.data(), base);
+    }
+    const DType i64{DTypeCode::Int, 64};
+    const std::vector<int64_t> shape{batch, layout.width};
+    py::list out;
+    for (int64_t k = 0; k < layout.outputs(); ++k)
+      out.append(to_capsule(export_dlpack(block, layout.output(base, k), i64, shape)));
+    return std::move(out);
+  }, py::arg("columns"), py::arg("pad_values"), py::arg("multiple"), py::arg("left"), py::arg("mask"),
+     py::arg("pool"));
 }
 
 }  // namespace stoker::bindings
