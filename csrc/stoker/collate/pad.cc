@@ -72,15 +72,9 @@ void copy_sequence(const IntSequence& s, int64_t* dst) {
 }  // namespace
 
 bool pad_dtype_supported(DType t) {
-  switch (t.code) {
-    case DTypeCode::Bool:
-      return t.bits == 8;
-    case DTypeCode::Int:
-    case DTypeCode::UInt:
-      return t.bits == 8 || t.bits == 16 || t.bits == 32 || t.bits == 64;
-    default:
-      return false;
-  }
+  // The integer and bool types of the common table: padding writes int64 ids, never floats.
+  return dtype_supported(t) &&
+         (t.code == DTypeCode::Bool || t.code == DTypeCode::Int || t.code == DTypeCode::UInt);
 }
 
 bool PadLayout::make(const int64_t* lengths, int64_t batch, int64_t keys, int64_t multiple, bool left, bool mask,
