@@ -337,3 +337,59 @@ def test_exhausted_iterators_release_threads():
     if os_before is not None:
         assert native_thread_count() <= os_before + 4
     assert threading.active_count() <= py_before + 2
+
+
+_FORK_WHILE_BUSY = r"""
+import os, sys, threading, time
+import numpy as np
+import stoker
+
+data = np.random.default_rng(0).random((20000, 64), dtype=np.float32)
+stop = threading.Event()
+
+def churn():  # native threads acquire and return pool blocks without pause
+    loader = stoker.DataLoader(data, batch_size=256, shuffle=True, num_workers=2)
+    while not stop.is_set():
+        for _ in loader:
+            if stop.is_set():
+                break
+
+t = threading.Thread(target=churn)
+t.start()
+time.sleep(0.2)
+hung = failed = 0
+for _ in range(40):
+    pid = os.fork()
+    if pid == 0:
+        # The child allocates from the pool it inherited: a pool lock held by a parent thread at the fork would
+        # never be released here.
+        x = stoker.default_collate([np.ones(64, np.float32)] * 256)
+        os._exit(0 if float(x.sum()) == 256 * 64 else 3)
+    deadline = time.monotonic() + 10
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            failed += os.waitstatus_to_exitcode(status) != 0
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            hung += 1
+            break
+        time.sleep(0.002)
+stop.set()
+t.join()
+print(f"hung={hung} failed={failed}")
+sys.exit(1 if hung or failed else 0)
+"""
+
+
+def test_fork_while_native_threads_use_the_pool():
+    # A process forked while stoker's threads allocate (torch's DataLoader workers, a user's own fork) gets a
+    # usable pool: fork waits until no thread holds a pool lock.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_WHILE_BUSY], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "hung=0 failed=0" in proc.stdout

@@ -379,6 +379,16 @@ def test_pin_memory_without_accelerator_warns_like_torch():
             assert_batches_equal(caught[1][1], caught[0][1])
 
 
+def test_pin_memory_on_a_torch_without_torch_accelerator(monkeypatch):
+    # torch.accelerator exists from torch 2.6; before it, pin_memory asks CUDA (stoker supports torch >= 2.1).
+    if torch.cuda.is_available():
+        pytest.skip("checks the no-GPU path")
+    monkeypatch.delattr(torch, "accelerator")
+    with pytest.warns(UserWarning, match="no accelerator is found"):
+        batches = list(stoker.DataLoader(np.arange(10), batch_size=4, pin_memory=True))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2], ids=lambda w: f"workers{w}")
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_global_rng_consumed_like_torch_without_shuffle(dataset, num_workers):

@@ -119,7 +119,9 @@ def test_thread_mode_keeps_threads():
     assert sorted(seen_in_init) == [(0, 0), (1, 1)]
     rows = [dict(zip(b, values)) for b in batches for values in zip(*b.values())]
     assert {int(r["pid"]) for r in rows} == {os.getpid()}  # threads, not processes
-    assert {int(r["w"]) for r in rows} == {0, 1}  # each thread answers for itself
+    # Each thread answers for itself (which thread loads which batch is up to the scheduler; both threads'
+    # answers were checked in worker_init_fn above).
+    assert {int(r["w"]) for r in rows} <= {0, 1}
     for r in rows:
         assert r["thread"] == f"stoker_worker_{int(r['w'])}"
         assert int(r["n"]) == 2 and r["how"] == "thread" and bool(r["same"])

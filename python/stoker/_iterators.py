@@ -42,6 +42,13 @@ def _draw_seed(generator) -> int:
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
 
 
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA was the only one pinned for
+    if accelerator is not None:
+        return accelerator.is_available()
+    return torch.cuda.is_available()
+
+
 def _pin_requested(loader) -> bool:
     if not loader.pin_memory:
         return False
@@ -50,7 +57,7 @@ def _pin_requested(loader) -> bool:
             "pin_memory_device is deprecated, the current accelerator will be used as the device,"
             f"ignore pin_memory_device='{loader.pin_memory_device}'."
         )
-    if not torch.accelerator.is_available():
+    if not _accelerator_available():
         warnings.warn(
             "'pin_memory' argument is set as true but no accelerator is found, "
             "then device pinned memory won't be used."

@@ -1,5 +1,7 @@
 #include "stoker/pool/buffer_pool.h"
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -9,6 +11,53 @@
 #include "stoker/cuda/driver.h"
 
 namespace stoker {
+namespace {
+
+// fork() safety. A child process has only the thread that forked; had another thread held a pool's mutex at
+// that moment, the child's copy would stay locked forever (a child that allocates from the pool, say a torch
+// DataLoader worker forked from a process using stoker, would hang). So fork waits until no thread holds any
+// pool's mutex: the prepare handler takes them all, and both sides release them after. They are held only
+// around a few container operations, never while waiting on anything else.
+std::mutex& registry_mutex() {
+  static auto* m = new std::mutex;  // never destroyed: pools may be freed during static destruction
+  return *m;
+}
+
+std::vector<std::mutex*>& registry() {
+  static auto* r = new std::vector<std::mutex*>;
+  return *r;
+}
+
+void lock_all_for_fork() {
+  registry_mutex().lock();
+  for (std::mutex* m : registry()) m->lock();
+}
+
+void unlock_all_after_fork() {
+  auto& r = registry();
+  for (auto it = r.rbegin(); it != r.rend(); ++it) (*it)->unlock();
+  registry_mutex().unlock();
+}
+
+void register_for_fork(std::mutex* m) {
+  static std::once_flag installed;
+  std::call_once(installed, [] { pthread_atfork(lock_all_for_fork, unlock_all_after_fork, unlock_all_after_fork); });
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  registry().push_back(m);
+}
+
+void unregister_for_fork(std::mutex* m) noexcept {
+  std::lock_guard<std::mutex> lock(registry_mutex());
+  auto& r = registry();
+  for (auto it = r.begin(); it != r.end(); ++it) {
+    if (*it == m) {
+      r.erase(it);
+      return;
+    }
+  }
+}
+
+}  // namespace
 
 struct BufferPool::State {
   std::mutex mu;
@@ -17,7 +66,10 @@ struct BufferPool::State {
   PoolStats stats;
   std::shared_ptr<cuda::PrimaryContext> pin;  // set: blocks come from cuMemHostAlloc in this context
 
+  State() { register_for_fork(&mu); }
+
   ~State() {
+    unregister_for_fork(&mu);
     for (auto& [size, list] : free)
       for (void* p : list) release(p);
   }
