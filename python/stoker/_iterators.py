@@ -376,18 +376,11 @@ class IterableIterator(_Iterator):
         super().__init__(loader)
         self._collate = collate
         dataset = loader.dataset
-        self._dataset = dataset
-        self._stateful = is_stateful(dataset)
-        saved = self._cursor.resume_workers
-        position = IterablePosition(1, saved)
-        start = position.start_of(0)
-        if start is not None and start[1] is not None:
-            dataset.load_state_dict(start[1])
+        start = IterablePosition(1, self._cursor.resume_workers).start_of(0)
         # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it.
-        self._source = IterableSource(dataset, loader._auto_collation, loader.batch_size, bool(loader.drop_last))
-        if start is not None and start[1] is None:
-            self._source.skip(start[0])  # no state of its own: the pass is replayed up to there
-        cursor, stateful = self._cursor, self._stateful
+        self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
+                                            bool(loader.drop_last), start)
+        cursor, stateful = self._cursor, is_stateful(dataset)
 
         def position() -> dict:
             # No prefetch here: the dataset's own state is the consumer's position. (The cursor, which the

@@ -176,6 +176,17 @@ class IterableSource:
         self.drop_last = drop_last
         self.ended = False
 
+    @classmethod
+    def begin(cls, dataset, auto: bool, batch_size, drop_last: bool, start=None) -> IterableSource:
+        """A pass from the beginning, or from `start` = (batches served, the dataset's own state then) on a
+        resume: a stateful dataset loads its state before iter(); any other has its pass replayed to there."""
+        if start is not None and start[1] is not None:
+            dataset.load_state_dict(start[1])
+        source = cls(dataset, auto, batch_size, drop_last)
+        if start is not None and start[1] is None:
+            source.skip(start[0])
+        return source
+
     def skip(self, batches: int) -> None:
         """Draws (and drops, uncollated) the items of `batches` batches, cut as they were served, a batch that
         raised included: the pass then stands where the pass that served them stood."""
@@ -473,12 +484,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             if generation != source_generation:
                 source_generation = generation
                 try:
-                    # start: (batches already served by this worker, its dataset's state then) on a resume.
-                    if start is not None and start[1] is not None:
-                        dataset.load_state_dict(start[1])
-                    source = IterableSource(dataset, auto, *iterable)
-                    if start is not None and start[1] is None:
-                        source.skip(start[0])  # no state of its own: the pass is replayed up to there
+                    source = IterableSource.begin(dataset, auto, *iterable, start)
                     if stateful:
                         # Where this pass starts, for a state taken before the user has any batch of it.
                         _send(result_queue, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()),
