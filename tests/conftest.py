@@ -26,6 +26,14 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:This DataLoader will create:UserWarning")
 
 
+@pytest.fixture(scope="session")
+def fake_driver(tmp_path_factory):
+    """Paths of the fake CUDA driver (tests/fake_libcuda.c): "current" and "legacy" (see fake_cuda)."""
+    from fake_cuda import build_fake_driver
+
+    return build_fake_driver(tmp_path_factory)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_rng():
     """Tests seed torch's global RNG freely; restore it so test order never matters."""

@@ -10,6 +10,9 @@ torch's result or torch's error.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 import torch
 from torch.utils.data._utils import collate as _tc
@@ -27,6 +30,27 @@ _Tensor = torch.Tensor
 # writes straight into it, so the batch crosses to the main process without a copy (see _workers).
 ARENA = None
 
+# The pool a thread collates into when an iterator asks for another one than POOL: the page-locked pool when
+# batches are pinned for a GPU (see use_pool).
+_local = threading.local()
+
+
+def current_pool():
+    """The pool this thread's collation stacks into: the one use_pool() set, else POOL."""
+    pool = getattr(_local, "pool", None)
+    return POOL if pool is None else pool
+
+
+@contextlib.contextmanager
+def use_pool(pool):
+    """Stacks this thread's collations into `pool` for the duration (None: POOL)."""
+    previous = getattr(_local, "pool", None)
+    _local.pool = pool
+    try:
+        yield
+    finally:
+        _local.pool = previous
+
 
 def _stack_numpy(batch, *, collate_fn_map=None):
     if _tc.np_str_obj_array_pattern.search(batch[0].dtype.str) is None:
@@ -38,7 +62,7 @@ def _stack_numpy(batch, *, collate_fn_map=None):
                     return out
                 except (ValueError, TypeError):
                     pass  # shapes or dtypes differ: torch's function decides
-        capsule = core.stack_arrays(batch if type(batch) is list else list(batch), POOL)
+        capsule = core.stack_arrays(batch if type(batch) is list else list(batch), current_pool())
         if capsule is not None:
             return from_dlpack(capsule)
     return _tc.collate_numpy_array_fn(batch, collate_fn_map=collate_fn_map)
@@ -52,7 +76,7 @@ def _stack_tensors(batch, *, collate_fn_map=None):
         if code_bits is not None and all(type(t) is _Tensor and t.dtype is dtype for t in batch):
             out = ARENA.empty([len(batch), *elem.shape], dtype) if ARENA is not None else None
             if out is None:
-                out = from_dlpack(POOL.empty([len(batch), *elem.shape], *code_bits))
+                out = from_dlpack(current_pool().empty([len(batch), *elem.shape], *code_bits))
             try:
                 return torch.stack(batch, 0, out=out)
             except RuntimeError:

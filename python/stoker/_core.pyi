@@ -164,6 +164,12 @@ def cuda_available() -> bool:
 def cuda_current_context() -> int:
     """The handle of the context current on the calling thread (0 when none)."""
 
+def cuda_kernels_available() -> bool:
+    """Whether this build embeds stoker's CUDA kernels (STOKER_CUDA) and the driver can launch them."""
+
+def cuda_kernels_reason() -> str:
+    """Why the kernels are not available (empty when they are)."""
+
 def cuda_primary_context(device: typing.SupportsInt | typing.SupportsIndex) -> int:
     """The handle of the device's primary context, retained once for the process."""
 
@@ -178,6 +184,23 @@ def materialize_packed(
     doc_ids: bool,
     pool: BufferPool,
 ) -> tuple[dict[typing.Any, typing.Any], int]: ...
+
+def normalize_u8(
+    device: typing.SupportsInt | typing.SupportsIndex,
+    stream: typing.SupportsInt | typing.SupportsIndex,
+    src: typing.SupportsInt | typing.SupportsIndex,
+    dst: typing.SupportsInt | typing.SupportsIndex,
+    images: typing.SupportsInt | typing.SupportsIndex,
+    channels: typing.SupportsInt | typing.SupportsIndex,
+    height: typing.SupportsInt | typing.SupportsIndex,
+    width: typing.SupportsInt | typing.SupportsIndex,
+    channels_last: bool,
+    mean: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex],
+    std: collections.abc.Sequence[typing.SupportsFloat | typing.SupportsIndex],
+    scale: typing.SupportsFloat | typing.SupportsIndex,
+    type: typing.SupportsInt | typing.SupportsIndex,
+) -> None:
+    """Queues the normalise kernel on a stream (a CUstream handle): dst[n,c,h,w] = (src * scale - mean[c]) / std[c] from uint8 [N,C,H,W] (or [N,H,W,C] with channels_last) device memory."""
 
 def pad_sequences(
     columns: list[typing.Any],

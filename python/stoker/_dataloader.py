@@ -13,7 +13,7 @@ from torch.utils.data import DistributedSampler
 from torch.utils.data._utils import collate as _tc
 from torch.utils.data.dataloader import _DatasetKind
 
-from stoker import _collate
+from stoker import _collate, _cuda, _device
 from stoker._arrays import array_plan, is_array_dataset
 from stoker._iterators import ArrayIterator, IterableIterator, ProcessIterator, PythonIterator
 from stoker._native import core
@@ -29,7 +29,7 @@ class _Cursor:
     """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
     raised counts: its turn is taken), and whether it has reached its end."""
 
-    __slots__ = ("epoch", "served", "finished", "resume_workers", "position")
+    __slots__ = ("epoch", "served", "finished", "resume_workers", "position", "staged")
 
     def __init__(self, epoch: int, served: int) -> None:
         self.epoch = epoch
@@ -39,6 +39,17 @@ class _Cursor:
         # sets that tells the position as the user has consumed it.
         self.resume_workers = None
         self.position = None
+        # device=: the position (served, per-worker position) before each batch staged on the device but not
+        # yet received, oldest first. The user's position is the oldest of them (see _device).
+        self.staged = None
+
+    def consumed(self) -> tuple[int, Any]:
+        """(batches the user has received, the per-worker position then, None when untracked)."""
+        if self.staged:
+            return self.staged[0]
+        if self.position is not None:
+            return self.served, self.position()
+        return self.served, self.resume_workers
 
 
 class DataLoader(_TorchDataLoader):
@@ -75,6 +86,16 @@ class DataLoader(_TorchDataLoader):
             processes, as torch does (``worker_init_fn`` and ``get_worker_info()`` run in them), and array
             datasets on native threads; ``"thread"`` uses ``num_workers`` threads for everything;
             ``"process"`` uses processes for every dataset that is not served by the native array path.
+        device: ``"cuda"`` / ``"cuda:N"`` / a ``torch.device``: batches arrive on that GPU. They are collated
+            into page-locked buffers and copied on a stream of stoker's own, ``device_prefetch`` batches ahead
+            of use; your current stream waits for a batch's copy when you receive it (no synchronisation of
+            the device), and its memory is kept from reuse until your work on it has run. Members that are not
+            tensors stay on the CPU. ``state_dict()`` counts only the batches you have received. Raises
+            ``RuntimeError`` saying why where CUDA is not usable; ``None`` or ``"cpu"``: CPU batches.
+        device_prefetch: how many batches are copied ahead of the one you hold (default 2).
+        device_transform: a callable applied to each batch on the device, on stoker's stream, after its copy
+            (for example :class:`stoker.Normalize`, which turns uint8 images into normalised floats there,
+            so they cross PCIe as bytes). Needs ``device``.
         sample_seeds: seeds ``random``, numpy and torch before each sample of a Python dataset from (shuffle
             seed, epoch, index), so random augmentations give the same batches whatever ``num_workers`` and
             after a resume (beyond torch). Python datasets only, in processes or with ``num_workers=0``.
@@ -111,6 +132,9 @@ class DataLoader(_TorchDataLoader):
         world_size: int | None = None,
         worker_mode: str = "auto",
         sample_seeds: bool = False,
+        device=None,
+        device_prefetch: int = 2,
+        device_transform=None,
     ) -> None:
         super().__init__(
             dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory,
@@ -128,6 +152,15 @@ class DataLoader(_TorchDataLoader):
         check_count("rank", rank, 0)
         if rank is not None and world_size is not None and rank >= world_size:
             raise ValueError(f"Invalid rank {rank}, rank should be in the interval [0, {world_size - 1}]")
+        check_count("device_prefetch", device_prefetch, 1)
+        if device_transform is not None and not callable(device_transform):
+            raise TypeError(f"device_transform should be a callable, but got {type(device_transform).__name__}")
+        if device_transform is not None and device is None:
+            raise ValueError("device_transform runs on the device batches are copied to: give device= as well")
+        self._stoker_device = _cuda.resolve_device(device)  # None: batches stay on the CPU
+        self.device = device
+        self.device_prefetch = device_prefetch
+        self.device_transform = device_transform
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -214,7 +247,7 @@ class DataLoader(_TorchDataLoader):
         """(epoch, batches served) of the stream as the user has consumed it."""
         cursor = self._stoker_cursor
         if cursor is not None and not cursor.finished:
-            return cursor.epoch, cursor.served
+            return cursor.epoch, cursor.consumed()[0]
         resume = self._stoker_resume
         if resume is not None and resume[0] == self._stoker_epoch:
             return resume
@@ -316,11 +349,8 @@ class DataLoader(_TorchDataLoader):
         cursor = self._stoker_cursor
         workers = None
         if cursor is not None and not cursor.finished:
-            epoch, served = cursor.epoch, cursor.served
-            if cursor.position is not None:
-                workers = cursor.position()
-            elif cursor.resume_workers is not None:
-                workers = cursor.resume_workers
+            epoch = cursor.epoch
+            served, workers = cursor.consumed()
         else:
             epoch, served = self._stoker_position()
             if self._stoker_resume is not None and self._stoker_resume[0] == epoch:
@@ -382,6 +412,13 @@ class DataLoader(_TorchDataLoader):
         return ProcessIterator(self, collate)
 
     def __iter__(self):
+        inner = self._stoker_cpu_iter()
+        if self._stoker_device is None:
+            return inner
+        return _device.stage(inner, self._stoker_device, self.device_prefetch, self._stoker_cursor,
+                             self.device_transform)
+
+    def _stoker_cpu_iter(self):
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
+from stoker import _collate, _cuda
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, is_stateful, load_batch,
                              set_thread_worker_info, shutdown_all)
@@ -66,6 +67,18 @@ def _pin_requested(loader) -> bool:
     return True
 
 
+def _pinned_pool(loader, pin: bool):
+    """stoker's page-locked pool when batches are to be pinned (pin_memory=True where torch sees a GPU, or
+    device= set) and the driver layer reaches CUDA; else None (batches go to the ordinary pool). Batches
+    collated into it are pinned where they are made: no pin-memory thread, no second copy."""
+    device = getattr(loader, "_stoker_device", None)
+    if device is None and not (pin and torch.cuda.is_available()):
+        return None
+    if not _cuda.cuda_available():
+        return None
+    return _cuda.pinned_pool(device.index if device is not None else torch.cuda.current_device())
+
+
 def _add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(note)
@@ -84,6 +97,7 @@ class _Iterator:
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
         self._pin = _pin_requested(loader)
+        self._host_pool = _pinned_pool(loader, self._pin)  # None: the ordinary pool
         drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
         self._base_seed = drawn
         self._native_order = loader._stoker_native_sampler
@@ -97,6 +111,10 @@ class _Iterator:
         iterable = loader._dataset_kind != _DatasetKind.Map
         self._len_called = loader._IterableDataset_len_called if iterable else None
         self._yielded = 0
+
+    def _host_pool_device(self) -> int:
+        device = getattr(self._loader, "_stoker_device", None)
+        return device.index if device is not None else torch.cuda.current_device()
 
     def _started(self) -> None:
         self._closed = False
@@ -228,7 +246,8 @@ class ArrayIterator(_Iterator):
         self._batches = None if self._native_order else self._skip(iter(self._index_sampler))
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
         start = self._start if self._native_order else 0
-        self._pipe = core.ArrayPipeline(source, POOL, stream, start, threads, depth)
+        pool = POOL if self._host_pool is None else self._host_pool
+        self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
         self._started()
         if self._batches is not None:
@@ -321,8 +340,12 @@ class PythonIterator(_Iterator):
             self._top_up()
 
     def _load(self, number: int, indices):
-        return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
-                          self._rng_key)
+        if self._host_pool is None:
+            return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
+                              self._rng_key)
+        with _collate.use_pool(self._host_pool):  # collated straight into page-locked blocks
+            return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
+                              self._rng_key)
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
@@ -398,7 +421,10 @@ class IterableIterator(_Iterator):
             data = self._source.next_data()
         except StopIteration:
             self._finish()
-        return self._collate(data)
+        if self._host_pool is None:
+            return self._collate(data)
+        with _collate.use_pool(self._host_pool):
+            return self._collate(data)
 
 
 class ProcessIterator(_Iterator):
@@ -422,6 +448,9 @@ class ProcessIterator(_Iterator):
                 previous.drain()  # batches prefetched for an abandoned epoch are dropped, as torch does
         self._pool = pool
         self._own_pool = not persistent
+        if self._host_pool is not None and not pool.ring.pinned:
+            # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
+            pool.ring.pin(self._host_pool_device())
         batches = None if iterable else self._index_batches()
         position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if iterable else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),

@@ -294,9 +294,10 @@ class PadCollate:
             return None
         keys = list(values)
         mask = self.return_attention_mask and "attention_mask" not in order
-        # stoker._collate.POOL, not stoker._native.POOL: a stoker worker process replaces it after the fork.
+        # stoker._collate's pool, not stoker._native.POOL: a stoker worker process replaces it after the fork,
+        # and a loader pinning batches for a GPU sets a page-locked one.
         capsules = core.pad_sequences(list(values.values()), [self._pad_value(k) for k in keys], multiple,
-                                      self.padding_side == "left", mask, _collate.POOL)
+                                      self.padding_side == "left", mask, _collate.current_pool())
         if capsules is None:
             return None
         tensors = [from_dlpack(c) for c in capsules]

@@ -1,5 +1,7 @@
 #include "stoker/bindings/bindings.h"
+#include "stoker/common/check.h"
 #include "stoker/cuda/driver.h"
+#include "stoker/device/kernels.h"
 
 namespace stoker::bindings {
 
@@ -27,6 +29,23 @@ void register_cuda(py::module_& m) {
         "The handle of the device's primary context, retained once for the process.");
   m.def("cuda_current_context", [] { return reinterpret_cast<uintptr_t>(cuda::current_context()); },
         "The handle of the context current on the calling thread (0 when none).");
+
+  m.def("cuda_kernels_available", &device::kernels_available, py::call_guard<py::gil_scoped_release>(),
+        "Whether this build embeds stoker's CUDA kernels (STOKER_CUDA) and the driver can launch them.");
+  m.def("cuda_kernels_reason", &device::kernels_reason, py::call_guard<py::gil_scoped_release>(),
+        "Why the kernels are not available (empty when they are).");
+  m.def("normalize_u8", [](int device, uintptr_t stream, uintptr_t in, uintptr_t out, int64_t images,
+                           int64_t channels, int64_t height, int64_t width, bool channels_last,
+                           const std::vector<float>& mean, const std::vector<float>& std, float scale, int type) {
+    if (type < 0 || type > 2) throw stoker::ValueError("normalize_u8: type is 0 (float32), 1 (float16) or 2 (bfloat16)");
+    py::gil_scoped_release release;
+    device::normalize_u8(device, stream, in, out, images, channels, height, width, channels_last, mean, std, scale,
+                         static_cast<device::FloatType>(type));
+  }, py::arg("device"), py::arg("stream"), py::arg("src"), py::arg("dst"), py::arg("images"), py::arg("channels"),
+     py::arg("height"), py::arg("width"), py::arg("channels_last"), py::arg("mean"), py::arg("std"),
+     py::arg("scale"), py::arg("type"),
+     "Queues the normalise kernel on a stream (a CUstream handle): dst[n,c,h,w] = (src * scale - mean[c]) / "
+     "std[c] from uint8 [N,C,H,W] (or [N,H,W,C] with channels_last) device memory.");
 
   py::class_<cuda::Event, std::shared_ptr<cuda::Event>>(m, "CudaEvent")
       .def(py::init([](int device) { return std::make_shared<cuda::Event>(cuda::primary_context(device)); }),

@@ -22,6 +22,8 @@ using CUcontext = struct CUctx_st*;
 using CUstream = struct CUstream_st*;
 using CUevent = struct CUevent_st*;
 using CUdeviceptr = unsigned long long;
+using CUmodule = struct CUmod_st*;
+using CUfunction = struct CUfunc_st*;
 
 constexpr CUresult CUDA_SUCCESS = 0;
 constexpr CUresult CUDA_ERROR_INVALID_VALUE = 1;
@@ -66,6 +68,13 @@ struct Api {
   CUresult (*cuEventSynchronize)(CUevent event);                                       // 2000
   CUresult (*cuEventDestroy)(CUevent event);                                           // 4000 (_v2)
   CUresult (*cuMemcpyHtoDAsync)(CUdeviceptr dst, const void* src, size_t bytes, CUstream stream);  // 3020 (_v2)
+  // Optional (kernels, see device/kernels.h): null when the driver does not provide them, which leaves CUDA
+  // available and only the kernels off.
+  CUresult (*cuModuleLoadData)(CUmodule* module, const void* image);                   // 2000
+  CUresult (*cuModuleGetFunction)(CUfunction* fn, CUmodule module, const char* name);   // 2000
+  CUresult (*cuLaunchKernel)(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, unsigned shared_bytes, CUstream stream, void** params,
+                             void** extra);                                            // 4000
 };
 
 /// What loading the driver found, filled once per process at the first query.

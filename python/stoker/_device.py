@@ -1,0 +1,240 @@
+"""Batches delivered on a CUDA device: the device stage of a loader built with ``device=``.
+
+Each CPU batch (collated into page-locked buffers of stoker's pool) is copied host-to-device on a stream of
+stoker's own, created non-blocking in the device's primary context (the context torch uses), ``depth`` batches
+ahead of the one handed to the user. The bookkeeping that makes this safe:
+
+* destinations come from torch's caching allocator, allocated while stoker's stream is torch's current one,
+  so the allocator orders their reuse on that stream;
+* an event is recorded after a batch's copies (and the optional ``transform``); when the batch is handed over,
+  the consumer's current stream waits on that event (no device-wide synchronisation), and every device tensor
+  of the batch is marked as used by the consumer's stream (``record_stream``), so its memory is not reused
+  before the consumer's work on it has run, even when the user frees it at once;
+* the host buffers of a batch are kept until its event has completed: only then can the pool reuse them.
+
+Members of a batch that are not CPU tensors (strings, numbers, custom objects) stay as they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any, Callable
+
+import torch
+
+from stoker._native import core
+
+__all__ = ["CudaTarget", "DeviceIterator", "to_device"]
+
+
+class CudaTarget:
+    """A CUDA device as the stage uses it: stoker's driver stream for copies and events, torch's caching
+    allocator (with that stream current) for destinations, torch's current stream as the consumer."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = core.CudaStream(device.index)
+        # torch's view of the same CUstream: allocations made under it are ordered on it.
+        self._torch_stream = torch.cuda.ExternalStream(self.stream.handle, device=device)
+
+    def side(self):
+        """Context in which destinations are allocated and the transform runs: stoker's stream current."""
+        return torch.cuda.stream(self._torch_stream)
+
+    def empty(self, src: torch.Tensor) -> torch.Tensor:
+        return torch.empty(src.shape, dtype=src.dtype, device=self.device)
+
+    def consumer(self):
+        """The stream the user's work runs on now (torch's current stream of the device)."""
+        return torch.cuda.current_stream(self.device)
+
+    @staticmethod
+    def handle(consumer) -> int:
+        return consumer.cuda_stream
+
+    @staticmethod
+    def used_by(tensor: torch.Tensor, consumer) -> None:
+        tensor.record_stream(consumer)
+
+
+def _leaves(batch, out: list) -> list:
+    """The tensors of a batch structure (tuples, lists, mappings, namedtuples), in order."""
+    if isinstance(batch, torch.Tensor):
+        out.append(batch)
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            _leaves(v, out)
+    elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
+        for v in batch:
+            _leaves(v, out)
+    return out
+
+
+def _rebuild(batch, convert: Callable[[torch.Tensor], torch.Tensor]):
+    """The batch with each CPU tensor replaced by convert(tensor); the structure's types are kept as torch's
+    pin_memory keeps them."""
+    if isinstance(batch, torch.Tensor):
+        return convert(batch) if batch.device.type == "cpu" else batch
+    if isinstance(batch, (str, bytes)):
+        return batch
+    if isinstance(batch, Mapping):
+        items = {k: _rebuild(v, convert) for k, v in batch.items()}
+        try:
+            if isinstance(batch, MutableMapping):
+                clone = copy.copy(batch)  # keeps the type and attributes of a mapping subclass
+                clone.update(items)
+                return clone
+            return type(batch)(items)
+        except TypeError:
+            return items  # a mapping type that cannot be built from a dict
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(_rebuild(v, convert) for v in batch))
+    if isinstance(batch, tuple):
+        return tuple(_rebuild(v, convert) for v in batch)
+    if isinstance(batch, Sequence):
+        try:
+            return type(batch)([_rebuild(v, convert) for v in batch])
+        except TypeError:
+            return [_rebuild(v, convert) for v in batch]
+    return batch
+
+
+def to_device(batch, target, keep: list):
+    """Queues the copy of every CPU tensor of `batch` to the target device on the target's stream and returns
+    the batch made of the destinations. Every host tensor read is appended to `keep`: the caller holds them
+    until an event recorded after these copies has completed. Call it with target.side() entered."""
+    stream = target.stream
+
+    def convert(src: torch.Tensor) -> torch.Tensor:
+        if src.requires_grad:
+            src = src.detach()
+        if not src.is_contiguous():
+            # An async copy never reads a strided view: a contiguous host copy first (pageable: the driver
+            # stages it synchronously, which is correct, only slower).
+            src = src.contiguous()
+        dst = target.empty(src)
+        nbytes = src.numel() * src.element_size()
+        if nbytes:
+            stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
+            keep.append(src)
+        return dst
+
+    return _rebuild(batch, convert)
+
+
+class DeviceIterator:
+    """Wraps one of stoker's CPU batch iterators: stages ``depth`` batches on the device ahead of use (see the
+    module's docstring). The position the loader reports (state_dict) is the user's, not the stage's: the
+    staged batches are not counted as served."""
+
+    def __init__(self, inner, target, depth: int, cursor=None, transform: Callable | None = None) -> None:
+        self._inner = inner
+        self._target = target
+        self._depth = max(1, int(depth))
+        self._cursor = cursor
+        self._transform = transform
+        self._staged: collections.deque = collections.deque()  # (kind, value, event)
+        self._held: collections.deque = collections.deque()    # (event, host tensors) of copies maybe in flight
+        self._inner_done = False
+        self._closed = False
+        if cursor is not None:
+            cursor.staged = collections.deque()  # the position before each staged batch, oldest first
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def _position(self):
+        cursor = self._cursor
+        if cursor is None:
+            return None
+        return cursor.served, (cursor.position() if cursor.position is not None else cursor.resume_workers)
+
+    def _stage_one(self) -> bool:
+        """Pulls the next CPU batch from the inner iterator and queues its copy. False when it has ended."""
+        position = self._position()
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            self._inner_done = True
+            if self._cursor is not None and self._staged:
+                self._cursor.finished = False  # the user has batches to receive still
+            return False
+        except Exception as exc:  # raised at this batch's turn, as the inner iterator would have
+            self._staged.append(("error", exc, None))
+            if self._cursor is not None:
+                self._cursor.staged.append(position)
+            return True
+        keep: list = []
+        with self._target.side():
+            on_device = to_device(batch, self._target, keep)
+            if self._transform is not None:
+                on_device = self._transform(on_device)
+        event = self._target.stream.record()
+        self._held.append((event, keep))
+        self._staged.append(("batch", on_device, event))
+        if self._cursor is not None:
+            self._cursor.staged.append(position)
+        return True
+
+    def _release_finished(self) -> None:
+        # Events of one stream complete in order: the oldest first.
+        while self._held and self._held[0][0].query():
+            self._held.popleft()
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        while not self._inner_done and len(self._staged) < self._depth + 1:
+            if not self._stage_one():
+                break
+        self._release_finished()
+        if not self._staged:
+            self.close()
+            if self._cursor is not None:
+                self._cursor.finished = True
+            raise StopIteration
+        kind, value, event = self._staged.popleft()
+        if self._cursor is not None:
+            self._cursor.staged.popleft()
+        if kind == "error":
+            raise value
+        consumer = self._target.consumer()
+        event.block_stream(self._target.handle(consumer))
+        for tensor in _leaves(value, []):
+            if tensor.device == self._target.device:
+                self._target.used_by(tensor, consumer)
+        return value
+
+    def close(self) -> None:
+        """Stops the inner iterator; host buffers are kept until their copies are done, then released."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            self._inner.close()
+        if self._held:
+            with contextlib.suppress(Exception):
+                self._held[-1][0].synchronize()  # the last copy done means every earlier one is
+        self._held.clear()
+        self._staged.clear()
+        cursor = self._cursor
+        if cursor is not None and cursor.staged:
+            # Batches staged but never received: the user's position stays before the oldest of them.
+            cursor.staged = collections.deque([cursor.staged[0]])
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
+
+
+def stage(inner, device: torch.device, depth: int, cursor, transform) -> Any:
+    """The iterator a loader built with device= returns: `inner`'s batches on `device`."""
+    return DeviceIterator(inner, CudaTarget(device), depth, cursor, transform)

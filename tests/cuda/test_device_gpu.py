@@ -1,0 +1,152 @@
+"""device= on a real GPU (skipped without one): batches on the device equal the CPU batches bit for bit over
+several epochs; a consumer that launches work on each batch at once, keeps some batches while sleeping at
+random and frees others never sees a wrong value; pin_memory=True batches are pinned where they are collated;
+Normalize on the GPU equals the CPU reference; 100 loaders leave no page-locked memory or device memory behind.
+
+Run where a GPU is lent: `PYTHONPATH=python python -m pytest tests/cuda -q`.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import stoker
+from stoker import _cuda
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and a CUDA build of torch")
+
+
+class Indexed(torch.utils.data.Dataset):
+    """Sample i: a float32 [64, 64] filled with i and a uint8 image of i % 251; a Python dataset."""
+
+    def __len__(self):
+        return 512
+
+    def __getitem__(self, i):
+        return {"x": np.full((64, 64), i, np.float32), "img": np.full((3, 8, 8), i % 251, np.uint8), "i": i,
+                "name": f"s{i}"}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("kind", ["array", "array_threads", "python", "python_processes"])
+def test_device_batches_equal_cpu_batches_over_epochs(kind):
+    if kind.startswith("array"):
+        dataset = torch.utils.data.TensorDataset(torch.randn(1000, 37), torch.arange(1000))
+    else:
+        dataset = Indexed()
+    kw = {"batch_size": 64, "shuffle": True, "seed": 5, "num_workers": 2 if kind.endswith(("threads", "processes")) else 0}
+    cpu = stoker.DataLoader(dataset, **kw)
+    gpu = stoker.DataLoader(dataset, device="cuda", **kw)
+    for _ in range(3):
+        for a, b in zip(cpu, gpu, strict=True):
+            for t in ([b] if isinstance(b, torch.Tensor) else (b.values() if isinstance(b, dict) else b)):
+                if isinstance(t, torch.Tensor):
+                    assert t.is_cuda
+            assert _same(a, b)
+    if kind.startswith("python"):
+        assert isinstance(b["name"], list) and b["name"][0].startswith("s")  # strings stay on the CPU
+
+
+def test_a_busy_consumer_holding_and_freeing_batches_never_sees_a_wrong_value():
+    rng = random.Random(0)
+    dataset = Indexed()
+    loader = stoker.DataLoader(dataset, batch_size=32, shuffle=True, seed=1, num_workers=2, device="cuda",
+                               device_prefetch=3)
+    kept = []
+    side = torch.cuda.Stream()
+    for _epoch in range(3):
+        for batch in loader:
+            x, idx = batch["x"], batch["i"].cuda()
+            # Work launched at once on the current stream: the batch must already be there.
+            expected = idx.float().view(-1, 1, 1).expand_as(x)
+            assert torch.equal(x, expected)
+            heavy = (x @ x.transpose(1, 2)).sum()  # queue some work that reads x
+            if rng.random() < 0.3:
+                kept.append((x, expected, heavy))
+            if rng.random() < 0.2:
+                time.sleep(rng.random() * 0.01)
+            if len(kept) > 8:
+                old_x, old_expected, _ = kept.pop(rng.randrange(len(kept)))
+                assert torch.equal(old_x, old_expected)
+            del batch, x  # freed at once while work on it is queued: record_stream keeps its memory
+        with torch.cuda.stream(side):  # another stream allocating meanwhile must not get those blocks early
+            junk = torch.full((1 << 20,), -1.0, device="cuda")
+            del junk
+    for old_x, old_expected, _ in kept:
+        assert torch.equal(old_x, old_expected)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pin_memory_batches_are_pinned_where_they_are_made(num_workers):
+    arrays = torch.utils.data.TensorDataset(torch.randn(256, 16))
+    for dataset in (arrays, Indexed()):
+        loader = stoker.DataLoader(dataset, batch_size=32, pin_memory=True, num_workers=num_workers)
+        for batch in loader:
+            tensors = [batch[0]] if isinstance(batch, list) else [batch["x"], batch["img"]]
+            assert all(t.is_pinned() for t in tensors)
+    pool = _cuda.pinned_pool(torch.cuda.current_device())
+    assert pool is not None and pool.pinned
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_normalize_on_the_gpu_equals_the_cpu_reference(dtype, channels_last):
+    rng = np.random.default_rng(0)
+    shape = (16, 32, 32, 3) if channels_last else (16, 3, 32, 32)
+    images = torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cpu = stoker.normalize(images, mean, std, dtype=dtype, channels_last=channels_last)
+    gpu = stoker.normalize(images.cuda(), mean, std, dtype=dtype, channels_last=channels_last)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+def test_normalize_as_device_transform():
+    dataset = Indexed()
+    t = stoker.Normalize((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), dtype=torch.bfloat16, key="img")
+    cpu = stoker.DataLoader(dataset, batch_size=64)
+    gpu = stoker.DataLoader(dataset, batch_size=64, device="cuda", device_transform=t)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert b["img"].is_cuda and b["img"].dtype == torch.bfloat16
+        assert torch.equal(b["img"].cpu(), t(a)["img"])
+
+
+def test_a_hundred_loaders_leave_nothing_behind():
+    dataset = torch.utils.data.TensorDataset(torch.randn(4096, 256))
+    torch.cuda.synchronize()
+    gc.collect()
+    base_allocated = torch.cuda.memory_allocated()
+    pinned_after_first = None
+    refs = []
+    for n in range(100):
+        loader = stoker.DataLoader(dataset, batch_size=256, shuffle=True, device="cuda")
+        it = iter(loader)
+        next(it)
+        refs.append(weakref.ref(it))
+        del it, loader
+        gc.collect()
+        stats = _cuda.pinned_pool(torch.cuda.current_device()).stats()
+        if n == 0:
+            pinned_after_first = stats["pinned_bytes"]
+        else:
+            assert stats["pinned_bytes"] <= max(pinned_after_first, 64 << 20)
+    torch.cuda.synchronize()
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert torch.cuda.memory_allocated() == base_allocated

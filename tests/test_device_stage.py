@@ -1,0 +1,232 @@
+"""The device stage (device= on stoker.DataLoader) without a GPU: stoker's real stream, events and copies run
+against the fake driver (tests/fake_libcuda.c, whose "device memory" is host memory and whose events complete
+one query after they are recorded); only torch's side (its caching allocator, current stream and
+record_stream) is stood in for by CPU tensors. What is checked: batches equal the CPU loader's value by value,
+non-tensor members stay as they are, one copy per tensor and one stream wait per batch received, host buffers
+held until their copy's event has completed, page-locked collation, the position that state_dict reports
+(the batches received, not those staged), errors at their turn, and the transform.
+
+tests/cuda/test_device_gpu.py runs the same stage on a real GPU.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+import stoker
+from fake_cuda import run
+
+# A CPU stand-in for torch's side of a CUDA device; stoker's stream and events are the fake driver's.
+STAGE = """
+import contextlib
+from stoker import _device
+
+class FakeTarget(_device.CudaTarget):
+    used = []
+    def __init__(self, device):
+        self.device = torch.device("cpu")
+        self.stream = core.CudaStream(device.index)
+    def side(self):
+        return contextlib.nullcontext()
+    def empty(self, src):
+        return torch.full(src.shape, 7, dtype=src.dtype) if src.dtype != torch.bool else torch.empty(src.shape, dtype=src.dtype)
+    def consumer(self):
+        return "consumer"
+    @staticmethod
+    def handle(consumer):
+        return 0
+    @staticmethod
+    def used_by(tensor, consumer):
+        FakeTarget.used.append(consumer)
+
+_device.CudaTarget = FakeTarget
+_cuda.resolve_device = lambda device: None if device in (None, "cpu") else torch.device("cuda", 0)
+
+def same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return type(a) is type(b) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+def epochs(loader, n):
+    return [list(loader) for _ in range(n)]
+"""
+
+
+def stage(code: str, fake_driver) -> dict:
+    return run(STAGE + textwrap.dedent(code), library=fake_driver["current"], package=True)
+
+
+def test_batches_equal_the_cpu_loaders_for_every_dataset_kind(fake_driver):
+    out = stage("""
+        class Py(torch.utils.data.Dataset):
+            def __len__(self): return 23
+            def __getitem__(self, i):
+                return {"x": torch.full((3,), float(i)), "name": f"s{i}", "n": i, "img": np.full((2, 2), i, np.uint8)}
+
+        class It(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(torch.arange(17.0).reshape(17, 1))
+
+        tensors = torch.utils.data.TensorDataset(torch.randn(50, 4), torch.arange(50))
+        results = {}
+        for name, ds, kw in [("array", tensors, dict(batch_size=8, shuffle=True, seed=3)),
+                             ("array_nw2", tensors, dict(batch_size=8, shuffle=True, seed=3, num_workers=2)),
+                             ("python", Py(), dict(batch_size=4, shuffle=True, seed=5)),
+                             ("python_processes", Py(), dict(batch_size=4, shuffle=True, seed=5, num_workers=2)),
+                             ("iterable", It(), dict(batch_size=5)),
+                             ("unbatched", Py(), dict(batch_size=None))]:
+            cpu = epochs(stoker.DataLoader(ds, **kw), 3)
+            dev_loader = stoker.DataLoader(ds, device="cuda", **kw)
+            dev = epochs(dev_loader, 3)
+            results[name] = same(cpu, dev) and (name == "iterable" or len(dev[0]) == len(dev_loader))
+        out["same"] = results
+        out["names_stay"] = dev[0][0]["name"] == "s0" and dev[0][0]["n"] == 0
+        out["counts"] = {k: count(k) for k in ("bad_context", "bad_handle")}
+    """, fake_driver)
+    assert out["same"] == {k: True for k in out["same"]}
+    assert out["names_stay"] is True
+    assert out["counts"] == {"bad_context": 0, "bad_handle": 0}
+
+
+def test_one_copy_per_tensor_one_wait_per_batch_and_pinned_collation(fake_driver):
+    out = stage("""
+        ds = torch.utils.data.TensorDataset(torch.randn(40, 4), torch.arange(40))
+        loader = stoker.DataLoader(ds, batch_size=10, device="cuda", device_prefetch=3)
+        copies, waits = count("copy"), count("wait")
+        batches = list(loader)
+        out["copies"] = count("copy") - copies
+        out["waits"] = count("wait") - waits
+        out["used"] = len(FakeTarget.used)
+        out["pool_pinned"] = _cuda.pinned_pool(0).pinned
+        out["pinned_blocks"] = count("host_alloc")
+        list(loader); list(loader)
+        out["pinned_blocks_later"] = count("host_alloc")
+    """, fake_driver)
+    assert out["copies"] == 8 and out["waits"] == 4 and out["used"] == 8
+    assert out["pool_pinned"] is True and out["pinned_blocks"] > 0
+    assert out["pinned_blocks_later"] == out["pinned_blocks"]  # blocks reused: no page-lock call per batch
+
+
+def test_host_buffers_are_held_until_their_copy_is_done(fake_driver):
+    out = stage("""
+        from stoker._device import DeviceIterator
+        ds = torch.utils.data.TensorDataset(torch.arange(60.0).reshape(30, 2))
+        it = iter(stoker.DataLoader(ds, batch_size=5, device="cuda", device_prefetch=2))
+        held = []
+        for batch in it:
+            # Every held entry's event is one the fake has not reported complete yet, or was queried once.
+            held.append(len(it._held))
+        out["held"] = held
+        out["after_end"] = len(it._held)
+        it2 = iter(stoker.DataLoader(ds, batch_size=5, device="cuda", device_prefetch=4))
+        next(it2)
+        out["held_before_close"] = len(it2._held)
+        it2.close()
+        out["held_after_close"] = len(it2._held)
+    """, fake_driver)
+    # With depth 2 the stage has 3 batches copied when the first is handed over; the fake's events report
+    # "not ready" at their first query, so nothing is released before its event completed.
+    assert out["held"][0] == 3 and max(out["held"]) <= 4
+    assert out["after_end"] == 0
+    assert out["held_before_close"] == 5 and out["held_after_close"] == 0
+
+
+def test_state_counts_the_batches_received_not_those_staged(fake_driver):
+    out = stage("""
+        ds = torch.utils.data.TensorDataset(torch.arange(100.0))
+        kw = dict(batch_size=7, shuffle=True, seed=11)
+        full = [b[0].tolist() for b in stoker.DataLoader(ds, **kw)]
+        cases = {}
+        for k in (0, 1, 5, 14, 15):
+            loader = stoker.DataLoader(ds, device="cuda", device_prefetch=3, **kw)
+            it = iter(loader)
+            got = [next(it)[0].tolist() for _ in range(k)]
+            state = loader.state_dict()
+            del it  # abandoned with batches staged: the position stays the user's
+            later = loader.state_dict()
+            fresh = stoker.DataLoader(ds, device="cuda", **kw)
+            fresh.load_state_dict(state)
+            rest = [b[0].tolist() for b in fresh]
+            cases[k] = [state["batches_served"], later["batches_served"], got + rest == full]
+        out["cases"] = cases
+
+        class Counting(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                info = torch.utils.data.get_worker_info()
+                wid, n = (0, 1) if info is None else (info.id, info.num_workers)
+                return iter(torch.arange(wid, 40, n, dtype=torch.float32))
+        it_cases = {}
+        for nw in (0, 2):
+            kw = dict(batch_size=3, num_workers=nw)
+            full = [b.tolist() for b in stoker.DataLoader(Counting(), **kw)]
+            loader = stoker.DataLoader(Counting(), device="cuda", device_prefetch=2, **kw)
+            it = iter(loader)
+            got = [next(it).tolist() for _ in range(4)]
+            state = loader.state_dict()
+            del it
+            fresh = stoker.DataLoader(Counting(), device="cuda", **kw)
+            fresh.load_state_dict(state)
+            it_cases[nw] = [state["batches_served"], got + [b.tolist() for b in fresh] == full]
+        out["iterable"] = it_cases
+    """, fake_driver)
+    for k, (served, later, exact) in out["cases"].items():
+        assert served == later == int(k) and exact, (k, served, later, exact)
+    assert out["iterable"] == {"0": [4, True], "2": [4, True]}
+
+
+def test_errors_arrive_at_their_turn_and_iteration_goes_on(fake_driver):
+    out = stage("""
+        class Bad(torch.utils.data.Dataset):
+            def __len__(self): return 12
+            def __getitem__(self, i):
+                if i == 5:
+                    raise KeyError(f"sample {i} is missing")
+                return torch.tensor([i])
+        seen = []
+        it = iter(stoker.DataLoader(Bad(), batch_size=3, device="cuda"))
+        while True:
+            try:
+                seen.append(next(it).flatten().tolist())
+            except StopIteration:
+                break
+            except KeyError as exc:
+                seen.append(["error", str(exc)])
+        out["seen"] = seen
+    """, fake_driver)
+    assert out["seen"] == [[0, 1, 2], ["error", "'sample 5 is missing'"], [6, 7, 8], [9, 10, 11]]
+
+
+def test_the_transform_runs_on_the_staged_batch(fake_driver):
+    out = stage("""
+        ds = torch.utils.data.TensorDataset(torch.arange(12, dtype=torch.uint8).reshape(6, 2))
+        seen = []
+        def transform(batch):
+            seen.append(batch[0].device.type)
+            return [batch[0].float() / 2]
+        loader = stoker.DataLoader(ds, batch_size=4, device="cuda", device_transform=transform)
+        out["batches"] = [b[0].tolist() for b in loader]
+        out["dtype"] = str(next(iter(loader))[0].dtype)
+        out["calls"] = len(seen)
+    """, fake_driver)
+    assert out["batches"] == [[[0, 0.5], [1, 1.5], [2, 2.5], [3, 3.5]], [[4, 4.5], [5, 5.5]]]
+    assert out["dtype"] == "torch.float32" and out["calls"] >= 2
+
+
+def test_device_arguments_are_checked():
+    ds = torch.utils.data.TensorDataset(torch.arange(4.0))
+    with pytest.raises(ValueError, match="device_prefetch"):
+        stoker.DataLoader(ds, device="cpu", device_prefetch=0)
+    with pytest.raises(TypeError, match="device_transform should be a callable"):
+        stoker.DataLoader(ds, device="cpu", device_transform=3)
+    with pytest.raises(ValueError, match="device_transform runs on the device"):
+        stoker.DataLoader(ds, device_transform=lambda b: b)
+    loader = stoker.DataLoader(ds, batch_size=2, device="cpu")
+    assert [b[0].tolist() for b in loader] == [[0.0, 1.0], [2.0, 3.0]]
+    assert loader.device == "cpu" and loader.device_prefetch == 2
