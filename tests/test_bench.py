@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import stoker
 from stoker import _bench
 
 THROUGHPUT = {"arrays", "mmap", "tiny", "large", "crop", "png"}
@@ -39,12 +41,14 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     assert report["settings"] == {"scale": 0.002, "rounds": 1, "budget_s": 0.05, "quick": True, "only": None}
     assert report["machine"]["cpus"] >= 1 and report["machine"]["torch"]
     records, skipped = report["records"], {s["section"] for s in report["skipped"]}
-    assert skipped == (set() if has("PIL.Image") else {"png"})
+    gpu = torch.cuda.is_available() and stoker.cuda_available()
+    assert skipped == (set() if has("PIL.Image") else {"png"}) | (set() if gpu else {"gpu"})
     by_workload = {}
     for rec in records:
         by_workload.setdefault(rec["workload"], []).append(rec)
     # Every section of the runner left records (or said why it was skipped), and the progress went to stderr.
-    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped)
+    # (the GPU section, where it runs, has four workloads: two batch sizes, the training loop, normalising)
+    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped) + (3 if gpu else 0)
     assert f"[{len(_bench.SECTIONS)}/{len(_bench.SECTIONS)}]" in proc.stderr
     assert "M samples/s" in proc.stdout
 

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import Dataset, RandomSampler, TensorDataset, default_collate
 
 import stoker
+from stoker import _bench_gpu
 
 __all__ = ["main"]
 
@@ -776,6 +777,7 @@ SECTIONS = [
     Section("rss", "peak RSS, num_workers=0", lambda o: peak_memory(o.scale, o.out)),
     Section("resume", "resume", lambda o: resume_cost(o.scale, o.out)),
     Section("packing", "packing", lambda o: packing_bench(o.scale, o.rounds, o.out)),
+    Section("gpu", "GPU: host-to-device, training loop, normalise", lambda o: _bench_gpu.bench_gpu(o)),
 ]
 
 

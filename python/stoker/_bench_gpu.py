@@ -1,0 +1,191 @@
+"""The bench runner's GPU section (python -m stoker bench --only gpu): skipped without a CUDA GPU.
+
+Three workloads, each side by side in one run:
+
+* host-to-device: batches of 8 and 64 MiB through stoker.DataLoader(device="cuda") against the peak of a plain
+  pinned cuMemcpyHtoDAsync of the same bytes in a loop (stoker's driver stream, one page-locked block), and
+  against torch's DataLoader(pin_memory=True) + .to(device, non_blocking=True);
+* a training loop whose GPU step is longer than loading a batch: GPU idle share of the step time (against the
+  same steps on a batch already on the GPU) and end-to-end speed against torch's recipe;
+* uint8 images normalised on the GPU (device_transform=stoker.Normalize) against normalising on the CPU in the
+  collate function and copying float32.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.data import DataLoader as TorchDataLoader
+from torch.utils.data import TensorDataset
+
+import stoker
+from stoker import _cuda
+from stoker._native import core, from_dlpack
+
+__all__ = ["bench_gpu"]
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _rate(fn: Callable[[], float], rounds: int) -> float:
+    """Median of `rounds` calls of fn (each returns units per second)."""
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def _peak_copy(nbytes: int, device: torch.device, reps: int) -> float:
+    """Bytes/s of back-to-back cuMemcpyHtoDAsync from one page-locked block on stoker's stream."""
+    pool = _cuda.pinned_pool(device.index)
+    src = from_dlpack(pool.empty([nbytes], 1, 8))  # uint8
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    stream = core.CudaStream(device.index)
+    stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
+    stream.record().synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
+    stream.record().synchronize()
+    return reps * nbytes / (time.perf_counter() - start)
+
+
+def _loader_bytes_per_s(loader, batches: int, to_device: torch.device | None = None) -> float:
+    it = iter(loader)
+    first = next(it)
+    if to_device is not None:
+        first = first[0].to(to_device, non_blocking=True)
+    torch.cuda.synchronize()
+    nbytes = 0
+    start = time.perf_counter()
+    for _, batch in zip(range(batches), it):
+        x = batch[0]
+        if to_device is not None:
+            x = x.to(to_device, non_blocking=True)
+        nbytes += x.numel() * x.element_size()
+    torch.cuda.synchronize()
+    return nbytes / (time.perf_counter() - start)
+
+
+def _h2d(opts, device: torch.device) -> list[dict]:
+    out, records = opts.out, []
+    row = 64 << 10
+    print("\nhost-to-device: uint8 rows of 64 KiB, shuffled, batches of the size shown (GB/s)", file=out, flush=True)
+    for mib in (8, 64):
+        rows = (mib << 20) // row
+        n = rows * (6 if opts.quick else 16)
+        data = TensorDataset(torch.randint(0, 256, (n, row), dtype=torch.uint8))
+        reps = 8 if opts.quick else 32
+        peak = _rate(lambda: _peak_copy(mib << 20, device, reps), opts.rounds)
+        batches = n // rows - 2
+        stoker_dl = stoker.DataLoader(data, batch_size=rows, shuffle=True, num_workers=8, device=device)
+        torch_dl = TorchDataLoader(data, batch_size=rows, shuffle=True, num_workers=8, pin_memory=True,
+                                   persistent_workers=True)
+        s = _rate(lambda: _loader_bytes_per_s(stoker_dl, batches), opts.rounds)
+        t = _rate(lambda: _loader_bytes_per_s(torch_dl, batches, device), opts.rounds)
+        del torch_dl
+        for name, rate in (("pinned cuMemcpyHtoDAsync loop (peak)", peak),
+                           ("stoker DataLoader(device='cuda')", s),
+                           ("torch pin_memory + .to(non_blocking)", t)):
+            rec = {"workload": f"host-to-device {mib} MiB batches", "loader": name, "bytes_per_s": rate,
+                   "ratio_to_peak": rate / peak, "ratio_to_torch": rate / t}
+            records.append(rec)
+            print(f"  {mib:3d} MiB  {name:<40} {rate / 1e9:7.2f} GB/s   x{rate / peak:5.2f} of peak   "
+                  f"x{rate / t:5.2f} torch", file=out, flush=True)
+    return records
+
+
+def _training(opts, device: torch.device) -> list[dict]:
+    out = opts.out
+    batch, features = 512, 4096
+    n = batch * (20 if opts.quick else 60)
+    data = TensorDataset(torch.randn(n, features), torch.randint(0, 10, (n,)))
+    weight = torch.randn(features, features, device=device) / features ** 0.5
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        for _ in range(12):  # a GPU step longer than loading one batch (about 8 MiB)
+            x = torch.tanh(x @ weight)
+        return x.sum()
+
+    def run(batches, convert) -> float:
+        torch.cuda.synchronize()
+        start, steps = time.perf_counter(), 0
+        for b in batches:
+            step(convert(b))
+            steps += 1
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+    resident = data.tensors[0][:batch].to(device)
+    steps = n // batch
+    ideal = statistics.median(run([resident] * steps, lambda b: b) for _ in range(opts.rounds))
+    stoker_dl = stoker.DataLoader(data, batch_size=batch, shuffle=True, num_workers=4, device=device)
+    torch_dl = TorchDataLoader(data, batch_size=batch, shuffle=True, num_workers=4, pin_memory=True,
+                               persistent_workers=True)
+    s = statistics.median(run(stoker_dl, lambda b: b[0]) for _ in range(opts.rounds))
+    t = statistics.median(run(torch_dl, lambda b: b[0].to(device, non_blocking=True)) for _ in range(opts.rounds))
+    print(f"\ntraining loop: float32 [{batch}, {features}] batches, a GPU step of 12 matmuls ({1e3 * ideal:.2f} ms "
+          "on a resident batch)", file=out, flush=True)
+    records = []
+    for name, per_step in (("batch already on the GPU (ideal)", ideal), ("stoker DataLoader(device='cuda')", s),
+                           ("torch pin_memory + .to(non_blocking)", t)):
+        idle = max(0.0, (per_step - ideal) / per_step)
+        rec = {"workload": "training loop", "loader": name, "step_ms": 1e3 * per_step, "gpu_idle_share": idle,
+               "ratio_to_torch": t / per_step}
+        records.append(rec)
+        print(f"  {name:<40} {1e3 * per_step:8.3f} ms/step   GPU idle {100 * idle:5.1f}%   x{t / per_step:5.2f} torch",
+              file=out, flush=True)
+    return records
+
+
+def _normalize(opts, device: torch.device) -> list[dict]:
+    out = opts.out
+    n = 1024 if opts.quick else 4096
+    images = torch.randint(0, 256, (n, 3, 224, 224), dtype=torch.uint8)
+    data = TensorDataset(images, torch.randint(0, 1000, (n,)))
+    bs = 128
+    gpu_norm = stoker.Normalize(MEAN, STD, key=0)
+    cpu_norm = stoker.Normalize(MEAN, STD, key=0)
+
+    def cpu_collate(samples):
+        return cpu_norm(torch.utils.data.default_collate(samples))
+
+    def images_per_s(loader, convert) -> float:
+        torch.cuda.synchronize()
+        start, seen = time.perf_counter(), 0
+        for b in loader:
+            x = convert(b)
+            seen += x.shape[0]
+        torch.cuda.synchronize()
+        return seen / (time.perf_counter() - start)
+
+    on_gpu = stoker.DataLoader(data, batch_size=bs, shuffle=True, num_workers=8, device=device,
+                               device_transform=gpu_norm)
+    on_cpu = TorchDataLoader(data, batch_size=bs, shuffle=True, num_workers=8, pin_memory=True,
+                             persistent_workers=True, collate_fn=cpu_collate)
+    g = _rate(lambda: images_per_s(on_gpu, lambda b: b[0]), opts.rounds)
+    c = _rate(lambda: images_per_s(on_cpu, lambda b: b[0].to(device, non_blocking=True)), opts.rounds)
+    print(f"\nuint8 images [3, 224, 224] normalised to float32, batch {bs} (images/s)", file=out, flush=True)
+    records = []
+    for name, rate in (("stoker: bytes to the GPU, Normalize there", g),
+                       ("torch: normalised on the CPU, float32 copied", c)):
+        rec = {"workload": "normalise on the GPU", "loader": name, "images_per_s": rate, "ratio_to_torch": rate / c}
+        records.append(rec)
+        print(f"  {name:<46} {rate:10.0f} images/s   x{rate / c:5.2f}", file=out, flush=True)
+    print(f"  (fused kernel: {'yes' if core.cuda_kernels_available() else 'no, torch ops'})", file=out, flush=True)
+    return records
+
+
+def bench_gpu(opts) -> list[dict]:
+    from stoker._bench import Skipped
+
+    if not torch.cuda.is_available():
+        raise Skipped("no CUDA GPU here (or torch is a CPU build)")
+    if not stoker.cuda_available():
+        raise Skipped(f"stoker cannot use CUDA here: {_cuda.cuda_status()['reason']}")
+    device = torch.device("cuda", torch.cuda.current_device())
+    records = []
+    for part in (_h2d, _training, _normalize):
+        opts.progress(part.__name__.strip("_"))
+        records += part(opts, device)
+    return records
