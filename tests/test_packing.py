@@ -75,9 +75,10 @@ def small_lengths(seed=0, n=150):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
+def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None, shift_labels=False):
     """Asserts the structure every packed batch must have; returns the flattened numpy views
-    (ids, labels, positions, seq_idx, cu, docs or None)."""
+    (ids, labels, positions, seq_idx, cu, docs or None). Labels are checked unshifted (-100 at each segment's
+    first token) or, with ``shift_labels``, shifted (the next token, -100 at each segment's last)."""
     assert isinstance(batch, dict)
     assert set(batch) == KEYS | ({"doc_ids"} if doc_ids else set()), sorted(batch)
     assert "attention_mask" not in batch
@@ -114,6 +115,9 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
 
     starts = np.zeros(N, dtype=bool)
     starts[cu[:-1]] = True
+    ends = np.zeros(N, dtype=bool)
+    ends[cu[1:] - 1] = True
+    following = np.append(ids[1:], pad_id)  # the next token (never read at a segment's end)
     # position_ids count 0, 1, 2, ... within each segment (so == 0 exactly at the starts)
     assert np.array_equal(pos, np.arange(N) - np.repeat(cu[:-1], seg_len))
     assert np.array_equal(pos == 0, starts)
@@ -127,7 +131,10 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
         pad = docs == -1
         assert (docs[~pad] >= 0).all()
         assert (ids[pad] == pad_id).all(), "padding not filled with pad_id"
-        assert np.array_equal(labels, np.where(starts | pad, IGNORE, ids)), "labels"
+        if shift_labels:
+            assert np.array_equal(labels, np.where(ends | pad, IGNORE, following)), "shifted labels"
+        else:
+            assert np.array_equal(labels, np.where(starts | pad, IGNORE, ids)), "labels"
         pad2 = pad.reshape(B, seq_len)
         for r in range(B):
             if pad2[r].any():
@@ -136,6 +143,10 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
                 # the tail is exactly one segment
                 assert r * seq_len + first in set(cu.tolist())
                 assert sidx[r * seq_len + first] == sidx[(r + 1) * seq_len - 1]
+    elif shift_labels:
+        assert (labels[ends] == IGNORE).all()
+        rest = ~ends
+        assert ((labels[rest] == following[rest]) | ((labels[rest] == IGNORE) & (ids[rest] == pad_id))).all()
     else:
         assert (labels[starts] == IGNORE).all()
         rest = ~starts
@@ -285,6 +296,110 @@ def test_batch_fields_on_a_known_batch():
     assert b["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [3] * 8]
     assert b["doc_ids"].tolist() == [[0, 0, 0, 1, 1, 1, -1, -1], [2] * 8]
     assert b["max_length_q"] == b["max_length_k"] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2b. Shifted labels (shift_labels=True)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shifted_labels_reference(batch):
+    """The shifted labels of a batch, token by token from seq_idx, position_ids and doc_ids alone: the next
+    token while it is in the same segment (same row, same seq_idx, the next position), else -100; -100 on
+    padding (doc_ids -1)."""
+    B, Lb = batch["input_ids"].shape
+    ids = batch["input_ids"].tolist()
+    sidx = batch["seq_idx"].tolist()
+    pos = batch["position_ids"].tolist()
+    docs = batch["doc_ids"].tolist()
+    out = []
+    for r in range(B):
+        row = []
+        for t in range(Lb):
+            same = t + 1 < Lb and sidx[r][t + 1] == sidx[r][t] and pos[r][t + 1] == pos[r][t] + 1
+            row.append(ids[r][t + 1] if same and docs[r][t] >= 0 else IGNORE)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("num_threads", [0, 2])
+@pytest.mark.parametrize("long_docs", ["split", "truncate"])
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_shift_labels_token_by_token(window, long_docs, num_threads):
+    lengths = small_lengths(11, 120)  # documents of one row, one more than a row, several rows: split pieces
+    docs, offsets = positional(lengths)
+    kwargs = dict(seed=8, window=window, long_docs=long_docs, pad_id=-5, return_doc_ids=True)
+    shifted = stoker.PackedLoader(docs, L, 3, shift_labels=True, num_threads=num_threads, **kwargs)
+    plain = stoker.PackedLoader(docs, L, 3, **kwargs)
+    assert shifted.shift_labels and not plain.shift_labels
+    for _ in range(2):  # two epochs
+        n = 0
+        for a, b in zip(shifted, plain, strict=True):
+            check_batch(a, L, pad_id=-5, doc_ids=True, shift_labels=True)
+            assert a["labels"].tolist() == shifted_labels_reference(a)
+            # the same batch in every other key: shift_labels changes the labels only
+            assert_same({k: v for k, v in a.items() if k != "labels"}, {k: v for k, v in b.items() if k != "labels"})
+            # shifted[t] == unshifted[t + 1] within a row; the last token of a row has no label
+            assert torch.equal(a["labels"][:, :-1], b["labels"][:, 1:])
+            assert (a["labels"][:, -1] == IGNORE).all()
+            n += 1
+        assert n > 10
+    if long_docs == "split":  # a split piece's last token has no label, though its document goes on
+        assert shifted.stats()["documents_split"] > 0
+
+
+def test_shift_labels_on_a_known_batch():
+    # the docstring's example: [11, 12, 13] and [21, 22] in a row of 8, then a document split over two rows
+    docs = [[11, 12, 13], [21, 22], list(range(30, 40))]
+    loader = stoker.PackedLoader(docs, 8, 3, shuffle=False, window=1, shift_labels=True)
+    (b,) = list(loader)
+    check_batch(b, 8, shift_labels=True)
+    assert b["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0, 0], list(range(30, 38)),
+                                       [38, 39, 0, 0, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[12, 13, IGNORE, 22, IGNORE, IGNORE, IGNORE, IGNORE],
+                                    list(range(31, 38)) + [IGNORE],
+                                    [39, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]]
+    (plain,) = list(stoker.PackedLoader(docs, 8, 3, shuffle=False, window=1))
+    assert plain["labels"].tolist()[0] == [IGNORE, 12, 13, IGNORE, 22, IGNORE, IGNORE, IGNORE]
+
+
+def hf_causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=IGNORE):
+    """transformers' ForCausalLMLoss (loss_utils.py): pad the labels by one -100, shift them left, take the
+    cross entropy over every position (mean, or sum / num_items_in_batch)."""
+    logits = logits.float()
+    labels = F.pad(labels, (0, 1), value=ignore_index)
+    shift_labels = labels[..., 1:].contiguous()
+    logits = logits.view(-1, logits.size(-1))
+    shift_labels = shift_labels.view(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if reduction == "sum" else loss
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_shift_labels_loss_equals_hf_shifted_loss(window):
+    docs, _ = positional(small_lengths(12, 80))
+    vocab = int(sum(map(len, docs))) + 1
+    shifted = stoker.PackedLoader(docs, L, 4, seed=1, window=window, shift_labels=True)
+    plain = stoker.PackedLoader(docs, L, 4, seed=1, window=window)
+    g = torch.Generator().manual_seed(0)
+    for a, b in zip(shifted, plain, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        logits = torch.randn(*a["input_ids"].shape, vocab, generator=g)
+        # no shift by the user: the logits at t score labels[t]
+        ours = F.cross_entropy(logits.flatten(0, 1), a["labels"].flatten(), ignore_index=IGNORE)
+        torch.testing.assert_close(ours, hf_causal_lm_loss(logits, b["labels"]), rtol=0, atol=0)
+        items = int((a["labels"] != IGNORE).sum())
+        assert items == int((b["labels"] != IGNORE).sum())
+        ours_sum = F.cross_entropy(logits.flatten(0, 1), a["labels"].flatten(), ignore_index=IGNORE,
+                                   reduction="sum") / items
+        torch.testing.assert_close(ours_sum, hf_causal_lm_loss(logits, b["labels"], items), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("point", ["1", "mid", "stopped"])
+def test_resume_shift_labels(point):
+    docs, _ = positional(small_lengths(6, 90))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 4, seed=3, window=4, shift_labels=True), point)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -702,6 +817,7 @@ def test_resume_rejects_other_settings():
         "long_docs": lambda: stoker.PackedLoader(docs, L, 4, window=3, long_docs="drop"),
         "shuffle": lambda: stoker.PackedLoader(docs, L, 4, window=3, shuffle=False),
         "drop_last": lambda: stoker.PackedLoader(docs, L, 4, window=3, drop_last=True),
+        "shift_labels": lambda: stoker.PackedLoader(docs, L, 4, window=3, shift_labels=True),
         "world_size": lambda: stoker.PackedLoader(docs, L, 4, window=3, rank=0, world_size=2),
         "seed": lambda: stoker.PackedLoader(docs, L, 4, window=3, seed=(state["seed"] + 1) % 2 ** 64),
     }

@@ -176,6 +176,7 @@ def materialize_packed(
     rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
     pad_id: typing.SupportsInt | typing.SupportsIndex,
     doc_ids: bool,
+    shift_labels: bool,
     pool: BufferPool,
 ) -> tuple[dict[typing.Any, typing.Any], int]: ...
 

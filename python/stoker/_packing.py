@@ -203,7 +203,16 @@ class PackedLoader:
 
     * ``input_ids`` int64 ``[B, L]``: the tokens, the tail of a row padded with ``pad_id``;
     * ``labels`` int64 ``[B, L]``: the tokens, unshifted, with -100 at the first token of every document
-      segment and on padding, so a shifted loss never predicts across documents;
+      segment and on padding, so the shifted loss HF models compute never predicts across documents; with
+      ``shift_labels=True``, the next token instead (Megatron-style): ``labels[t] = input_ids[t + 1]`` while
+      ``t + 1`` is in the same segment, -100 at the last token of every segment and on padding, so
+      ``cross_entropy(logits.flatten(0, 1), labels.flatten())`` needs no shifting and equals the shifted loss
+      over the default labels. For a row of documents ``[11, 12, 13]`` and ``[21, 22]`` with ``seq_len=8``::
+
+          input_ids         [  11,   12,   13,   21,   22,    0,    0,    0]
+          labels            [-100,   12,   13, -100,   22, -100, -100, -100]
+          labels, shifted   [  12,   13, -100,   22, -100, -100, -100, -100]
+
     * ``position_ids`` int64 ``[B, L]``: restarting at 0 in every segment (the padding tail is a segment);
     * ``cu_seqlens`` int32 ``[S + 1]``: segment starts over the flattened ``B*L`` tokens, padding segments
       included, ending at ``B*L`` — also as ``cu_seq_lens_q``/``cu_seq_lens_k``, with ``max_length_q`` and
@@ -234,7 +243,7 @@ class PackedLoader:
                  seed: int | None = None, window: int | None = None, long_docs: str = "split",
                  pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
                  rank: int | None = None, world_size: int | None = None, num_threads: int = 0,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, shift_labels: bool = False) -> None:
         self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -258,6 +267,7 @@ class PackedLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
         self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
+        self.shift_labels = bool(shift_labels)
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self._epoch = 0
         self._seed: int | None = None
@@ -357,6 +367,7 @@ class PackedLoader:
         return {"num_documents": len(self.documents), "num_tokens": self.documents.num_tokens,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "window": self.window,
                 "long_docs": self.long_docs, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "shift_labels": self.shift_labels,
                 "rank": rank, "world_size": world}
 
     def state_dict(self) -> dict[str, Any]:
@@ -427,7 +438,7 @@ class _PackedIterator:
         bs = loader.batch_size
         rows = self._rows[b * bs:(b + 1) * bs]
         return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                       loader.return_doc_ids, POOL)
+                                       loader.return_doc_ids, loader.shift_labels, POOL)
 
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch

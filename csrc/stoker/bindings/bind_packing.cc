@@ -101,13 +101,13 @@ void register_packing(py::module_& m) {
       py::arg("shuffle_rows"), py::arg("seed"), py::arg("epoch"));
 
   m.def("materialize_packed", [](const PackPlan& plan, const PyTokenSource& source, Int64Array rows,
-                                 int64_t pad_id, bool doc_ids, std::shared_ptr<BufferPool> pool) {
+                                 int64_t pad_id, bool doc_ids, bool shift_labels, std::shared_ptr<BufferPool> pool) {
         STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
         PackedBatch b;
         {
           py::gil_scoped_release release;
           b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
-                          *pool);
+                          shift_labels, *pool);
         }
         auto* base = static_cast<uint8_t*>(b.block->data);
         const DType i64{DTypeCode::Int, 64}, i32{DTypeCode::Int, 32};
@@ -122,7 +122,7 @@ void register_packing(py::module_& m) {
         return py::make_tuple(out, b.max_length);
       },
       py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
-      py::arg("doc_ids"), py::arg("pool"));
+      py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"));
 }
 
 }  // namespace stoker::bindings

@@ -11,23 +11,30 @@ constexpr int64_t kIgnore = -100;
 
 size_t align64(size_t x) { return (x + 63) & ~size_t{63}; }
 
+// Writes a segment's tokens and labels: unshifted (the token, -100 first) or shifted (the next token, -100
+// last). Segments are never empty.
 template <typename T>
-void copy_tokens(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels) {
+void copy_tokens(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels, bool shift) {
   const T* from = static_cast<const T*>(src.tokens) + src.offsets[s.doc] + s.offset;
   for (int64_t i = 0; i < s.length; ++i) ids[i] = static_cast<int64_t>(from[i]);
-  std::copy(ids, ids + s.length, labels);
-  labels[0] = kIgnore;
+  if (shift) {
+    std::copy(ids + 1, ids + s.length, labels);
+    labels[s.length - 1] = kIgnore;
+  } else {
+    std::copy(ids, ids + s.length, labels);
+    labels[0] = kIgnore;
+  }
 }
 
-void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels) {
+void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels, bool shift) {
   switch (src.dtype.code) {
     case DTypeCode::UInt:
-      if (src.dtype.bits == 16) return copy_tokens<uint16_t>(src, s, ids, labels);
-      if (src.dtype.bits == 32) return copy_tokens<uint32_t>(src, s, ids, labels);
+      if (src.dtype.bits == 16) return copy_tokens<uint16_t>(src, s, ids, labels, shift);
+      if (src.dtype.bits == 32) return copy_tokens<uint32_t>(src, s, ids, labels, shift);
       break;
     case DTypeCode::Int:
-      if (src.dtype.bits == 32) return copy_tokens<int32_t>(src, s, ids, labels);
-      if (src.dtype.bits == 64) return copy_tokens<int64_t>(src, s, ids, labels);
+      if (src.dtype.bits == 32) return copy_tokens<int32_t>(src, s, ids, labels, shift);
+      if (src.dtype.bits == 64) return copy_tokens<int64_t>(src, s, ids, labels, shift);
       break;
     default:
       break;
@@ -38,7 +45,7 @@ void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_
 }  // namespace
 
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, BufferPool& pool) {
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool) {
   STOKER_CHECK_AS(ValueError, rows > 0, "a packed batch needs at least one row");
   for (int64_t i = 0; i < rows; ++i)
     STOKER_CHECK_AS(IndexError, row_ids[i] >= 0 && row_ids[i] < plan.num_rows(), "row ", row_ids[i],
@@ -101,7 +108,7 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
       STOKER_CHECK(s.doc >= 0 && s.doc < source.num_docs && s.offset >= 0 &&
                        source.offsets[s.doc] + s.offset + s.length <= source.offsets[s.doc + 1],
                    "packing plan does not match the documents (document ", s.doc, ")");
-      copy_segment(source, s, ids + flat, labels + flat);
+      copy_segment(source, s, ids + flat, labels + flat, shift_labels);
       if (docs) std::fill(docs + flat, docs + flat + s.length, s.doc);
       close_segment(s.length);
     }
