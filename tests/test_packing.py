@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from helpers import assert_same, roundtrip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DistributedSampler
 
 import stoker
 
 KEYS = {"input_ids", "labels", "position_ids", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
         "max_length_k", "seq_idx"}
 IGNORE = -100
-FORMAT = "stoker.PackedLoader/1"
+FORMAT = "stoker.PackedLoader/2"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -175,13 +174,13 @@ def rows_of(batches, offsets):
     return out
 
 
-def check_positional_tokens(batches, offsets, seq_len, long_docs="split"):
+def check_positional_tokens(batches, offsets, seq_len, long_docs="split", pad_id=0):
     """Checks that every real token of positional documents sits in the right document, in consecutive runs
     that are whole pieces of it; returns all real tokens served (a flat int64 array)."""
     lengths = np.diff(offsets)
     served = []
     for b in batches:
-        _, _, _, _, cu, docs = check_batch(b, seq_len, doc_ids=True)
+        _, _, _, _, cu, docs = check_batch(b, seq_len, pad_id=pad_id, doc_ids=True)
         ids = b["input_ids"].numpy().reshape(-1)
         real = docs >= 0
         # each token's doc_id is the document containing it
@@ -772,12 +771,6 @@ def test_resume_after_set_epoch():
     assert_same(list(b) + list(b), expected)
 
 
-@pytest.mark.parametrize("point", ["1", "stopped"])
-def test_resume_sharded(point):
-    docs, _ = positional(small_lengths(6, 90))
-    resume_check(lambda: stoker.PackedLoader(docs, L, 2, window=4, rank=1, world_size=3), point)
-
-
 def test_resume_then_set_epoch():
     """A training loop calls set_epoch(e) before each epoch: naming the loaded epoch keeps the loaded
     position, naming another starts that epoch from its first batch."""
@@ -833,43 +826,194 @@ def test_resume_rejects_other_settings():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 8. Sharding by rows
+# 8. Sharding by documents
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_padding_rows(batch, seq_len, pad_id=0):
+    """Asserts that every row of padding only (doc_ids all -1) is well formed: pad_id, labels -100, positions
+    0..L-1, one segment; returns how many there are."""
+    cu = set(batch["cu_seqlens"].tolist())
+    n = 0
+    for r in range(batch["input_ids"].shape[0]):
+        if (batch["doc_ids"][r] >= 0).any():
+            continue
+        n += 1
+        assert (batch["input_ids"][r] == pad_id).all()
+        assert (batch["labels"][r] == IGNORE).all()
+        assert batch["position_ids"][r].tolist() == list(range(seq_len))
+        assert {c for c in cu if r * seq_len <= c <= (r + 1) * seq_len} == {r * seq_len, (r + 1) * seq_len}
+        assert len(set(batch["seq_idx"][r].tolist())) == 1
+    return n
+
+
+def documents_served(batches, offsets):
+    """{document: its tokens served, in the order of its pieces} over batches of positional tokens."""
+    pieces = {}
+    for b in batches:
+        ids = b["input_ids"].numpy().reshape(-1)
+        for _, s, n, d in real_segments(b, b["input_ids"].shape[1]):
+            pieces.setdefault(d, []).append(ids[s:s + n])
+    return {d: np.sort(np.concatenate(p)) for d, p in pieces.items()}
+
+
+def shard_run(docs, world, batch_size=3, **kwargs):
+    """Every rank's loader over one epoch: [(loader, len before iterating, batches, stats)] by rank."""
+    out = []
+    for rank in range(world):
+        loader = stoker.PackedLoader(docs, L, batch_size, return_doc_ids=True, rank=rank, world_size=world,
+                                     **kwargs)
+        n = len(loader)
+        stats = loader.stats()
+        out.append((loader, n, list(loader), stats))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharding_by_rows(world, window, drop_last, batch_size):
-    docs, offsets = positional(small_lengths(21, 61))
-    full_loader = stoker.PackedLoader(docs, L, 1, seed=0, window=window, return_doc_ids=True)
-    full = rows_of(list(full_loader), offsets)
-    total = len(full)
-    assert total % 2 and total % 3, f"the workload should not divide evenly ({total} rows)"
-    assert len(set(full)) == total
-    seen = set()
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_sharding_by_documents(world, window, drop_last, batch_size, shuffle):
+    lengths = small_lengths(21, 61)
+    docs, offsets = positional(lengths)
     torch.manual_seed(99)  # a sharded loader without seed= packs with seed 0 whatever the global RNG
-    for rank in range(world):
-        sh = stoker.PackedLoader(docs, L, batch_size, window=window, drop_last=drop_last, return_doc_ids=True,
-                                 rank=rank, world_size=world)
-        n = len(sh)
-        batches = list(sh)
-        assert len(batches) == n
+    runs = shard_run(docs, world, window=window, drop_last=drop_last, batch_size=batch_size, shuffle=shuffle,
+                     pad_id=-3)
+    counts = runs[0][3]["shard_rows"]
+    assert len(counts) == world and len(set(counts)) > 1, f"the workload should leave the ranks uneven: {counts}"
+    assert len({n for _, n, _, _ in runs}) == 1, "ranks yield different numbers of batches"
+    served_docs, served_tokens, cut = [], [], 0
+    for rank, (loader, n, batches, stats) in enumerate(runs):
+        assert len(batches) == n and stats["rank"] == rank and stats["world_size"] == world
+        assert stats["shard_rows"] == counts and stats["rows"] == counts[rank]
+        assert stats["documents"] == len(range(rank, len(docs), world))
+        padding = 0
         for b in batches:
-            check_batch(b, L, doc_ids=True)
-        rows = rows_of(batches, offsets)
-        idx = list(DistributedSampler(range(total), num_replicas=world, rank=rank, shuffle=False,
-                                      drop_last=drop_last))
+            check_batch(b, L, pad_id=-3, doc_ids=True)
+            padding += check_padding_rows(b, L, pad_id=-3)
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        assert (stats["rows_served"], stats["padding_rows"]) == (rows, padding)
         if drop_last:
-            idx = idx[:len(idx) // batch_size * batch_size]
-        assert rows == [full[i] for i in idx], f"rank {rank}"
-        assert n == (len(idx) // batch_size if drop_last else -(-len(idx) // batch_size))
-        seen.update(rows)
-        state = sh.state_dict()
-        assert (state["rank"], state["world_size"], state["seed"]) == (rank, world, 0)
-    if not drop_last:
-        assert seen == set(full), "the ranks together do not cover the epoch"
+            assert rows == min(counts) // batch_size * batch_size and padding == 0
+            assert stats["rows_cut"] == counts[rank] - rows
+        else:
+            assert rows == max(counts) and padding == max(counts) - counts[rank]
+            assert stats["rows_cut"] == stats["tokens_cut"] == 0
+        tokens = check_positional_tokens(batches, offsets, L, pad_id=-3)
+        assert len(tokens) + stats["tokens_cut"] == stats["tokens"]
+        cut += stats["tokens_cut"]
+        got = documents_served(batches, offsets)
+        if not drop_last:  # the rank's documents come back whole
+            for d, t in got.items():
+                assert np.array_equal(t, np.arange(offsets[d], offsets[d + 1])), f"document {d} not whole"
+        if not shuffle:  # no shuffle: the order is 0, 1, 2, ..., so rank r has documents r, r + W, ...
+            assert set(got) <= set(range(rank, len(docs), world))
+        served_docs.append(set(got))
+        served_tokens.append(tokens)
+    for a, b in itertools.combinations(served_docs, 2):
+        assert a.isdisjoint(b), "a document packed on two ranks"
+    tokens = np.concatenate(served_tokens)
+    assert len(np.unique(tokens)) == len(tokens), "a token served twice"
+    if drop_last:
+        assert len(tokens) + cut == offsets[-1]
+    else:
+        assert set().union(*served_docs) == {d for d, n in enumerate(lengths) if n > 0}
+        assert np.array_equal(np.sort(tokens), np.arange(offsets[-1])), "not every token exactly once"
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_a_rank_packs_its_documents_as_a_loader_of_them_alone(window):
+    """Without shuffling, rank r's real rows are the rows one loader makes of documents r, r + W, ... (its
+    padding rows aside)."""
+    lengths = small_lengths(22, 70)
+    docs, _ = positional(lengths)
+    world = 3
+    for rank in range(world):
+        sharded = stoker.PackedLoader(docs, L, 2, shuffle=False, window=window, rank=rank, world_size=world,
+                                      return_doc_ids=True)
+        alone = stoker.PackedLoader(docs[rank::world], L, 2, shuffle=False, window=window, return_doc_ids=True)
+        rows = [r for r in _row_token_lists(list(sharded)) if r]
+        assert rows == _row_token_lists(list(alone))
+
+
+def test_padding_rows_are_spread_through_the_epoch():
+    # rows of one document each, no shuffle: rank 0 gets documents 0, 2, 4, 6, 8 (5 rows), rank 1 gets 1, 3, 5
+    # and an empty one (3 rows); with batch 2, rank 1 serves [pad, row 0], [pad, row 1], [row 2]
+    docs = [[1] * 8, [10] * 8, [2] * 8, [11] * 8, [3] * 8, [12] * 8, [4] * 8, [], [5] * 8]
+    a = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=0, world_size=2, return_doc_ids=True)
+    b = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=1, world_size=2, return_doc_ids=True)
+    assert a.stats()["shard_rows"] == [5, 3]
+    assert len(a) == len(b) == 3
+    rows = [row[0] if row else None for row in _row_token_lists(list(b))]
+    assert rows == [None, [10] * 8, None, [11] * 8, [12] * 8]
+    assert b.stats()["padding_rows"] == 2
+    cut = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=0, world_size=2, drop_last=True, return_doc_ids=True)
+    assert len(cut) == 1 and [r[0] for r in _row_token_lists(list(cut))] == [[1] * 8, [2] * 8]
+    s = cut.stats()
+    assert (s["rows_served"], s["rows_cut"], s["tokens_cut"]) == (2, 3, 24)
+
+
+def test_sharding_fewer_documents_than_ranks():
+    docs, offsets = positional([8, 3])
+    for rank in range(3):
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, shuffle=False, return_doc_ids=True)
+        assert len(sh) == 1
+        (b,) = list(sh)
+        check_batch(b, 8, doc_ids=True)
+        if rank < 2:
+            assert rows_of([b], offsets) == [((rank, 0, [8, 3][rank]),)]
+        else:  # no document: one row of padding, as many batches as the others
+            assert check_padding_rows(b, 8) == 1 and sh.stats()["documents"] == 0
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, drop_last=True)
+        assert list(sh) == [] and len(sh) == 0 and sh.stats()["shard_rows"] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_sharded_batches_are_deterministic_and_epochs_differ(window):
+    docs, _ = positional(small_lengths(23, 80))
+    for rank in range(2):
+        torch.manual_seed(rank)  # does not matter: seed 0 on every rank
+        a = epochs(stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2), 2)
+        torch.manual_seed(rank + 10)
+        b = epochs(stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2), 2)
+        assert_same(a, b)
+        assert not torch.equal(torch.cat([x["input_ids"] for x in a[0]]),
+                               torch.cat([x["input_ids"] for x in a[1]]))
+        c = stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2, seed=0)
+        c.set_epoch(1)
+        assert_same(list(c), a[1])
+
+
+def test_world_size_one_is_the_unsharded_loader():
+    docs, _ = positional(small_lengths(24, 60))
+    for window in (None, 3):
+        plain = epochs(stoker.PackedLoader(docs, L, 3, seed=4, window=window), 2)
+        for kwargs in ({"world_size": 1}, {"rank": 0, "world_size": 1}):
+            assert_same(epochs(stoker.PackedLoader(docs, L, 3, seed=4, window=window, **kwargs), 2), plain)
+
+
+@pytest.mark.parametrize("point", ["1", "mid", "last", "stopped"])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_resume_every_rank(rank, window, drop_last, point):
+    docs, _ = positional(small_lengths(6, 120))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 2, window=window, drop_last=drop_last, rank=rank,
+                                             world_size=3, return_doc_ids=True), point)
+
+
+def test_sharded_state_names_rank_and_world_size():
+    docs, _ = positional(small_lengths(6, 90))
+    loader = stoker.PackedLoader(docs, L, 2, rank=1, world_size=3)
+    len(loader)  # plans, drawing the seed
+    state = loader.state_dict()
+    assert (state["format"], state["rank"], state["world_size"], state["seed"]) == (FORMAT, 1, 3, 0)
+    for rank, world in ((0, 3), (1, 2), (0, 1)):
+        with pytest.raises(ValueError, match="rank|world_size"):
+            stoker.PackedLoader(docs, L, 2, rank=rank, world_size=world).load_state_dict(state)
+    with pytest.raises(ValueError, match="format"):  # a state of the loader that sharded rows
+        loader.load_state_dict({**state, "format": "stoker.PackedLoader/1"})
 
 
 def test_sharding_bad_arguments():
@@ -880,15 +1024,6 @@ def test_sharding_bad_arguments():
     for kwargs in ({"rank": -1, "world_size": 2}, {"rank": 0, "world_size": 0}):
         with pytest.raises(ValueError):
             stoker.PackedLoader(docs, 8, 1, **kwargs)
-
-
-def test_sharding_fewer_rows_than_ranks():
-    docs, offsets = positional([8])  # one row
-    for rank in range(3):
-        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, return_doc_ids=True)
-        assert rows_of(list(sh), offsets) == [((0, 0, 8),)]  # padded by repetition
-        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, drop_last=True)
-        assert list(sh) == [] and len(sh) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------

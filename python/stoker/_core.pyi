@@ -111,6 +111,11 @@ class PackPlan:
     @property
     def seq_len(self) -> int: ...
     def stats(self) -> dict[typing.Any, typing.Any]: ...
+    def tokens_in_rows(
+        self,
+        first: typing.SupportsInt | typing.SupportsIndex,
+        last: typing.SupportsInt | typing.SupportsIndex,
+    ) -> int: ...
 
 class SlotLease:
     @property
@@ -180,6 +185,15 @@ def materialize_packed(
     pool: BufferPool,
 ) -> tuple[dict[typing.Any, typing.Any], int]: ...
 
+def packing_shard_rows(
+    source: TokenSource,
+    order: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+    seq_len: typing.SupportsInt | typing.SupportsIndex,
+    window: typing.SupportsInt | typing.SupportsIndex,
+    long_docs: typing.SupportsInt | typing.SupportsIndex,
+    world_size: typing.SupportsInt | typing.SupportsIndex,
+) -> numpy.typing.NDArray[numpy.int64]: ...
+
 def pad_sequences(
     columns: list[typing.Any],
     pad_values: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
@@ -198,6 +212,8 @@ def plan_packing(
     shuffle_rows: bool,
     seed: typing.SupportsInt | typing.SupportsIndex,
     epoch: typing.SupportsInt | typing.SupportsIndex,
+    rank: typing.SupportsInt | typing.SupportsIndex,
+    world_size: typing.SupportsInt | typing.SupportsIndex,
 ) -> PackPlan: ...
 
 def stack_arrays(arrays: list[typing.Any], pool: BufferPool) -> object: ...

@@ -48,8 +48,9 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
                         int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool) {
   STOKER_CHECK_AS(ValueError, rows > 0, "a packed batch needs at least one row");
   for (int64_t i = 0; i < rows; ++i)
-    STOKER_CHECK_AS(IndexError, row_ids[i] >= 0 && row_ids[i] < plan.num_rows(), "row ", row_ids[i],
-                    " out of range [0, ", plan.num_rows(), ")");
+    STOKER_CHECK_AS(IndexError, row_ids[i] == kPaddingRow || (row_ids[i] >= 0 && row_ids[i] < plan.num_rows()),
+                    "row ", row_ids[i], " out of range [0, ", plan.num_rows(), ") (or ", kPaddingRow,
+                    " for a padding row)");
   const int64_t L = plan.seq_len;
   PackedBatch b;
   b.rows = rows;
@@ -58,6 +59,10 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   int64_t segments = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
+    if (r == kPaddingRow) {
+      ++segments;
+      continue;
+    }
     int64_t used = 0;
     for (int64_t k = plan.row_start[r]; k < plan.row_start[r + 1]; ++k) used += plan.segments[k].length;
     segments += plan.row_start[r + 1] - plan.row_start[r] + (used < L ? 1 : 0);
@@ -103,7 +108,9 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
     const int64_t row_end = flat + L;
-    for (int64_t k = plan.row_start[r]; k < plan.row_start[r + 1]; ++k) {
+    const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
+    const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
+    for (int64_t k = first; k < last; ++k) {
       const Segment& s = plan.segments[k];
       STOKER_CHECK(s.doc >= 0 && s.doc < source.num_docs && s.offset >= 0 &&
                        source.offsets[s.doc] + s.offset + s.length <= source.offsets[s.doc + 1],

@@ -37,7 +37,10 @@ struct PackedBatch {
   bool has_doc_ids = false;
 };
 
-/// Writes the rows `row_ids[0..rows)` of `plan`, in that order, into a block from `pool`.
+/// A row id that materialises as a row of padding only (one padding segment of L tokens).
+inline constexpr int64_t kPaddingRow = -1;
+
+/// Writes the rows `row_ids[0..rows)` of `plan` (or kPaddingRow), in that order, into a block from `pool`.
 /// With shift_labels, labels[t] = input_ids[t + 1] within a segment (Megatron-style, no shift left to the
 /// loss); otherwise labels[t] = input_ids[t] (HF-style, the loss shifts).
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
