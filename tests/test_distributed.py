@@ -1,6 +1,7 @@
 """Two real processes under torchrun (gloo, CPU): each rank loads its own shard of the same dataset, the shards
-cover the dataset without overlap beyond DistributedSampler's padding, and a mid-epoch save/resume on both
-ranks continues exactly. The job itself is tests/distributed_job.py."""
+cover the dataset without overlap beyond DistributedSampler's padding (for PackedLoader: every token once, the
+ranks in step), and a mid-epoch save/resume on both ranks continues exactly. The job itself is
+tests/distributed_job.py."""
 
 from __future__ import annotations
 
@@ -77,3 +78,35 @@ def test_user_distributed_sampler_is_followed(ranks):
         assert ours == torchs
         shards.append(_flat(ours))
     assert set().union(*shards) == set(range(N))
+
+
+def test_packed_ranks_serve_every_token_once_in_step(ranks):
+    packed = [r["packed"] for r in ranks]
+    assert packed[0]["len"] == packed[1]["len"], "the ranks' epochs differ in length"
+    for epoch in range(2):
+        assert all(len(p["epochs"][epoch]) == p["len"][epoch] for p in packed)
+        shards = [_flat(p["epochs"][epoch]) for p in packed]
+        assert not set(shards[0]) & set(shards[1]), "a token served on both ranks"
+        assert sorted(shards[0] + shards[1]) == list(range(packed[0]["num_tokens"]))
+        assert all(p["totals"][epoch] == packed[0]["num_tokens"] for p in packed)  # the all_reduce saw them all
+    assert sum(p["stats"]["padding_rows"] for p in packed) > 0, "the workload should leave the ranks uneven"
+    for rank, p in enumerate(packed):
+        assert (p["stats"]["rank"], p["stats"]["world_size"]) == (rank, WORLD)
+        assert p["epochs"][0] != p["epochs"][1]  # reshuffled per epoch
+
+
+def test_packed_rank_serves_what_rank_and_world_size_name(ranks):
+    import distributed_job as job  # tests/ is on sys.path
+
+    for rank, result in enumerate(ranks):
+        p = result["packed"]
+        loader = stoker.PackedLoader(job.packed_documents(), job.PACK_LEN, job.BATCH, window=16,
+                                     return_doc_ids=True, rank=rank, world_size=WORLD)
+        assert [[job.packed_tokens(b) for b in loader] for _ in range(2)] == p["epochs"]
+
+
+def test_packed_resume_on_every_rank_continues_exactly(ranks):
+    for rank, result in enumerate(ranks):
+        p = result["packed"]
+        assert (p["state"]["rank"], p["state"]["world_size"], p["state"]["batches_served"]) == (rank, WORLD, 2)
+        assert p["head"] + p["tail"] == p["epochs"][0]

@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from helpers import assert_same, roundtrip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DistributedSampler
 
 import stoker
 
 KEYS = {"input_ids", "labels", "position_ids", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
         "max_length_k", "seq_idx"}
 IGNORE = -100
-FORMAT = "stoker.PackedLoader/1"
+FORMAT = "stoker.PackedLoader/2"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -75,9 +74,10 @@ def small_lengths(seed=0, n=150):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
+def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None, shift_labels=False):
     """Asserts the structure every packed batch must have; returns the flattened numpy views
-    (ids, labels, positions, seq_idx, cu, docs or None)."""
+    (ids, labels, positions, seq_idx, cu, docs or None). Labels are checked unshifted (-100 at each segment's
+    first token) or, with ``shift_labels``, shifted (the next token, -100 at each segment's last)."""
     assert isinstance(batch, dict)
     assert set(batch) == KEYS | ({"doc_ids"} if doc_ids else set()), sorted(batch)
     assert "attention_mask" not in batch
@@ -114,6 +114,9 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
 
     starts = np.zeros(N, dtype=bool)
     starts[cu[:-1]] = True
+    ends = np.zeros(N, dtype=bool)
+    ends[cu[1:] - 1] = True
+    following = np.append(ids[1:], pad_id)  # the next token (never read at a segment's end)
     # position_ids count 0, 1, 2, ... within each segment (so == 0 exactly at the starts)
     assert np.array_equal(pos, np.arange(N) - np.repeat(cu[:-1], seg_len))
     assert np.array_equal(pos == 0, starts)
@@ -127,7 +130,10 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
         pad = docs == -1
         assert (docs[~pad] >= 0).all()
         assert (ids[pad] == pad_id).all(), "padding not filled with pad_id"
-        assert np.array_equal(labels, np.where(starts | pad, IGNORE, ids)), "labels"
+        if shift_labels:
+            assert np.array_equal(labels, np.where(ends | pad, IGNORE, following)), "shifted labels"
+        else:
+            assert np.array_equal(labels, np.where(starts | pad, IGNORE, ids)), "labels"
         pad2 = pad.reshape(B, seq_len)
         for r in range(B):
             if pad2[r].any():
@@ -136,6 +142,10 @@ def check_batch(batch, seq_len, *, pad_id=0, doc_ids=False, rows=None):
                 # the tail is exactly one segment
                 assert r * seq_len + first in set(cu.tolist())
                 assert sidx[r * seq_len + first] == sidx[(r + 1) * seq_len - 1]
+    elif shift_labels:
+        assert (labels[ends] == IGNORE).all()
+        rest = ~ends
+        assert ((labels[rest] == following[rest]) | ((labels[rest] == IGNORE) & (ids[rest] == pad_id))).all()
     else:
         assert (labels[starts] == IGNORE).all()
         rest = ~starts
@@ -164,13 +174,13 @@ def rows_of(batches, offsets):
     return out
 
 
-def check_positional_tokens(batches, offsets, seq_len, long_docs="split"):
+def check_positional_tokens(batches, offsets, seq_len, long_docs="split", pad_id=0):
     """Checks that every real token of positional documents sits in the right document, in consecutive runs
     that are whole pieces of it; returns all real tokens served (a flat int64 array)."""
     lengths = np.diff(offsets)
     served = []
     for b in batches:
-        _, _, _, _, cu, docs = check_batch(b, seq_len, doc_ids=True)
+        _, _, _, _, cu, docs = check_batch(b, seq_len, pad_id=pad_id, doc_ids=True)
         ids = b["input_ids"].numpy().reshape(-1)
         real = docs >= 0
         # each token's doc_id is the document containing it
@@ -285,6 +295,110 @@ def test_batch_fields_on_a_known_batch():
     assert b["seq_idx"].tolist() == [[0, 0, 0, 1, 1, 1, 2, 2], [3] * 8]
     assert b["doc_ids"].tolist() == [[0, 0, 0, 1, 1, 1, -1, -1], [2] * 8]
     assert b["max_length_q"] == b["max_length_k"] == 8
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2b. Shifted labels (shift_labels=True)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def shifted_labels_reference(batch):
+    """The shifted labels of a batch, token by token from seq_idx, position_ids and doc_ids alone: the next
+    token while it is in the same segment (same row, same seq_idx, the next position), else -100; -100 on
+    padding (doc_ids -1)."""
+    B, Lb = batch["input_ids"].shape
+    ids = batch["input_ids"].tolist()
+    sidx = batch["seq_idx"].tolist()
+    pos = batch["position_ids"].tolist()
+    docs = batch["doc_ids"].tolist()
+    out = []
+    for r in range(B):
+        row = []
+        for t in range(Lb):
+            same = t + 1 < Lb and sidx[r][t + 1] == sidx[r][t] and pos[r][t + 1] == pos[r][t] + 1
+            row.append(ids[r][t + 1] if same and docs[r][t] >= 0 else IGNORE)
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("num_threads", [0, 2])
+@pytest.mark.parametrize("long_docs", ["split", "truncate"])
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_shift_labels_token_by_token(window, long_docs, num_threads):
+    lengths = small_lengths(11, 120)  # documents of one row, one more than a row, several rows: split pieces
+    docs, offsets = positional(lengths)
+    kwargs = dict(seed=8, window=window, long_docs=long_docs, pad_id=-5, return_doc_ids=True)
+    shifted = stoker.PackedLoader(docs, L, 3, shift_labels=True, num_threads=num_threads, **kwargs)
+    plain = stoker.PackedLoader(docs, L, 3, **kwargs)
+    assert shifted.shift_labels and not plain.shift_labels
+    for _ in range(2):  # two epochs
+        n = 0
+        for a, b in zip(shifted, plain, strict=True):
+            check_batch(a, L, pad_id=-5, doc_ids=True, shift_labels=True)
+            assert a["labels"].tolist() == shifted_labels_reference(a)
+            # the same batch in every other key: shift_labels changes the labels only
+            assert_same({k: v for k, v in a.items() if k != "labels"}, {k: v for k, v in b.items() if k != "labels"})
+            # shifted[t] == unshifted[t + 1] within a row; the last token of a row has no label
+            assert torch.equal(a["labels"][:, :-1], b["labels"][:, 1:])
+            assert (a["labels"][:, -1] == IGNORE).all()
+            n += 1
+        assert n > 10
+    if long_docs == "split":  # a split piece's last token has no label, though its document goes on
+        assert shifted.stats()["documents_split"] > 0
+
+
+def test_shift_labels_on_a_known_batch():
+    # the docstring's example: [11, 12, 13] and [21, 22] in a row of 8, then a document split over two rows
+    docs = [[11, 12, 13], [21, 22], list(range(30, 40))]
+    loader = stoker.PackedLoader(docs, 8, 3, shuffle=False, window=1, shift_labels=True)
+    (b,) = list(loader)
+    check_batch(b, 8, shift_labels=True)
+    assert b["input_ids"].tolist() == [[11, 12, 13, 21, 22, 0, 0, 0], list(range(30, 38)),
+                                       [38, 39, 0, 0, 0, 0, 0, 0]]
+    assert b["labels"].tolist() == [[12, 13, IGNORE, 22, IGNORE, IGNORE, IGNORE, IGNORE],
+                                    list(range(31, 38)) + [IGNORE],
+                                    [39, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE]]
+    (plain,) = list(stoker.PackedLoader(docs, 8, 3, shuffle=False, window=1))
+    assert plain["labels"].tolist()[0] == [IGNORE, 12, 13, IGNORE, 22, IGNORE, IGNORE, IGNORE]
+
+
+def hf_causal_lm_loss(logits, labels, num_items_in_batch=None, ignore_index=IGNORE):
+    """transformers' ForCausalLMLoss (loss_utils.py): pad the labels by one -100, shift them left, take the
+    cross entropy over every position (mean, or sum / num_items_in_batch)."""
+    logits = logits.float()
+    labels = F.pad(labels, (0, 1), value=ignore_index)
+    shift_labels = labels[..., 1:].contiguous()
+    logits = logits.view(-1, logits.size(-1))
+    shift_labels = shift_labels.view(-1).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits, shift_labels, ignore_index=ignore_index, reduction=reduction)
+    return loss / num_items_in_batch if reduction == "sum" else loss
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_shift_labels_loss_equals_hf_shifted_loss(window):
+    docs, _ = positional(small_lengths(12, 80))
+    vocab = int(sum(map(len, docs))) + 1
+    shifted = stoker.PackedLoader(docs, L, 4, seed=1, window=window, shift_labels=True)
+    plain = stoker.PackedLoader(docs, L, 4, seed=1, window=window)
+    g = torch.Generator().manual_seed(0)
+    for a, b in zip(shifted, plain, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        logits = torch.randn(*a["input_ids"].shape, vocab, generator=g)
+        # no shift by the user: the logits at t score labels[t]
+        ours = F.cross_entropy(logits.flatten(0, 1), a["labels"].flatten(), ignore_index=IGNORE)
+        torch.testing.assert_close(ours, hf_causal_lm_loss(logits, b["labels"]), rtol=0, atol=0)
+        items = int((a["labels"] != IGNORE).sum())
+        assert items == int((b["labels"] != IGNORE).sum())
+        ours_sum = F.cross_entropy(logits.flatten(0, 1), a["labels"].flatten(), ignore_index=IGNORE,
+                                   reduction="sum") / items
+        torch.testing.assert_close(ours_sum, hf_causal_lm_loss(logits, b["labels"], items), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("point", ["1", "mid", "stopped"])
+def test_resume_shift_labels(point):
+    docs, _ = positional(small_lengths(6, 90))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 4, seed=3, window=4, shift_labels=True), point)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -657,12 +771,6 @@ def test_resume_after_set_epoch():
     assert_same(list(b) + list(b), expected)
 
 
-@pytest.mark.parametrize("point", ["1", "stopped"])
-def test_resume_sharded(point):
-    docs, _ = positional(small_lengths(6, 90))
-    resume_check(lambda: stoker.PackedLoader(docs, L, 2, window=4, rank=1, world_size=3), point)
-
-
 def test_resume_then_set_epoch():
     """A training loop calls set_epoch(e) before each epoch: naming the loaded epoch keeps the loaded
     position, naming another starts that epoch from its first batch."""
@@ -702,6 +810,7 @@ def test_resume_rejects_other_settings():
         "long_docs": lambda: stoker.PackedLoader(docs, L, 4, window=3, long_docs="drop"),
         "shuffle": lambda: stoker.PackedLoader(docs, L, 4, window=3, shuffle=False),
         "drop_last": lambda: stoker.PackedLoader(docs, L, 4, window=3, drop_last=True),
+        "shift_labels": lambda: stoker.PackedLoader(docs, L, 4, window=3, shift_labels=True),
         "world_size": lambda: stoker.PackedLoader(docs, L, 4, window=3, rank=0, world_size=2),
         "seed": lambda: stoker.PackedLoader(docs, L, 4, window=3, seed=(state["seed"] + 1) % 2 ** 64),
     }
@@ -717,43 +826,194 @@ def test_resume_rejects_other_settings():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 8. Sharding by rows
+# 8. Sharding by documents
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_padding_rows(batch, seq_len, pad_id=0):
+    """Asserts that every row of padding only (doc_ids all -1) is well formed: pad_id, labels -100, positions
+    0..L-1, one segment; returns how many there are."""
+    cu = set(batch["cu_seqlens"].tolist())
+    n = 0
+    for r in range(batch["input_ids"].shape[0]):
+        if (batch["doc_ids"][r] >= 0).any():
+            continue
+        n += 1
+        assert (batch["input_ids"][r] == pad_id).all()
+        assert (batch["labels"][r] == IGNORE).all()
+        assert batch["position_ids"][r].tolist() == list(range(seq_len))
+        assert {c for c in cu if r * seq_len <= c <= (r + 1) * seq_len} == {r * seq_len, (r + 1) * seq_len}
+        assert len(set(batch["seq_idx"][r].tolist())) == 1
+    return n
+
+
+def documents_served(batches, offsets):
+    """{document: its tokens served, in the order of its pieces} over batches of positional tokens."""
+    pieces = {}
+    for b in batches:
+        ids = b["input_ids"].numpy().reshape(-1)
+        for _, s, n, d in real_segments(b, b["input_ids"].shape[1]):
+            pieces.setdefault(d, []).append(ids[s:s + n])
+    return {d: np.sort(np.concatenate(p)) for d, p in pieces.items()}
+
+
+def shard_run(docs, world, batch_size=3, **kwargs):
+    """Every rank's loader over one epoch: [(loader, len before iterating, batches, stats)] by rank."""
+    out = []
+    for rank in range(world):
+        loader = stoker.PackedLoader(docs, L, batch_size, return_doc_ids=True, rank=rank, world_size=world,
+                                     **kwargs)
+        n = len(loader)
+        stats = loader.stats()
+        out.append((loader, n, list(loader), stats))
+    return out
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("world", [2, 3])
-def test_sharding_by_rows(world, window, drop_last, batch_size):
-    docs, offsets = positional(small_lengths(21, 61))
-    full_loader = stoker.PackedLoader(docs, L, 1, seed=0, window=window, return_doc_ids=True)
-    full = rows_of(list(full_loader), offsets)
-    total = len(full)
-    assert total % 2 and total % 3, f"the workload should not divide evenly ({total} rows)"
-    assert len(set(full)) == total
-    seen = set()
+@pytest.mark.parametrize("world", [2, 3, 7])
+def test_sharding_by_documents(world, window, drop_last, batch_size, shuffle):
+    lengths = small_lengths(21, 61)
+    docs, offsets = positional(lengths)
     torch.manual_seed(99)  # a sharded loader without seed= packs with seed 0 whatever the global RNG
-    for rank in range(world):
-        sh = stoker.PackedLoader(docs, L, batch_size, window=window, drop_last=drop_last, return_doc_ids=True,
-                                 rank=rank, world_size=world)
-        n = len(sh)
-        batches = list(sh)
-        assert len(batches) == n
+    runs = shard_run(docs, world, window=window, drop_last=drop_last, batch_size=batch_size, shuffle=shuffle,
+                     pad_id=-3)
+    counts = runs[0][3]["shard_rows"]
+    assert len(counts) == world and len(set(counts)) > 1, f"the workload should leave the ranks uneven: {counts}"
+    assert len({n for _, n, _, _ in runs}) == 1, "ranks yield different numbers of batches"
+    served_docs, served_tokens, cut = [], [], 0
+    for rank, (loader, n, batches, stats) in enumerate(runs):
+        assert len(batches) == n and stats["rank"] == rank and stats["world_size"] == world
+        assert stats["shard_rows"] == counts and stats["rows"] == counts[rank]
+        assert stats["documents"] == len(range(rank, len(docs), world))
+        padding = 0
         for b in batches:
-            check_batch(b, L, doc_ids=True)
-        rows = rows_of(batches, offsets)
-        idx = list(DistributedSampler(range(total), num_replicas=world, rank=rank, shuffle=False,
-                                      drop_last=drop_last))
+            check_batch(b, L, pad_id=-3, doc_ids=True)
+            padding += check_padding_rows(b, L, pad_id=-3)
+        rows = sum(b["input_ids"].shape[0] for b in batches)
+        assert (stats["rows_served"], stats["padding_rows"]) == (rows, padding)
         if drop_last:
-            idx = idx[:len(idx) // batch_size * batch_size]
-        assert rows == [full[i] for i in idx], f"rank {rank}"
-        assert n == (len(idx) // batch_size if drop_last else -(-len(idx) // batch_size))
-        seen.update(rows)
-        state = sh.state_dict()
-        assert (state["rank"], state["world_size"], state["seed"]) == (rank, world, 0)
-    if not drop_last:
-        assert seen == set(full), "the ranks together do not cover the epoch"
+            assert rows == min(counts) // batch_size * batch_size and padding == 0
+            assert stats["rows_cut"] == counts[rank] - rows
+        else:
+            assert rows == max(counts) and padding == max(counts) - counts[rank]
+            assert stats["rows_cut"] == stats["tokens_cut"] == 0
+        tokens = check_positional_tokens(batches, offsets, L, pad_id=-3)
+        assert len(tokens) + stats["tokens_cut"] == stats["tokens"]
+        cut += stats["tokens_cut"]
+        got = documents_served(batches, offsets)
+        if not drop_last:  # the rank's documents come back whole
+            for d, t in got.items():
+                assert np.array_equal(t, np.arange(offsets[d], offsets[d + 1])), f"document {d} not whole"
+        if not shuffle:  # no shuffle: the order is 0, 1, 2, ..., so rank r has documents r, r + W, ...
+            assert set(got) <= set(range(rank, len(docs), world))
+        served_docs.append(set(got))
+        served_tokens.append(tokens)
+    for a, b in itertools.combinations(served_docs, 2):
+        assert a.isdisjoint(b), "a document packed on two ranks"
+    tokens = np.concatenate(served_tokens)
+    assert len(np.unique(tokens)) == len(tokens), "a token served twice"
+    if drop_last:
+        assert len(tokens) + cut == offsets[-1]
+    else:
+        assert set().union(*served_docs) == {d for d, n in enumerate(lengths) if n > 0}
+        assert np.array_equal(np.sort(tokens), np.arange(offsets[-1])), "not every token exactly once"
+
+
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_a_rank_packs_its_documents_as_a_loader_of_them_alone(window):
+    """Without shuffling, rank r's real rows are the rows one loader makes of documents r, r + W, ... (its
+    padding rows aside)."""
+    lengths = small_lengths(22, 70)
+    docs, _ = positional(lengths)
+    world = 3
+    for rank in range(world):
+        sharded = stoker.PackedLoader(docs, L, 2, shuffle=False, window=window, rank=rank, world_size=world,
+                                      return_doc_ids=True)
+        alone = stoker.PackedLoader(docs[rank::world], L, 2, shuffle=False, window=window, return_doc_ids=True)
+        rows = [r for r in _row_token_lists(list(sharded)) if r]
+        assert rows == _row_token_lists(list(alone))
+
+
+def test_padding_rows_are_spread_through_the_epoch():
+    # rows of one document each, no shuffle: rank 0 gets documents 0, 2, 4, 6, 8 (5 rows), rank 1 gets 1, 3, 5
+    # and an empty one (3 rows); with batch 2, rank 1 serves [pad, row 0], [pad, row 1], [row 2]
+    docs = [[1] * 8, [10] * 8, [2] * 8, [11] * 8, [3] * 8, [12] * 8, [4] * 8, [], [5] * 8]
+    a = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=0, world_size=2, return_doc_ids=True)
+    b = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=1, world_size=2, return_doc_ids=True)
+    assert a.stats()["shard_rows"] == [5, 3]
+    assert len(a) == len(b) == 3
+    rows = [row[0] if row else None for row in _row_token_lists(list(b))]
+    assert rows == [None, [10] * 8, None, [11] * 8, [12] * 8]
+    assert b.stats()["padding_rows"] == 2
+    cut = stoker.PackedLoader(docs, 8, 2, shuffle=False, rank=0, world_size=2, drop_last=True, return_doc_ids=True)
+    assert len(cut) == 1 and [r[0] for r in _row_token_lists(list(cut))] == [[1] * 8, [2] * 8]
+    s = cut.stats()
+    assert (s["rows_served"], s["rows_cut"], s["tokens_cut"]) == (2, 3, 24)
+
+
+def test_sharding_fewer_documents_than_ranks():
+    docs, offsets = positional([8, 3])
+    for rank in range(3):
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, shuffle=False, return_doc_ids=True)
+        assert len(sh) == 1
+        (b,) = list(sh)
+        check_batch(b, 8, doc_ids=True)
+        if rank < 2:
+            assert rows_of([b], offsets) == [((rank, 0, [8, 3][rank]),)]
+        else:  # no document: one row of padding, as many batches as the others
+            assert check_padding_rows(b, 8) == 1 and sh.stats()["documents"] == 0
+        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, drop_last=True)
+        assert list(sh) == [] and len(sh) == 0 and sh.stats()["shard_rows"] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_sharded_batches_are_deterministic_and_epochs_differ(window):
+    docs, _ = positional(small_lengths(23, 80))
+    for rank in range(2):
+        torch.manual_seed(rank)  # does not matter: seed 0 on every rank
+        a = epochs(stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2), 2)
+        torch.manual_seed(rank + 10)
+        b = epochs(stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2), 2)
+        assert_same(a, b)
+        assert not torch.equal(torch.cat([x["input_ids"] for x in a[0]]),
+                               torch.cat([x["input_ids"] for x in a[1]]))
+        c = stoker.PackedLoader(docs, L, 2, window=window, rank=rank, world_size=2, seed=0)
+        c.set_epoch(1)
+        assert_same(list(c), a[1])
+
+
+def test_world_size_one_is_the_unsharded_loader():
+    docs, _ = positional(small_lengths(24, 60))
+    for window in (None, 3):
+        plain = epochs(stoker.PackedLoader(docs, L, 3, seed=4, window=window), 2)
+        for kwargs in ({"world_size": 1}, {"rank": 0, "world_size": 1}):
+            assert_same(epochs(stoker.PackedLoader(docs, L, 3, seed=4, window=window, **kwargs), 2), plain)
+
+
+@pytest.mark.parametrize("point", ["1", "mid", "last", "stopped"])
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("rank", [0, 1, 2])
+def test_resume_every_rank(rank, window, drop_last, point):
+    docs, _ = positional(small_lengths(6, 120))
+    resume_check(lambda: stoker.PackedLoader(docs, L, 2, window=window, drop_last=drop_last, rank=rank,
+                                             world_size=3, return_doc_ids=True), point)
+
+
+def test_sharded_state_names_rank_and_world_size():
+    docs, _ = positional(small_lengths(6, 90))
+    loader = stoker.PackedLoader(docs, L, 2, rank=1, world_size=3)
+    len(loader)  # plans, drawing the seed
+    state = loader.state_dict()
+    assert (state["format"], state["rank"], state["world_size"], state["seed"]) == (FORMAT, 1, 3, 0)
+    for rank, world in ((0, 3), (1, 2), (0, 1)):
+        with pytest.raises(ValueError, match="rank|world_size"):
+            stoker.PackedLoader(docs, L, 2, rank=rank, world_size=world).load_state_dict(state)
+    with pytest.raises(ValueError, match="format"):  # a state of the loader that sharded rows
+        loader.load_state_dict({**state, "format": "stoker.PackedLoader/1"})
 
 
 def test_sharding_bad_arguments():
@@ -764,15 +1024,6 @@ def test_sharding_bad_arguments():
     for kwargs in ({"rank": -1, "world_size": 2}, {"rank": 0, "world_size": 0}):
         with pytest.raises(ValueError):
             stoker.PackedLoader(docs, 8, 1, **kwargs)
-
-
-def test_sharding_fewer_rows_than_ranks():
-    docs, offsets = positional([8])  # one row
-    for rank in range(3):
-        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, return_doc_ids=True)
-        assert rows_of(list(sh), offsets) == [((0, 0, 8),)]  # padded by repetition
-        sh = stoker.PackedLoader(docs, 8, 1, rank=rank, world_size=3, drop_last=True)
-        assert list(sh) == [] and len(sh) == 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,11 @@ class PackPlan:
     @property
     def seq_len(self) -> int: ...
     def stats(self) -> dict[typing.Any, typing.Any]: ...
+    def tokens_in_rows(
+        self,
+        first: typing.SupportsInt | typing.SupportsIndex,
+        last: typing.SupportsInt | typing.SupportsIndex,
+    ) -> int: ...
 
 class SlotLease:
     @property
@@ -182,6 +187,7 @@ def materialize_packed(
     rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
     pad_id: typing.SupportsInt | typing.SupportsIndex,
     doc_ids: bool,
+    shift_labels: bool,
     pool: BufferPool,
 ) -> tuple[dict[typing.Any, typing.Any], int]: ...
 
@@ -202,6 +208,15 @@ def normalize_u8(
 ) -> None:
     """Queues the normalise kernel on a stream (a CUstream handle): dst[n,c,h,w] = (src * scale - mean[c]) / std[c] from uint8 [N,C,H,W] (or [N,H,W,C] with channels_last) device memory."""
 
+def packing_shard_rows(
+    source: TokenSource,
+    order: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+    seq_len: typing.SupportsInt | typing.SupportsIndex,
+    window: typing.SupportsInt | typing.SupportsIndex,
+    long_docs: typing.SupportsInt | typing.SupportsIndex,
+    world_size: typing.SupportsInt | typing.SupportsIndex,
+) -> numpy.typing.NDArray[numpy.int64]: ...
+
 def pad_sequences(
     columns: list[typing.Any],
     pad_values: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
@@ -220,6 +235,8 @@ def plan_packing(
     shuffle_rows: bool,
     seed: typing.SupportsInt | typing.SupportsIndex,
     epoch: typing.SupportsInt | typing.SupportsIndex,
+    rank: typing.SupportsInt | typing.SupportsIndex,
+    world_size: typing.SupportsInt | typing.SupportsIndex,
 ) -> PackPlan: ...
 
 def stack_arrays(arrays: list[typing.Any], pool: BufferPool) -> object: ...

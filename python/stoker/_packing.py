@@ -9,7 +9,7 @@ import os
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
 TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.int64))
 _LONG_DOCS = {"split": 0, "truncate": 1, "drop": 2}
-STATE_FORMAT = "stoker.PackedLoader/1"
+STATE_FORMAT = "stoker.PackedLoader/2"  # 2: ranks shard documents, not rows
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 
@@ -203,7 +203,16 @@ class PackedLoader:
 
     * ``input_ids`` int64 ``[B, L]``: the tokens, the tail of a row padded with ``pad_id``;
     * ``labels`` int64 ``[B, L]``: the tokens, unshifted, with -100 at the first token of every document
-      segment and on padding, so a shifted loss never predicts across documents;
+      segment and on padding, so the shifted loss HF models compute never predicts across documents; with
+      ``shift_labels=True``, the next token instead (Megatron-style): ``labels[t] = input_ids[t + 1]`` while
+      ``t + 1`` is in the same segment, -100 at the last token of every segment and on padding, so
+      ``cross_entropy(logits.flatten(0, 1), labels.flatten())`` needs no shifting and equals the shifted loss
+      over the default labels. For a row of documents ``[11, 12, 13]`` and ``[21, 22]`` with ``seq_len=8``::
+
+          input_ids         [  11,   12,   13,   21,   22,    0,    0,    0]
+          labels            [-100,   12,   13, -100,   22, -100, -100, -100]
+          labels, shifted   [  12,   13, -100,   22, -100, -100, -100, -100]
+
     * ``position_ids`` int64 ``[B, L]``: restarting at 0 in every segment (the padding tail is a segment);
     * ``cu_seqlens`` int32 ``[S + 1]``: segment starts over the flattened ``B*L`` tokens, padding segments
       included, ending at ``B*L`` — also as ``cu_seq_lens_q``/``cu_seq_lens_k``, with ``max_length_q`` and
@@ -218,9 +227,21 @@ class PackedLoader:
     buffered ones while they fit, then the longest that still fits, so no document waits much longer than
     ``W`` divided by the documents per row. Documents longer than ``seq_len`` are split into ``seq_len``
     pieces (``long_docs="split"``, each piece a segment), cut (``"truncate"``) or skipped (``"drop"``).
-    The epoch's document order is a pure function of (seed, epoch), so batches are deterministic, resumable
-    (:meth:`state_dict`) and, with ``rank``/``world_size`` or under ``torch.distributed``, sharded by rows
-    as ``DistributedSampler`` shards samples.
+    The epoch's document order is a pure function of (seed, epoch), so batches are deterministic and
+    resumable (:meth:`state_dict`).
+
+    With ``rank``/``world_size``, or under ``torch.distributed``, ranks shard documents: after the epoch's
+    shuffle (the same on every rank: ``seed``, or 0 by default), rank ``r`` of ``W`` packs the documents at
+    positions ``r, r + W, r + 2W, ...`` alone, so each document is packed, whole or split, on one rank and
+    every token is served once per epoch across the ranks. Every rank also plans the other shards (about as
+    long as planning the dataset once: 20-50 ms for 200,000 documents) to learn their row counts, so all
+    ranks yield the same number of batches without communicating, as DDP needs: a rank with fewer rows than
+    the most gets rows of padding only (``input_ids`` ``pad_id``, ``labels`` -100, positions from 0, one
+    padding segment), spread evenly through its epoch; with ``drop_last=True`` every rank stops at the
+    fewest rows instead. For ranks that plan 5 and 3 rows with ``batch_size=2``, rank 1 serves rows
+    ``[pad, 0]``, ``[pad, 1]``, ``[2]``; with ``drop_last=True`` each rank serves one batch of its first two
+    rows. A batch of padding only (a per-rank mean loss of 0/0) needs a rank with fewer than
+    ``1 / batch_size`` of the most rows; :meth:`stats` counts padding rows and the rows and tokens cut.
 
     By default each batch is built when it is asked for (about 0.1 ms for 8 rows of 4096 tokens on one
     core). With ``num_threads > 0`` that many threads build up to ``prefetch`` batches (default 4) ahead of
@@ -234,7 +255,7 @@ class PackedLoader:
                  seed: int | None = None, window: int | None = None, long_docs: str = "split",
                  pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
                  rank: int | None = None, world_size: int | None = None, num_threads: int = 0,
-                 prefetch: int = 4) -> None:
+                 prefetch: int = 4, shift_labels: bool = False) -> None:
         self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -258,10 +279,11 @@ class PackedLoader:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
         self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
+        self.shift_labels = bool(shift_labels)
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self._epoch = 0
         self._seed: int | None = None
-        self._plan_cache: tuple[int, int, Any] | None = None  # (seed, epoch, plan)
+        self._plan_cache: _EpochPlan | None = None
         self._cursor: list | None = None  # [epoch, served, finished] of the newest iterator
         self._resume: tuple[int, int] | None = None
 
@@ -281,37 +303,31 @@ class PackedLoader:
                 self._seed = int(drawn) & _SEED_MASK
         return self._seed
 
-    def _plan(self, epoch: int):
+    def _plan(self, epoch: int) -> _EpochPlan:
+        """This rank's plan of ``epoch`` and the rows it serves (cached for the newest epoch asked for)."""
         seed = self._resolve_seed()
-        if self._plan_cache is not None and self._plan_cache[:2] == (seed, epoch):
-            return self._plan_cache[2]
+        rank, world = self._shard()
+        key = (seed, epoch, rank, world)
+        if self._plan_cache is not None and self._plan_cache.key == key:
+            return self._plan_cache
         n = len(self.documents)
         if self.shuffle and n > 0:
             order = core.IndexStream(n, n, False, True, seed, epoch).batch(0)
         else:
             order = np.arange(n, dtype=np.int64)
-        plan = core.plan_packing(self.documents._source, order, self.seq_len, self.window or 0,
-                                 _LONG_DOCS[self.long_docs], self.shuffle, seed, epoch)
-        self._plan_cache = (seed, epoch, plan)
-        return plan
-
-    def _rows(self, plan) -> np.ndarray:
-        """The plan rows this rank serves, in order: positions r, r+W, ... padded by repetition or cut."""
-        rank, world = self._shard()
-        total = plan.num_rows
-        if world == 1:
-            return np.arange(total, dtype=np.int64)
-        count = core.IndexStream.shard_size_for(total, world, self.drop_last)
-        if total == 0:
-            return np.empty(0, dtype=np.int64)
-        return (rank + world * np.arange(count, dtype=np.int64)) % total
+        args = (self.documents._source, order, self.seq_len, self.window or 0, _LONG_DOCS[self.long_docs])
+        plan = core.plan_packing(*args, self.shuffle, seed, epoch, rank, world)
+        # every rank plans every shard (about as long as planning the dataset once) to learn their row counts
+        counts = core.packing_shard_rows(*args, world) if world > 1 else np.array([plan.num_rows], np.int64)
+        self._plan_cache = _EpochPlan(key, plan, counts, _shard_rows(plan.num_rows, counts, self.drop_last))
+        return self._plan_cache
 
     def _num_batches(self, rows: int) -> int:
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
 
     def __len__(self) -> int:
         """Batches in the epoch the next iterator serves (packing decides the row count)."""
-        return self._num_batches(len(self._rows(self._plan(self._epoch))))
+        return self._num_batches(len(self._plan(self._epoch).rows))
 
     def set_epoch(self, epoch: int) -> None:
         """Makes the next iterator serve epoch ``epoch``."""
@@ -322,16 +338,28 @@ class PackedLoader:
         self._cursor = None
 
     def stats(self) -> dict[str, Any]:
-        """Packing figures of the newest epoch planned: documents, tokens, rows, ``efficiency`` (tokens over
-        rows x seq_len), documents split or dropped, tokens dropped, and the largest delay in rows a document
-        waited in the window."""
-        if self._plan_cache is None:
-            self._plan(self._epoch)
-        plan = self._plan_cache[2]
+        """Packing figures of this rank in the newest epoch planned: its documents, tokens, rows (of its plan),
+        ``efficiency`` (tokens over rows x seq_len), documents split or dropped, tokens dropped (by
+        ``long_docs``), and the largest delay in rows a document waited in the window; then what it serves:
+        ``shard_rows`` (the planned rows of every rank, rank by rank), ``rows_served`` (rows it yields this
+        epoch), ``padding_rows`` (rows of padding only among them, to match the rank with the most rows),
+        and ``rows_cut``/``tokens_cut`` (with ``drop_last``: planned rows and their tokens not served, to
+        match the rank with the fewest rows and to drop the last partial batch)."""
+        ep = self._plan_cache if self._plan_cache is not None else self._plan(self._epoch)
+        plan = ep.plan
         out = plan.stats()
-        out["epoch"] = self._plan_cache[1]
+        out["epoch"] = ep.key[1]
         out["seq_len"] = self.seq_len
         out["efficiency"] = out["tokens"] / (out["rows"] * self.seq_len) if out["rows"] else 1.0
+        out["rank"], out["world_size"] = ep.key[2], ep.key[3]
+        out["shard_rows"] = [int(c) for c in ep.counts]
+        served = ep.rows[:self._num_batches(len(ep.rows)) * self.batch_size]
+        padding = int((served == _PADDING_ROW).sum())
+        real = len(served) - padding  # the plan's first `real` rows
+        out["rows_served"] = len(served)
+        out["padding_rows"] = padding
+        out["rows_cut"] = plan.num_rows - real
+        out["tokens_cut"] = plan.tokens_in_rows(real, plan.num_rows)
         return out
 
     # -- iteration -----------------------------------------------------------------------------------------------
@@ -346,9 +374,8 @@ class PackedLoader:
             self._resume = None
         cursor = [epoch, start, False]
         self._cursor = cursor
-        plan = self._plan(epoch)
-        rows = self._rows(plan)
-        return _PackedIterator(self, plan, rows, cursor)
+        ep = self._plan(epoch)
+        return _PackedIterator(self, ep.plan, ep.rows, cursor)
 
     # -- resumption ----------------------------------------------------------------------------------------------
 
@@ -357,6 +384,7 @@ class PackedLoader:
         return {"num_documents": len(self.documents), "num_tokens": self.documents.num_tokens,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "window": self.window,
                 "long_docs": self.long_docs, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                "shift_labels": self.shift_labels,
                 "rank": rank, "world_size": world}
 
     def state_dict(self) -> dict[str, Any]:
@@ -393,12 +421,41 @@ class PackedLoader:
                 raise ValueError(f"the state's {name} must be a non-negative integer, got {value!r}")
         if self.seed is None:
             self._seed = seed
-        batches = self._num_batches(len(self._rows(self._plan(epoch)))) if seed is not None else None
+        batches = self._num_batches(len(self._plan(epoch).rows)) if seed is not None else None
         if batches is not None and served > batches:
             raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
         self._epoch = epoch
         self._resume = (epoch, served)
         self._cursor = None
+
+
+_PADDING_ROW = -1  # a row id the materialiser writes as a row of padding only
+
+
+class _EpochPlan(NamedTuple):
+    key: tuple[int, int, int, int]  # (seed, epoch, rank, world_size)
+    plan: Any  # this rank's core.PackPlan
+    counts: np.ndarray  # the row count of every rank's plan
+    rows: np.ndarray  # the plan rows this rank serves, in order, _PADDING_ROW for a row of padding
+
+
+def _shard_rows(own: int, counts: np.ndarray, drop_last: bool) -> np.ndarray:
+    """The rows a rank with ``own`` planned rows serves when the ranks planned ``counts``: its first
+    ``min(counts)`` rows with ``drop_last``, else all of them with rows of padding spread evenly among them up
+    to ``max(counts)`` (position i is a real row when floor((i + 1) own / max) > floor(i own / max), so the
+    last row is real and any batch_size consecutive rows hold at least floor(batch_size own / max) of them).
+
+    For ranks planning 5 and 3 rows: rank 1 serves ``[pad, 0, pad, 1, 2]``; with drop_last both serve 3."""
+    if drop_last:
+        return np.arange(int(counts.min()), dtype=np.int64)
+    most = int(counts.max())
+    if own == most:
+        return np.arange(most, dtype=np.int64)
+    i = np.arange(most, dtype=np.int64)
+    real = (i + 1) * own // most > i * own // most
+    rows = np.full(most, _PADDING_ROW, dtype=np.int64)
+    rows[real] = np.arange(own, dtype=np.int64)
+    return rows
 
 
 class _PackedIterator:
@@ -427,7 +484,7 @@ class _PackedIterator:
         bs = loader.batch_size
         rows = self._rows[b * bs:(b + 1) * bs]
         return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                       loader.return_doc_ids, POOL)
+                                       loader.return_doc_ids, loader.shift_labels, POOL)
 
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch

@@ -49,6 +49,17 @@ std::shared_ptr<PyTokenSource> make_source(py::array tokens, Int64Array offsets)
   return src;
 }
 
+// The document order as the planner takes it, each id checked against the source.
+std::vector<int64_t> order_of(const PyTokenSource& source, const Int64Array& order, int long_docs) {
+  STOKER_CHECK_AS(ValueError, long_docs >= 0 && long_docs <= 2, "bad long_docs code ", long_docs);
+  STOKER_CHECK_AS(ValueError, order.ndim() == 1, "the document order must be 1-D");
+  const int64_t* o = order.data();
+  std::vector<int64_t> ord(o, o + order.size());
+  for (int64_t d : ord)
+    STOKER_CHECK_AS(IndexError, d >= 0 && d < source.view.num_docs, "document ", d, " out of range");
+  return ord;
+}
+
 }  // namespace
 
 void register_packing(py::module_& m) {
@@ -76,6 +87,7 @@ void register_packing(py::module_& m) {
         d["max_delay_rows"] = p.stats.max_delay_rows;
         return d;
       })
+      .def("tokens_in_rows", &PackPlan::tokens_in_rows, py::arg("first"), py::arg("last"))
       .def("row", [](const PackPlan& p, int64_t r) {
         STOKER_CHECK_AS(IndexError, r >= 0 && r < p.num_rows(), "row ", r, " out of range");
         py::list out;
@@ -87,27 +99,38 @@ void register_packing(py::module_& m) {
       }, py::arg("r"));
 
   m.def("plan_packing", [](const PyTokenSource& source, Int64Array order, int64_t seq_len, int64_t window,
-                           int long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch) {
-        STOKER_CHECK_AS(ValueError, long_docs >= 0 && long_docs <= 2, "bad long_docs code ", long_docs);
-        const int64_t* o = order.data();
-        std::vector<int64_t> ord(o, o + order.size());
-        for (int64_t d : ord)
-          STOKER_CHECK_AS(IndexError, d >= 0 && d < source.view.num_docs, "document ", d, " out of range");
+                           int long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch, int64_t rank,
+                           int64_t world_size) {
+        std::vector<int64_t> ord = order_of(source, order, long_docs);
         py::gil_scoped_release release;
-        return std::make_shared<PackPlan>(plan_packing(source.lengths.data(), ord, seq_len, window,
-                                                       static_cast<LongDocs>(long_docs), shuffle_rows, seed, epoch));
+        return std::make_shared<PackPlan>(plan_shard(source.lengths.data(), ord, rank, world_size, seq_len, window,
+                                                     static_cast<LongDocs>(long_docs), shuffle_rows, seed, epoch));
       },
       py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
-      py::arg("shuffle_rows"), py::arg("seed"), py::arg("epoch"));
+      py::arg("shuffle_rows"), py::arg("seed"), py::arg("epoch"), py::arg("rank"), py::arg("world_size"));
+
+  m.def("packing_shard_rows", [](const PyTokenSource& source, Int64Array order, int64_t seq_len, int64_t window,
+                                 int long_docs, int64_t world_size) {
+        std::vector<int64_t> ord = order_of(source, order, long_docs);
+        std::vector<int64_t> counts;
+        {
+          py::gil_scoped_release release;
+          counts = shard_row_counts(source.lengths.data(), ord, world_size, seq_len, window,
+                                    static_cast<LongDocs>(long_docs));
+        }
+        return py::array_t<int64_t>(static_cast<py::ssize_t>(counts.size()), counts.data());
+      },
+      py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
+      py::arg("world_size"));
 
   m.def("materialize_packed", [](const PackPlan& plan, const PyTokenSource& source, Int64Array rows,
-                                 int64_t pad_id, bool doc_ids, std::shared_ptr<BufferPool> pool) {
+                                 int64_t pad_id, bool doc_ids, bool shift_labels, std::shared_ptr<BufferPool> pool) {
         STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
         PackedBatch b;
         {
           py::gil_scoped_release release;
           b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
-                          *pool);
+                          shift_labels, *pool);
         }
         auto* base = static_cast<uint8_t*>(b.block->data);
         const DType i64{DTypeCode::Int, 64}, i32{DTypeCode::Int, 32};
@@ -122,7 +145,7 @@ void register_packing(py::module_& m) {
         return py::make_tuple(out, b.max_length);
       },
       py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
-      py::arg("doc_ids"), py::arg("pool"));
+      py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"));
 }
 
 }  // namespace stoker::bindings

@@ -11,23 +11,30 @@ constexpr int64_t kIgnore = -100;
 
 size_t align64(size_t x) { return (x + 63) & ~size_t{63}; }
 
+// Writes a segment's tokens and labels: unshifted (the token, -100 first) or shifted (the next token, -100
+// last). Segments are never empty.
 template <typename T>
-void copy_tokens(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels) {
+void copy_tokens(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels, bool shift) {
   const T* from = static_cast<const T*>(src.tokens) + src.offsets[s.doc] + s.offset;
   for (int64_t i = 0; i < s.length; ++i) ids[i] = static_cast<int64_t>(from[i]);
-  std::copy(ids, ids + s.length, labels);
-  labels[0] = kIgnore;
+  if (shift) {
+    std::copy(ids + 1, ids + s.length, labels);
+    labels[s.length - 1] = kIgnore;
+  } else {
+    std::copy(ids, ids + s.length, labels);
+    labels[0] = kIgnore;
+  }
 }
 
-void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels) {
+void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_t* labels, bool shift) {
   switch (src.dtype.code) {
     case DTypeCode::UInt:
-      if (src.dtype.bits == 16) return copy_tokens<uint16_t>(src, s, ids, labels);
-      if (src.dtype.bits == 32) return copy_tokens<uint32_t>(src, s, ids, labels);
+      if (src.dtype.bits == 16) return copy_tokens<uint16_t>(src, s, ids, labels, shift);
+      if (src.dtype.bits == 32) return copy_tokens<uint32_t>(src, s, ids, labels, shift);
       break;
     case DTypeCode::Int:
-      if (src.dtype.bits == 32) return copy_tokens<int32_t>(src, s, ids, labels);
-      if (src.dtype.bits == 64) return copy_tokens<int64_t>(src, s, ids, labels);
+      if (src.dtype.bits == 32) return copy_tokens<int32_t>(src, s, ids, labels, shift);
+      if (src.dtype.bits == 64) return copy_tokens<int64_t>(src, s, ids, labels, shift);
       break;
     default:
       break;
@@ -38,11 +45,12 @@ void copy_segment(const TokenSource& src, const Segment& s, int64_t* ids, int64_
 }  // namespace
 
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, BufferPool& pool) {
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool) {
   STOKER_CHECK_AS(ValueError, rows > 0, "a packed batch needs at least one row");
   for (int64_t i = 0; i < rows; ++i)
-    STOKER_CHECK_AS(IndexError, row_ids[i] >= 0 && row_ids[i] < plan.num_rows(), "row ", row_ids[i],
-                    " out of range [0, ", plan.num_rows(), ")");
+    STOKER_CHECK_AS(IndexError, row_ids[i] == kPaddingRow || (row_ids[i] >= 0 && row_ids[i] < plan.num_rows()),
+                    "row ", row_ids[i], " out of range [0, ", plan.num_rows(), ") (or ", kPaddingRow,
+                    " for a padding row)");
   const int64_t L = plan.seq_len;
   PackedBatch b;
   b.rows = rows;
@@ -51,6 +59,10 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   int64_t segments = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
+    if (r == kPaddingRow) {
+      ++segments;
+      continue;
+    }
     int64_t used = 0;
     for (int64_t k = plan.row_start[r]; k < plan.row_start[r + 1]; ++k) used += plan.segments[k].length;
     segments += plan.row_start[r + 1] - plan.row_start[r] + (used < L ? 1 : 0);
@@ -96,12 +108,14 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
     const int64_t row_end = flat + L;
-    for (int64_t k = plan.row_start[r]; k < plan.row_start[r + 1]; ++k) {
+    const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
+    const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
+    for (int64_t k = first; k < last; ++k) {
       const Segment& s = plan.segments[k];
       STOKER_CHECK(s.doc >= 0 && s.doc < source.num_docs && s.offset >= 0 &&
                        source.offsets[s.doc] + s.offset + s.length <= source.offsets[s.doc + 1],
                    "packing plan does not match the documents (document ", s.doc, ")");
-      copy_segment(source, s, ids + flat, labels + flat);
+      copy_segment(source, s, ids + flat, labels + flat, shift_labels);
       if (docs) std::fill(docs + flat, docs + flat + s.length, s.doc);
       close_segment(s.length);
     }

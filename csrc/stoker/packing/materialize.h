@@ -24,8 +24,9 @@ struct TokenSource {
 /// One packed batch of R rows of L tokens, all arrays in one pooled block:
 ///   input_ids, labels, position_ids (int64 [R, L]); seq_idx (int32 [R, L]); cu_seqlens (int32 [S + 1]);
 ///   doc_ids (int64 [R, L], only when asked for; -1 on padding).
-/// Each row's padding tail is a segment of its own; labels are -100 at each segment's first token and on
-/// padding; positions restart at 0 in every segment; seq_idx numbers the segments of the batch.
+/// Each row's padding tail is a segment of its own; labels are -100 on padding and, unshifted, the token
+/// itself with -100 at each segment's first token, or, shifted, the segment's next token with -100 at its
+/// last; positions restart at 0 in every segment; seq_idx numbers the segments of the batch.
 struct PackedBatch {
   std::shared_ptr<Block> block;
   int64_t rows = 0;
@@ -36,8 +37,13 @@ struct PackedBatch {
   bool has_doc_ids = false;
 };
 
-/// Writes the rows `row_ids[0..rows)` of `plan`, in that order, into a block from `pool`.
+/// A row id that materialises as a row of padding only (one padding segment of L tokens).
+inline constexpr int64_t kPaddingRow = -1;
+
+/// Writes the rows `row_ids[0..rows)` of `plan` (or kPaddingRow), in that order, into a block from `pool`.
+/// With shift_labels, labels[t] = input_ids[t + 1] within a segment (Megatron-style, no shift left to the
+/// loss); otherwise labels[t] = input_ids[t] (HF-style, the loss shifts).
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, BufferPool& pool);
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool);
 
 }  // namespace stoker

@@ -231,7 +231,48 @@ void plan_window(const std::vector<Segment>& pieces, int64_t seq_len, int64_t wi
   }
 }
 
+std::vector<int64_t> strided(const std::vector<int64_t>& order, int64_t rank, int64_t world) {
+  std::vector<int64_t> out;
+  const auto n = static_cast<int64_t>(order.size());
+  out.reserve(static_cast<size_t>(n > rank ? (n - rank + world - 1) / world : 0));
+  for (int64_t i = rank; i < n; i += world) out.push_back(order[static_cast<size_t>(i)]);
+  return out;
+}
+
+void check_shard(int64_t rank, int64_t world) {
+  STOKER_CHECK_AS(ValueError, world >= 1 && rank >= 0 && rank < world, "rank ", rank,
+                  " out of range for world size ", world);
+}
+
 }  // namespace
+
+int64_t PackPlan::tokens_in_rows(int64_t first, int64_t last) const {
+  STOKER_CHECK_AS(IndexError, 0 <= first && first <= last && last <= num_rows(), "rows [", first, ", ", last,
+                  ") out of range [0, ", num_rows(), "]");
+  int64_t tokens = 0;
+  for (int64_t k = row_start[first]; k < row_start[last]; ++k) tokens += segments[k].length;
+  return tokens;
+}
+
+PackPlan plan_shard(const int64_t* lengths, const std::vector<int64_t>& order, int64_t rank, int64_t world,
+                    int64_t seq_len, int64_t window, LongDocs long_docs, bool shuffle_rows, uint64_t seed,
+                    uint64_t epoch) {
+  check_shard(rank, world);
+  const uint64_t row_seed = seed + static_cast<uint64_t>(rank) * 0x9e3779b97f4a7c15ULL;
+  if (world == 1) return plan_packing(lengths, order, seq_len, window, long_docs, shuffle_rows, row_seed, epoch);
+  return plan_packing(lengths, strided(order, rank, world), seq_len, window, long_docs, shuffle_rows, row_seed,
+                      epoch);
+}
+
+std::vector<int64_t> shard_row_counts(const int64_t* lengths, const std::vector<int64_t>& order, int64_t world,
+                                      int64_t seq_len, int64_t window, LongDocs long_docs) {
+  check_shard(0, world);
+  std::vector<int64_t> counts(static_cast<size_t>(world));
+  for (int64_t r = 0; r < world; ++r)
+    counts[static_cast<size_t>(r)] =
+        plan_packing(lengths, strided(order, r, world), seq_len, window, long_docs, false, 0, 0).num_rows();
+  return counts;
+}
 
 PackPlan plan_packing(const int64_t* lengths, const std::vector<int64_t>& order, int64_t seq_len,
                       int64_t window, LongDocs long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch) {

@@ -35,6 +35,8 @@ struct PackPlan {
   PackStats stats;
 
   int64_t num_rows() const { return static_cast<int64_t>(row_start.size()) - 1; }
+  /// The tokens in rows [first, last).
+  int64_t tokens_in_rows(int64_t first, int64_t last) const;
 };
 
 /// Plans one epoch over the documents in `order` (document ids, in the order they arrive), whose lengths
@@ -50,5 +52,17 @@ struct PackPlan {
 /// much longer than W / (pieces per row) rows.
 PackPlan plan_packing(const int64_t* lengths, const std::vector<int64_t>& order, int64_t seq_len,
                       int64_t window, LongDocs long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch);
+
+/// Plans shard `rank` of `world`: the documents at positions rank, rank + world, rank + 2 * world, ... of
+/// `order`, packed as plan_packing packs them; rows are shuffled with a seed drawn from (seed, rank), which
+/// is `seed` itself for rank 0, so shard 0 of 1 is plan_packing over the whole order.
+PackPlan plan_shard(const int64_t* lengths, const std::vector<int64_t>& order, int64_t rank, int64_t world,
+                    int64_t seq_len, int64_t window, LongDocs long_docs, bool shuffle_rows, uint64_t seed,
+                    uint64_t epoch);
+
+/// The row count of every shard's plan, rank by rank (a count does not depend on how rows are shuffled):
+/// what lets every rank know the epoch's length on all of them without communicating.
+std::vector<int64_t> shard_row_counts(const int64_t* lengths, const std::vector<int64_t>& order, int64_t world,
+                                      int64_t seq_len, int64_t window, LongDocs long_docs);
 
 }  // namespace stoker
