@@ -230,3 +230,27 @@ def test_device_arguments_are_checked():
     loader = stoker.DataLoader(ds, batch_size=2, device="cpu")
     assert [b[0].tolist() for b in loader] == [[0.0, 1.0], [2.0, 3.0]]
     assert loader.device == "cpu" and loader.device_prefetch == 2
+
+
+def test_packed_batches_on_the_device_equal_the_cpu_ones_and_resume_exactly(fake_driver):
+    out = stage("""
+        rng = np.random.default_rng(0)
+        docs = stoker.TokenDataset([rng.integers(1, 1000, int(n)) for n in rng.integers(5, 90, 60)])
+        kw = dict(seq_len=64, batch_size=3, seed=2, window=8)
+        cpu = [list(stoker.PackedLoader(docs, **kw)) for _ in range(1)][0]
+        loader = stoker.PackedLoader(docs, device="cuda", device_prefetch=2, **kw)
+        dev = list(loader)
+        out["same"] = same(cpu, dev)
+        out["aliased"] = all(b["cu_seq_lens_q"] is b["cu_seqlens"] is b["cu_seq_lens_k"] for b in dev)
+        out["ints"] = all(type(b["max_length_q"]) is int for b in dev)
+        loader = stoker.PackedLoader(docs, device="cuda", device_prefetch=3, **kw)
+        it = iter(loader)
+        got = [next(it) for _ in range(2)]
+        state = loader.state_dict()
+        del it
+        fresh = stoker.PackedLoader(docs, device="cuda", **kw)
+        fresh.load_state_dict(state)
+        out["served"] = state["batches_served"]
+        out["resumed"] = same(cpu, got + list(fresh))
+    """, fake_driver)
+    assert out == {"same": True, "aliased": True, "ints": True, "served": 2, "resumed": True}

@@ -15,7 +15,7 @@ import torch
 
 from stoker._native import core
 
-__all__ = ["cuda_available", "cuda_status", "pinned_pool", "resolve_device"]
+__all__ = ["cuda_available", "cuda_status", "pinned_pool", "pinned_pool_for", "resolve_device"]
 
 # Page-locked blocks stay cached up to this many bytes. A block that no longer fits is freed, and the next
 # batch of that size page-locks a new one, so the bound must cover the batches in flight (depth x batch size).
@@ -99,6 +99,18 @@ def pinned_pool(device: int = 0):
                 return None
             _pinned = core.BufferPool(PINNED_CACHE_BYTES, pin_device=device)
         return _pinned
+
+
+def pinned_pool_for(device: torch.device | None, pin: bool):
+    """The pool a loader collates into: stoker's page-locked pool when its batches go to `device` (a CUDA
+    device) or are pinned (pin=True, pin_memory where torch sees a GPU) and the driver layer reaches CUDA;
+    else None (the ordinary pool). Batches collated there are pinned where they are made: no pin-memory
+    thread, no second copy."""
+    if device is None and not (pin and torch.cuda.is_available()):
+        return None
+    if not core.cuda_available():
+        return None
+    return pinned_pool(device.index if device is not None else torch.cuda.current_device())
 
 
 def _forget_pinned_pool() -> None:

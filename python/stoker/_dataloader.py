@@ -15,6 +15,7 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate, _cuda, _device
 from stoker._arrays import array_plan, is_array_dataset
+from stoker._cursor import Cursor as _Cursor
 from stoker._iterators import ArrayIterator, IterableIterator, ProcessIterator, PythonIterator
 from stoker._native import core
 from stoker._shard import check_count, resolve_shard
@@ -23,33 +24,6 @@ __all__ = ["DataLoader"]
 
 STATE_FORMAT = "stoker.DataLoader/1"
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
-
-
-class _Cursor:
-    """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
-    raised counts: its turn is taken), and whether it has reached its end."""
-
-    __slots__ = ("epoch", "served", "finished", "resume_workers", "position", "staged")
-
-    def __init__(self, epoch: int, served: int) -> None:
-        self.epoch = epoch
-        self.served = served
-        self.finished = False
-        # IterableDataset: the saved per-worker position this epoch resumes from, and a callable the iterator
-        # sets that tells the position as the user has consumed it.
-        self.resume_workers = None
-        self.position = None
-        # device=: the position (served, per-worker position) before each batch staged on the device but not
-        # yet received, oldest first. The user's position is the oldest of them (see _device).
-        self.staged = None
-
-    def consumed(self) -> tuple[int, Any]:
-        """(batches the user has received, the per-worker position then, None when untracked)."""
-        if self.staged:
-            return self.staged[0]
-        if self.position is not None:
-            return self.served, self.position()
-        return self.served, self.resume_workers
 
 
 class DataLoader(_TorchDataLoader):

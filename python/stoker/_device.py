@@ -107,8 +107,13 @@ def to_device(batch, target, keep: list):
     the batch made of the destinations. Every host tensor read is appended to `keep`: the caller holds them
     until an event recorded after these copies has completed. Call it with target.side() entered."""
     stream = target.stream
+    done: dict = {}  # id(host tensor) -> its destination: a tensor named twice in the batch is copied once
 
     def convert(src: torch.Tensor) -> torch.Tensor:
+        found = done.get(id(src))
+        if found is not None:
+            return found
+        original = src
         if src.requires_grad:
             src = src.detach()
         if not src.is_contiguous():
@@ -120,6 +125,8 @@ def to_device(batch, target, keep: list):
         if nbytes:
             stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
             keep.append(src)
+        keep.append(original)  # its id stays unique while `done` is in use
+        done[id(original)] = dst
         return dst
 
     return _rebuild(batch, convert)

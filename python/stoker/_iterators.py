@@ -68,15 +68,7 @@ def _pin_requested(loader) -> bool:
 
 
 def _pinned_pool(loader, pin: bool):
-    """stoker's page-locked pool when batches are to be pinned (pin_memory=True where torch sees a GPU, or
-    device= set) and the driver layer reaches CUDA; else None (batches go to the ordinary pool). Batches
-    collated into it are pinned where they are made: no pin-memory thread, no second copy."""
-    device = getattr(loader, "_stoker_device", None)
-    if device is None and not (pin and torch.cuda.is_available()):
-        return None
-    if not _cuda.cuda_available():
-        return None
-    return _cuda.pinned_pool(device.index if device is not None else torch.cuda.current_device())
+    return _cuda.pinned_pool_for(getattr(loader, "_stoker_device", None), pin)
 
 
 def _add_note(exc: BaseException, note: str) -> None:

@@ -14,6 +14,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from stoker import _cuda, _device
+from stoker._cursor import Cursor
 from stoker._native import POOL, core, from_dlpack
 from stoker._shard import check_count, resolve_shard
 
@@ -249,13 +251,18 @@ class PackedLoader:
     work between them (32 rows of 8192 tokens with 4 ms of work per step, 2 cores: 4.6 ms per step against
     5.5 on demand); for small batches and an idle loop the hand-over costs more than it saves. The state
     counts the batches you have received, not those built ahead.
+
+    With ``device="cuda"`` batches are built into page-locked memory and arrive on that GPU, copied on a
+    stream of stoker's own ``device_prefetch`` batches (default 2) ahead of use, as with
+    :class:`stoker.DataLoader`'s ``device=``; ``max_length_q``/``max_length_k`` stay Python ints and
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` stay the same tensor as ``cu_seqlens``.
     """
 
     def __init__(self, documents, seq_len: int, batch_size: int, *, shuffle: bool = True,
                  seed: int | None = None, window: int | None = None, long_docs: str = "split",
                  pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
                  rank: int | None = None, world_size: int | None = None, num_threads: int = 0,
-                 prefetch: int = 4, shift_labels: bool = False) -> None:
+                 prefetch: int = 4, shift_labels: bool = False, device=None, device_prefetch: int = 2) -> None:
         self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -276,6 +283,9 @@ class PackedLoader:
         check_count("num_threads", num_threads, 0)
         check_count("prefetch", prefetch, 1)
         self.num_threads, self.prefetch = num_threads, prefetch
+        check_count("device_prefetch", device_prefetch, 1)
+        self._device = _cuda.resolve_device(device)  # None: batches stay on the CPU
+        self.device, self.device_prefetch = device, device_prefetch
         self.seq_len, self.batch_size = seq_len, batch_size
         self.shuffle, self.seed, self.window, self.long_docs = bool(shuffle), seed, window, long_docs
         self.pad_id, self.drop_last, self.return_doc_ids = pad_id, bool(drop_last), bool(return_doc_ids)
@@ -284,7 +294,7 @@ class PackedLoader:
         self._epoch = 0
         self._seed: int | None = None
         self._plan_cache: _EpochPlan | None = None
-        self._cursor: list | None = None  # [epoch, served, finished] of the newest iterator
+        self._cursor: Cursor | None = None  # the newest iterator's position
         self._resume: tuple[int, int] | None = None
 
     # -- sharding, seeds and plans -----------------------------------------------------------------------------
@@ -372,10 +382,13 @@ class PackedLoader:
             if self._resume[0] == epoch:
                 start = self._resume[1]
             self._resume = None
-        cursor = [epoch, start, False]
+        cursor = Cursor(epoch, start)
         self._cursor = cursor
         ep = self._plan(epoch)
-        return _PackedIterator(self, ep.plan, ep.rows, cursor)
+        it = _PackedIterator(self, ep.plan, ep.rows, cursor)
+        if self._device is None:
+            return it
+        return _device.stage(it, self._device, self.device_prefetch, cursor, None)
 
     # -- resumption ----------------------------------------------------------------------------------------------
 
@@ -392,8 +405,8 @@ class PackedLoader:
         as plain values. An epoch's plan is a pure function of (seed, epoch), so the position is all the
         packing state there is: loading it replans the epoch (milliseconds) and replays nothing."""
         cursor = self._cursor
-        if cursor is not None and not cursor[2]:
-            epoch, served = cursor[0], cursor[1]
+        if cursor is not None and not cursor.finished:
+            epoch, served = cursor.epoch, cursor.consumed()[0]
         elif self._resume is not None and self._resume[0] == self._epoch:
             epoch, served = self._resume
         else:
@@ -462,16 +475,18 @@ class _PackedIterator:
     """One epoch of packed batches; with threads, the next `prefetch` batches are built ahead (any batch of
     the plan can be built on its own, so they are built in parallel and handed over in order)."""
 
-    def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: list) -> None:
+    def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: Cursor) -> None:
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
-        self._next_batch = cursor[1]
+        self._next_batch = cursor.served
         self._pending: collections.deque = collections.deque()  # futures of the batches after _next_batch
         self._executor = None
         if loader.num_threads > 0 and self._next_batch < self._num_batches:
             self._executor = ThreadPoolExecutor(loader.num_threads, "stoker_packing")
             _live_packed.add(self)
         self._submitted = self._next_batch
+        pinned = _cuda.pinned_pool_for(loader._device, False)
+        self._pool = POOL if pinned is None else pinned  # page-locked when batches go to a GPU
 
     def __iter__(self):
         return self
@@ -484,12 +499,12 @@ class _PackedIterator:
         bs = loader.batch_size
         rows = self._rows[b * bs:(b + 1) * bs]
         return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                       loader.return_doc_ids, loader.shift_labels, POOL)
+                                       loader.return_doc_ids, loader.shift_labels, self._pool)
 
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch
         if b >= self._num_batches:
-            self._cursor[2] = True
+            self._cursor.finished = True
             self.close()
             raise StopIteration
         if self._executor is not None:
@@ -500,7 +515,7 @@ class _PackedIterator:
         else:
             capsules, max_length = self._build(b)
         self._next_batch += 1
-        self._cursor[1] += 1
+        self._cursor.served += 1
         batch = {k: from_dlpack(v) for k, v in capsules.items()}
         cu = batch["cu_seqlens"]
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
