@@ -254,3 +254,34 @@ def test_packed_batches_on_the_device_equal_the_cpu_ones_and_resume_exactly(fake
         out["resumed"] = same(cpu, got + list(fresh))
     """, fake_driver)
     assert out == {"same": True, "aliased": True, "ints": True, "served": 2, "resumed": True}
+
+
+def test_one_stream_per_loader_and_a_failing_transform_raises_at_its_turn(fake_driver):
+    out = stage("""
+        ds = torch.utils.data.TensorDataset(torch.arange(10.0))
+        calls = []
+        def transform(batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise ValueError("bad batch")
+            return batch
+        loader = stoker.DataLoader(ds, batch_size=2, device="cuda", device_transform=transform)
+        before = count("stream_create")
+        seen = []
+        it = iter(loader)
+        while True:
+            try:
+                seen.append(next(it)[0].tolist())
+            except StopIteration:
+                break
+            except ValueError as exc:
+                seen.append(str(exc))
+                out["state_at_error"] = loader.state_dict()["batches_served"]
+        out["seen"] = seen
+        for _ in range(3):
+            list(loader)
+        out["streams"] = count("stream_create") - before
+    """, fake_driver)
+    assert out["seen"] == [[0.0, 1.0], "bad batch", [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
+    assert out["state_at_error"] == 2  # the failed batch's turn is taken, as with a loading error
+    assert out["streams"] == 1

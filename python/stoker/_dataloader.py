@@ -390,7 +390,7 @@ class DataLoader(_TorchDataLoader):
         if self._stoker_device is None:
             return inner
         return _device.stage(inner, self._stoker_device, self.device_prefetch, self._stoker_cursor,
-                             self.device_transform)
+                             self.device_transform, self)
 
     def _stoker_cpu_iter(self):
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float

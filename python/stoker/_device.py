@@ -178,13 +178,19 @@ class DeviceIterator:
                 self._cursor.staged.append(position)
             return True
         keep: list = []
-        with self._target.side():
-            on_device = to_device(batch, self._target, keep)
-            if self._transform is not None:
-                on_device = self._transform(on_device)
-        event = self._target.stream.record()
-        self._held.append((event, keep))
-        self._staged.append(("batch", on_device, event))
+        try:
+            with self._target.side():
+                on_device = to_device(batch, self._target, keep)
+                if self._transform is not None:
+                    on_device = self._transform(on_device)
+            event = self._target.stream.record()
+        except Exception as exc:  # a failed copy or transform: raised at this batch's turn, as a loading error
+            if keep:
+                self._target.stream.record().synchronize()  # copies already queued read `keep`
+            self._staged.append(("error", exc, None))
+        else:
+            self._held.append((event, keep))
+            self._staged.append(("batch", on_device, event))
         if self._cursor is not None:
             self._cursor.staged.append(position)
         return True
@@ -242,6 +248,14 @@ class DeviceIterator:
         raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
 
 
-def stage(inner, device: torch.device, depth: int, cursor, transform) -> Any:
-    """The iterator a loader built with device= returns: `inner`'s batches on `device`."""
-    return DeviceIterator(inner, CudaTarget(device), depth, cursor, transform)
+def stage(inner, device: torch.device, depth: int, cursor, transform, owner=None) -> Any:
+    """The iterator a loader built with device= returns: `inner`'s batches on `device`. The stream is kept on
+    `owner` (the loader) and reused by its later iterators: one stream per loader and device, not per epoch."""
+    kept = getattr(owner, "_stoker_target", None)  # (device, target)
+    if kept is not None and kept[0] == device:
+        target = kept[1]
+    else:
+        target = CudaTarget(device)
+        if owner is not None:
+            owner._stoker_target = (device, target)
+    return DeviceIterator(inner, target, depth, cursor, transform)

@@ -388,7 +388,7 @@ class PackedLoader:
         it = _PackedIterator(self, ep.plan, ep.rows, cursor)
         if self._device is None:
             return it
-        return _device.stage(it, self._device, self.device_prefetch, cursor, None)
+        return _device.stage(it, self._device, self.device_prefetch, cursor, None, self)
 
     # -- resumption ----------------------------------------------------------------------------------------------
 
