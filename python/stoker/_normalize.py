@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import functools
 import math
 
 import torch
@@ -60,6 +61,18 @@ def _channel_params(values, name: str) -> tuple[float, ...]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _constants(device: torch.device, mean: tuple, std: tuple, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel constants as [C, 1, 1] float32 tensors on `device`, made once: building them per batch
+    would be a blocking host-to-device copy each time. They are only read, from any stream."""
+    shape = (channels, 1, 1)
+    m = torch.tensor(mean, dtype=torch.float32).expand(channels).reshape(shape).to(device)
+    s = torch.tensor(std, dtype=torch.float32).expand(channels).reshape(shape).to(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # once: later readers may be on other streams
+    return m, s
+
+
 def normalize(images: torch.Tensor, mean, std, *, dtype: torch.dtype = torch.float32, channels_last: bool = False,
               scale: float = 1 / 255) -> torch.Tensor:
     """``(images * scale - mean[c]) / std[c]`` per channel ``c``, as ``dtype``, on the images' device.
@@ -89,11 +102,7 @@ def normalize(images: torch.Tensor, mean, std, *, dtype: torch.dtype = torch.flo
         return _normalize_kernel(images, mean_t, std_t, dtype, channels_last, float(scale))
     if channels_last:
         images = images.movedim(-1, -3)
-    shape = (channels, 1, 1)
-    m = torch.tensor(mean_t, dtype=torch.float32, device=images.device)
-    s = torch.tensor(std_t, dtype=torch.float32, device=images.device)
-    m = m.expand(channels).reshape(shape)
-    s = s.expand(channels).reshape(shape)
+    m, s = _constants(images.device, mean_t, std_t, channels)
     x = images.to(torch.float32)
     x = x.mul_(torch.tensor(scale, dtype=torch.float32))
     x = x.sub_(m).div_(s)
