@@ -4,6 +4,7 @@ pickled fallback)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -276,6 +277,57 @@ def test_spawn_context_works():
     ds = Identity(12)
     batches = list(stoker.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
     assert_batches_equal(batches, list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
+
+
+class FreezeCount(Dataset):
+    """Sample i: i and how many objects the worker's collector holds frozen (gc.get_freeze_count())."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([i, gc.get_freeze_count()])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_forked_workers_start_with_the_parents_objects_frozen_and_the_parent_unfrozen(context):
+    assert gc.get_freeze_count() == 0
+    loader = stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2, multiprocessing_context=context)
+    it = iter(loader)
+    assert gc.get_freeze_count() == 0  # the workers have started: the parent's freeze is undone
+    rows = torch.cat(list(it))
+    assert sorted(rows[:, 0].tolist()) == list(range(8))
+    if context == "fork":
+        # The parent's objects sit in the worker's permanent generation: its collections never visit them.
+        assert (rows[:, 1] > 0).all()
+    else:
+        assert (rows[:, 1] == 0).all()  # a spawned worker has nothing of the parent's
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_users_own_freeze_is_left_alone():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        rows = torch.cat(list(stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2,
+                                                multiprocessing_context="fork")))
+        assert sorted(rows[:, 0].tolist()) == list(range(8))
+        assert gc.get_freeze_count() >= frozen  # not unfrozen by the loader
+    finally:
+        gc.unfreeze()
+
+
+def test_a_failed_start_unfreezes_the_parent(monkeypatch):
+    import multiprocessing.process
+
+    def refuse(self):
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    with pytest.raises(OSError, match="no more processes"):
+        iter(stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
+    assert gc.get_freeze_count() == 0
 
 
 def test_ring_file_is_gone_once_workers_attached():
