@@ -181,6 +181,29 @@ def test_kept_batches_stay_intact_and_keeping_all_does_not_block():
     assert all(torch.equal(b["x"][:, 0].long(), b["i"]) for b in kept)
 
 
+class PoolAllocations(Identity):
+    """Identity, and how many blocks the loading process's buffer pool has allocated so far."""
+
+    def __getitem__(self, i):
+        import stoker._collate
+
+        return {**super().__getitem__(i), "pool": stoker._collate.POOL.stats()["allocations"]}
+
+
+def test_batches_without_a_slot_are_collated_into_shared_memory():
+    ds = PoolAllocations()
+    kept = list(_loader(ds))  # 12 batches kept: those past the ring's 6 slots have none
+    pickled = [b for b in kept if b["x"].is_shared()]  # a batch over a slot is a view of the ring instead
+    assert len(pickled) >= len(kept) - 6
+    assert all(b["a"].is_shared() for b in pickled)
+    # Stacked straight into shared memory, as torch's collate does in a worker: no block of the worker's pool.
+    assert all(int(n) == 0 for b in kept for n in b["pool"])
+    expected = list(TorchDataLoader(ds, batch_size=4, num_workers=2))
+    for b in kept + expected:
+        del b["pool"]  # torch's workers report the pool they inherited from this process
+    assert_batches_equal(kept, expected)
+
+
 def test_ring_slots_return_when_batches_are_freed():
     loader = _loader(persistent_workers=True)
     for batch in loader:

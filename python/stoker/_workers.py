@@ -281,6 +281,32 @@ class _Arena:
         return None
 
 
+class _SharedArena:
+    """Where collate takes its output tensors for a batch that has no slot: each in a new shared-memory
+    segment, as torch's own collate does in a worker, so the batch is pickled without another copy and the
+    worker keeps no buffer of its own once the batch is sent."""
+
+    @staticmethod
+    def empty(shape, dtype: torch.dtype):
+        if dtype not in _TORCH_DTYPES:
+            return None
+        shape = tuple(int(d) for d in shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def empty_like_stack(self, arrays):
+        first = arrays[0]
+        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
+        if dtype is None:
+            return None
+        return self.empty((len(arrays), *first.shape), dtype)
+
+
 def _fits_slot(t) -> bool:
     return (type(t) is torch.Tensor and t.layout is torch.strided and t.device.type == "cpu"
             and not t.requires_grad and t.dtype in _TORCH_DTYPES)
@@ -501,6 +527,8 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
             arena = _collate_module.ARENA = _Arena(view)
+        else:  # no slot (every one is held): the batch travels pickled, collated into shared memory
+            _collate_module.ARENA = _SharedArena()
         try:
             if source is not None:
                 batch = collate(source.next_data())
