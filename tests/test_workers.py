@@ -219,6 +219,35 @@ def test_batches_larger_than_a_slot_travel_pickled(monkeypatch):
     assert_batches_equal(list(_loader(ds)), list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
 
 
+class SmallAndLarge(Dataset):
+    """Sample i: a small tensor, a large one, the large one as a numpy array, and how many blocks the loading
+    process's buffer pool has allocated so far."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        import stoker._collate
+
+        return {"small": torch.full((2,), i), "large": torch.full((64,), float(i)),
+                "array": np.full(48, i, dtype=np.int16), "pool": stoker._collate.POOL.stats()["allocations"]}
+
+
+def test_tensors_too_large_for_the_slot_get_a_segment_of_their_own(monkeypatch):
+    # The slot holds the batch's small tensor (4 x 2 int64) and not its large ones (4 x 64 float32, 4 x 48 int16).
+    monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", 256)
+    ds = SmallAndLarge()
+    batches = list(_loader(ds))
+    for b in batches:
+        assert not b["small"].is_shared()  # a view of the ring
+        assert b["large"].is_shared() and b["array"].is_shared()  # collated into segments of their own
+    assert all(int(n) == 0 for b in batches for n in b["pool"])  # nothing stacked into the pool, then copied
+    expected = list(TorchDataLoader(ds, batch_size=4, num_workers=2))
+    for b in batches + expected:
+        del b["pool"]
+    assert_batches_equal(batches, expected)
+
+
 def test_exception_in_a_worker_names_the_index_and_iteration_goes_on():
     it = iter(_loader(Failing(), batch_size=5))
     outcomes = []

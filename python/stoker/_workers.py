@@ -245,12 +245,15 @@ class _NoFit(Exception):
 
 
 class _Arena:
-    """The slot a worker is filling: collate takes its output tensors from here, front to back."""
+    """The slot a worker is filling: collate takes its output tensors from here, front to back. A tensor
+    the rest of the slot cannot hold gets a shared-memory segment of its own (as with no slot at all), and
+    travels by handle beside the slot's places."""
 
     def __init__(self, view: torch.Tensor) -> None:
         self.view = view
         self.base = view.data_ptr()
         self.used = 0
+        self.own_segments: list[int] = []  # storage addresses of the tensors given their own segment
 
     def empty(self, shape, dtype: torch.dtype):
         if dtype not in _TORCH_DTYPES:
@@ -261,7 +264,9 @@ class _Arena:
         nbytes = numel * dtype.itemsize
         end = self.used + nbytes
         if end > self.view.numel():
-            return None
+            out = _SharedArena.empty(shape, dtype)
+            self.own_segments.append(out.untyped_storage().data_ptr())
+            return out
         out = self.view[self.used:end].view(dtype).view(tuple(shape))
         self.used = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         return out
@@ -279,6 +284,10 @@ class _Arena:
         if self.base <= ptr < self.base + self.used and t.is_contiguous():
             return ptr - self.base
         return None
+
+    def in_own_segment(self, t: torch.Tensor) -> bool:
+        """Whether collate wrote `t` into a segment of its own (too large for the rest of the slot)."""
+        return t.untyped_storage().data_ptr() in self.own_segments
 
 
 class _SharedArena:
@@ -329,8 +338,9 @@ def _map_leaves(obj, leaf):
 
 def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
     """obj with its plain CPU tensors copied into `slot` (uint8) and replaced by _InSlot places; a tensor
-    that collate already wrote into the slot (`arena`) stays where it is. Other leaves travel pickled
-    (tensors inside them by torch's shared-memory reduction)."""
+    that collate already wrote into the slot (`arena`) stays where it is, and so does one it wrote into a
+    shared-memory segment of its own. Other leaves travel pickled (tensors inside them by torch's
+    shared-memory reduction)."""
 
     def place(t):
         if not _fits_slot(t):
@@ -339,6 +349,8 @@ def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
             offset = arena.offset_of(t)
             if offset is not None:
                 return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
+            if arena.in_own_segment(t):
+                return t
         nbytes = t.numel() * t.element_size()
         offset = at[0]
         end = offset + nbytes
@@ -527,7 +539,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
             arena = _collate_module.ARENA = _Arena(view)
-        else:  # no slot (every one is held): the batch travels pickled, collated into shared memory
+        else:  # no slot (every one is held, or no ring): the batch travels pickled, collated into shared memory
             _collate_module.ARENA = _SharedArena()
         try:
             if source is not None:
