@@ -248,6 +248,30 @@ def test_tensors_too_large_for_the_slot_get_a_segment_of_their_own(monkeypatch):
     assert_batches_equal(batches, expected)
 
 
+def _own_segments_mapped(pid: int) -> list[str]:
+    """The shared-memory segments process `pid` made (torch names them /torch_<pid>_...) and still maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.split()[5] for line in f if f"/torch_{pid}_" in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps")
+@pytest.mark.parametrize("slot_bytes", [None, 256])
+def test_workers_keep_no_segment_of_a_batch_they_sent(monkeypatch, slot_bytes):
+    # Kept batches hold every slot, so later ones travel pickled; with 256-byte slots the large tensors of
+    # every batch get segments of their own. Either way the segments are the main process's once sent.
+    if slot_bytes is not None:
+        monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", slot_bytes)
+    loader = _loader(SmallAndLarge(), batch_size=2, persistent_workers=True)  # 10 batches, 6 slots
+    kept = list(loader)
+    assert any(b["large"].is_shared() for b in kept)
+    pids = loader._stoker_pool.pids()
+    deadline = time.monotonic() + 10
+    while any(_own_segments_mapped(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [_own_segments_mapped(pid) for pid in pids] == [[], []]
+    loader._stoker_pool.shutdown()
+
+
 def test_exception_in_a_worker_names_the_index_and_iteration_goes_on():
     it = iter(_loader(Failing(), batch_size=5))
     outcomes = []

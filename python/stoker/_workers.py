@@ -574,9 +574,11 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             else:
                 del view, arena, batch
                 reply("ring", structure)
+                del structure  # its own segments, if any, are the main process's now
                 continue
             del view, arena
         reply("pickled", batch)
+        del batch  # its shared-memory segments are the main process's now: not kept here until the next batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
