@@ -5,8 +5,10 @@ The main process owns a file mapping (in /dev/shm) cut into equal slots. With ea
 free slot; the worker loads and collates the batch, copies its tensors into the slot and sends back only the
 batch's structure, with each tensor replaced by its place in the slot. The main process wraps those places as
 tensors without copying (DLPack, owning a lease on the slot), and the slot is lent again only once every
-tensor viewing it has been freed. A batch that does not fit its slot, or a task sent while every slot is held
-by the user, travels pickled as torch's loader sends it.
+tensor viewing it has been freed. A tensor collate stacks that is too large for the rest of its slot gets a
+shared-memory segment of its own, and so does every one of a batch whose task was sent while every slot was
+held by the user; they travel by handle, as torch's loader sends them. A batch that does not fit its slot
+otherwise (a collate_fn's own tensors) travels pickled.
 """
 
 from __future__ import annotations
