@@ -4,6 +4,7 @@ pickled fallback)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import signal
@@ -180,6 +181,29 @@ def test_kept_batches_stay_intact_and_keeping_all_does_not_block():
     assert all(torch.equal(b["x"][:, 0].long(), b["i"]) for b in kept)
 
 
+class PoolAllocations(Identity):
+    """Identity, and how many blocks the loading process's buffer pool has allocated so far."""
+
+    def __getitem__(self, i):
+        import stoker._collate
+
+        return {**super().__getitem__(i), "pool": stoker._collate.POOL.stats()["allocations"]}
+
+
+def test_batches_without_a_slot_are_collated_into_shared_memory():
+    ds = PoolAllocations()
+    kept = list(_loader(ds))  # 12 batches kept: those past the ring's 6 slots have none
+    pickled = [b for b in kept if b["x"].is_shared()]  # a batch over a slot is a view of the ring instead
+    assert len(pickled) >= len(kept) - 6
+    assert all(b["a"].is_shared() for b in pickled)
+    # Stacked straight into shared memory, as torch's collate does in a worker: no block of the worker's pool.
+    assert all(int(n) == 0 for b in kept for n in b["pool"])
+    expected = list(TorchDataLoader(ds, batch_size=4, num_workers=2))
+    for b in kept + expected:
+        del b["pool"]  # torch's workers report the pool they inherited from this process
+    assert_batches_equal(kept, expected)
+
+
 def test_ring_slots_return_when_batches_are_freed():
     loader = _loader(persistent_workers=True)
     for batch in loader:
@@ -193,6 +217,59 @@ def test_batches_larger_than_a_slot_travel_pickled(monkeypatch):
     monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", 128)  # every batch is too large for its slot
     ds = Identity()
     assert_batches_equal(list(_loader(ds)), list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
+
+
+class SmallAndLarge(Dataset):
+    """Sample i: a small tensor, a large one, the large one as a numpy array, and how many blocks the loading
+    process's buffer pool has allocated so far."""
+
+    def __len__(self):
+        return 20
+
+    def __getitem__(self, i):
+        import stoker._collate
+
+        return {"small": torch.full((2,), i), "large": torch.full((64,), float(i)),
+                "array": np.full(48, i, dtype=np.int16), "pool": stoker._collate.POOL.stats()["allocations"]}
+
+
+def test_tensors_too_large_for_the_slot_get_a_segment_of_their_own(monkeypatch):
+    # The slot holds the batch's small tensor (4 x 2 int64) and not its large ones (4 x 64 float32, 4 x 48 int16).
+    monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", 256)
+    ds = SmallAndLarge()
+    batches = list(_loader(ds))
+    for b in batches:
+        assert not b["small"].is_shared()  # a view of the ring
+        assert b["large"].is_shared() and b["array"].is_shared()  # collated into segments of their own
+    assert all(int(n) == 0 for b in batches for n in b["pool"])  # nothing stacked into the pool, then copied
+    expected = list(TorchDataLoader(ds, batch_size=4, num_workers=2))
+    for b in batches + expected:
+        del b["pool"]
+    assert_batches_equal(batches, expected)
+
+
+def _own_segments_mapped(pid: int) -> list[str]:
+    """The shared-memory segments process `pid` made (torch names them /torch_<pid>_...) and still maps."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.split()[5] for line in f if f"/torch_{pid}_" in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/<pid>/maps")
+@pytest.mark.parametrize("slot_bytes", [None, 256])
+def test_workers_keep_no_segment_of_a_batch_they_sent(monkeypatch, slot_bytes):
+    # Kept batches hold every slot, so later ones travel pickled; with 256-byte slots the large tensors of
+    # every batch get segments of their own. Either way the segments are the main process's once sent.
+    if slot_bytes is not None:
+        monkeypatch.setattr(_workers, "_DEFAULT_SLOT_BYTES", slot_bytes)
+    loader = _loader(SmallAndLarge(), batch_size=2, persistent_workers=True)  # 10 batches, 6 slots
+    kept = list(loader)
+    assert any(b["large"].is_shared() for b in kept)
+    pids = loader._stoker_pool.pids()
+    deadline = time.monotonic() + 10
+    while any(_own_segments_mapped(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [_own_segments_mapped(pid) for pid in pids] == [[], []]
+    loader._stoker_pool.shutdown()
 
 
 def test_exception_in_a_worker_names_the_index_and_iteration_goes_on():
@@ -276,6 +353,57 @@ def test_spawn_context_works():
     ds = Identity(12)
     batches = list(stoker.DataLoader(ds, batch_size=4, num_workers=2, multiprocessing_context="spawn"))
     assert_batches_equal(batches, list(TorchDataLoader(ds, batch_size=4, num_workers=2)))
+
+
+class FreezeCount(Dataset):
+    """Sample i: i and how many objects the worker's collector holds frozen (gc.get_freeze_count())."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([i, gc.get_freeze_count()])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_forked_workers_start_with_the_parents_objects_frozen_and_the_parent_unfrozen(context):
+    assert gc.get_freeze_count() == 0
+    loader = stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2, multiprocessing_context=context)
+    it = iter(loader)
+    assert gc.get_freeze_count() == 0  # the workers have started: the parent's freeze is undone
+    rows = torch.cat(list(it))
+    assert sorted(rows[:, 0].tolist()) == list(range(8))
+    if context == "fork":
+        # The parent's objects sit in the worker's permanent generation: its collections never visit them.
+        assert (rows[:, 1] > 0).all()
+    else:
+        assert (rows[:, 1] == 0).all()  # a spawned worker has nothing of the parent's
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_users_own_freeze_is_left_alone():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        rows = torch.cat(list(stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2,
+                                                multiprocessing_context="fork")))
+        assert sorted(rows[:, 0].tolist()) == list(range(8))
+        assert gc.get_freeze_count() >= frozen  # not unfrozen by the loader
+    finally:
+        gc.unfreeze()
+
+
+def test_a_failed_start_unfreezes_the_parent(monkeypatch):
+    import multiprocessing.process
+
+    def refuse(self):
+        raise OSError("no more processes")
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    with pytest.raises(OSError, match="no more processes"):
+        iter(stoker.DataLoader(FreezeCount(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
+    assert gc.get_freeze_count() == 0
 
 
 def test_ring_file_is_gone_once_workers_attached():

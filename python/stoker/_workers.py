@@ -5,13 +5,16 @@ The main process owns a file mapping (in /dev/shm) cut into equal slots. With ea
 free slot; the worker loads and collates the batch, copies its tensors into the slot and sends back only the
 batch's structure, with each tensor replaced by its place in the slot. The main process wraps those places as
 tensors without copying (DLPack, owning a lease on the slot), and the slot is lent again only once every
-tensor viewing it has been freed. A batch that does not fit its slot, or a task sent while every slot is held
-by the user, travels pickled as torch's loader sends it.
+tensor viewing it has been freed. A tensor collate stacks that is too large for the rest of its slot gets a
+shared-memory segment of its own, and so does every one of a batch whose task was sent while every slot was
+held by the user; they travel by handle, as torch's loader sends them. A batch that does not fit its slot
+otherwise (a collate_fn's own tensors) travels pickled.
 """
 
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import mmap
 import multiprocessing
@@ -244,12 +247,15 @@ class _NoFit(Exception):
 
 
 class _Arena:
-    """The slot a worker is filling: collate takes its output tensors from here, front to back."""
+    """The slot a worker is filling: collate takes its output tensors from here, front to back. A tensor
+    the rest of the slot cannot hold gets a shared-memory segment of its own (as with no slot at all), and
+    travels by handle beside the slot's places."""
 
     def __init__(self, view: torch.Tensor) -> None:
         self.view = view
         self.base = view.data_ptr()
         self.used = 0
+        self.own_segments: list[int] = []  # storage addresses of the tensors given their own segment
 
     def empty(self, shape, dtype: torch.dtype):
         if dtype not in _TORCH_DTYPES:
@@ -260,7 +266,9 @@ class _Arena:
         nbytes = numel * dtype.itemsize
         end = self.used + nbytes
         if end > self.view.numel():
-            return None
+            out = _SharedArena.empty(shape, dtype)
+            self.own_segments.append(out.untyped_storage().data_ptr())
+            return out
         out = self.view[self.used:end].view(dtype).view(tuple(shape))
         self.used = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         return out
@@ -278,6 +286,36 @@ class _Arena:
         if self.base <= ptr < self.base + self.used and t.is_contiguous():
             return ptr - self.base
         return None
+
+    def in_own_segment(self, t: torch.Tensor) -> bool:
+        """Whether collate wrote `t` into a segment of its own (too large for the rest of the slot)."""
+        return t.untyped_storage().data_ptr() in self.own_segments
+
+
+class _SharedArena:
+    """Where collate takes its output tensors for a batch that has no slot: each in a new shared-memory
+    segment, as torch's own collate does in a worker, so the batch is pickled without another copy and the
+    worker keeps no buffer of its own once the batch is sent."""
+
+    @staticmethod
+    def empty(shape, dtype: torch.dtype):
+        if dtype not in _TORCH_DTYPES:
+            return None
+        shape = tuple(int(d) for d in shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if numel == 0:
+            return torch.empty(shape, dtype=dtype)
+        storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+        return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+    def empty_like_stack(self, arrays):
+        first = arrays[0]
+        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
+        if dtype is None:
+            return None
+        return self.empty((len(arrays), *first.shape), dtype)
 
 
 def _fits_slot(t) -> bool:
@@ -302,8 +340,9 @@ def _map_leaves(obj, leaf):
 
 def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
     """obj with its plain CPU tensors copied into `slot` (uint8) and replaced by _InSlot places; a tensor
-    that collate already wrote into the slot (`arena`) stays where it is. Other leaves travel pickled
-    (tensors inside them by torch's shared-memory reduction)."""
+    that collate already wrote into the slot (`arena`) stays where it is, and so does one it wrote into a
+    shared-memory segment of its own. Other leaves travel pickled (tensors inside them by torch's
+    shared-memory reduction)."""
 
     def place(t):
         if not _fits_slot(t):
@@ -312,6 +351,8 @@ def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
             offset = arena.offset_of(t)
             if offset is not None:
                 return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
+            if arena.in_own_segment(t):
+                return t
         nbytes = t.numel() * t.element_size()
         offset = at[0]
         end = offset + nbytes
@@ -500,6 +541,8 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
             arena = _collate_module.ARENA = _Arena(view)
+        else:  # no slot (every one is held, or no ring): the batch travels pickled, collated into shared memory
+            _collate_module.ARENA = _SharedArena()
         try:
             if source is not None:
                 batch = collate(source.next_data())
@@ -533,9 +576,11 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             else:
                 del view, arena, batch
                 reply("ring", structure)
+                del structure  # its own segments, if any, are the main process's now
                 continue
             del view, arena
         reply("pickled", batch)
+        del batch  # its shared-memory segments are the main process's now: not kept here until the next batch
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,6 +591,28 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
 def _ring_dir() -> str:
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+class _frozen_for_fork:
+    """Around forking workers: the parent's objects move to the collector's permanent generation (gc.freeze),
+    so that a forked worker's collections never visit them. A full collection writes to the header of every
+    container it visits, which copies each page of the parent's Python heap into the worker (on the bench's
+    crop + flip workload, some 30 MiB per worker, twice what the worker itself allocates). In the worker they
+    stay frozen: a reference cycle made in the parent is not collected there (Python's documented recipe for
+    fork, gc.freeze). The parent's objects go back to its oldest generation on exit (gc.unfreeze), so the
+    parent's own collections are only held off for the time the forks take. A user's own freeze (objects
+    already frozen) is left alone, and so is any start method but fork (a spawned worker shares nothing)."""
+
+    def __init__(self, start_method: str) -> None:
+        self.active = start_method == "fork" and gc.get_freeze_count() == 0
+
+    def __enter__(self) -> None:
+        if self.active:
+            gc.freeze()
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            gc.unfreeze()
 
 
 _pools: weakref.WeakSet = weakref.WeakSet()
@@ -562,6 +629,7 @@ class WorkerPool:
             ctx = multiprocessing.get_context()
         elif isinstance(ctx, str):
             ctx = multiprocessing.get_context(ctx)
+        self.start_method = ctx.get_start_method()
         # An IterableDataset is iterated by each worker, cut into (batch_size, drop_last) batches there.
         self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
@@ -605,8 +673,9 @@ class WorkerPool:
             return
         self._started = True
         try:
-            for w in self.workers:
-                w.start()
+            with _frozen_for_fork(self.start_method):
+                for w in self.workers:
+                    w.start()
         except BaseException:
             self.shutdown()
             raise
