@@ -441,18 +441,23 @@ def test_interpreter_exit_with_live_workers_is_prompt():
 def test_orphaned_workers_exit():
     proc = _run_script("""
         import os, stoker
+        from stoker import _workers
         from test_workers import Identity
+        _workers.WorkerPool._unlink = lambda self: None  # as if killed before the ring's file could be removed
         it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2, persistent_workers=True))
         next(it)
         print(" ".join(str(w.pid) for w in it._workers), flush=True)
+        print(it._pool.ring_path, flush=True)
         os._exit(0)  # no clean-up at all: the workers must notice on their own
     """)
-    pids = [int(p) for p in proc.stdout.split()]
+    pid_line, ring_path = proc.stdout.splitlines()
+    pids = [int(p) for p in pid_line.split()]
     assert len(pids) == 2
     deadline = time.monotonic() + 15
     while _alive(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(pids)
+    assert not os.path.exists(ring_path)  # the orphans removed it
 
 
 def test_bad_worker_mode_raises():

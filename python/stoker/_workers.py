@@ -14,6 +14,7 @@ otherwise (a collate_fn's own tensors) travels pickled.
 from __future__ import annotations
 
 import collections
+import contextlib
 import gc
 import itertools
 import mmap
@@ -500,7 +501,10 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             task = index_queue.get(timeout=_PARENT_CHECK_S)
         except queue.Empty:
             if os.getppid() != parent_pid:
-                return  # orphaned: the main process is gone
+                # Orphaned: the main process is gone, maybe before it could remove the ring's file.
+                with contextlib.suppress(OSError):
+                    os.unlink(ring_path)
+                return
             continue
         except (EOFError, OSError, KeyboardInterrupt):
             return
