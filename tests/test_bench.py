@@ -37,7 +37,8 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
-    assert set(report) == {"date", "machine", "settings", "records", "skipped"}
+    assert set(report) == {"date", "machine", "settings", "records", "skipped", "failed"}
+    assert report["failed"] == []
     assert report["settings"] == {"scale": 0.002, "rounds": 1, "budget_s": 0.05, "quick": True, "only": None}
     assert report["machine"]["cpus"] >= 1 and report["machine"]["torch"]
     records, skipped = report["records"], {s["section"] for s in report["skipped"]}
@@ -67,6 +68,11 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
                 "stoker num_workers=0", "stoker num_workers=2 (processes, persistent)",
                 "stoker num_workers=2 worker_mode=thread"} <= loaders
         assert any(name.startswith("torchdata nodes") for name in loaders) == has("torchdata.nodes")
+    # Grain's and SPDL's columns, where they are installed, on the array and the Python-dataset workloads.
+    for w in [w for w in throughput if w.startswith("arrays")] + python_workloads:
+        loaders = {r["loader"] for r in by_workload[w]}
+        assert any(name.startswith("grain ") for name in loaders) == has("grain.python")
+        assert any(name.startswith("spdl ") for name in loaders) == has("spdl.dataloader")
 
     first = {r["loader"]: r for r in by_workload["first batch, num_workers=2"]}
     assert first["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
@@ -88,10 +94,30 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     assert all(0.99 < r["efficiency"] <= 1 for r in packing.values() if "efficiency" in r)
 
 
+def test_sections_run_in_their_own_processes_and_their_records_are_merged(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert _bench.main(["--only", "tiny,resume", "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
+                        "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {r["workload"].split(":")[0] for r in report["records"]} == {"tiny", "resume"}
+    assert report["skipped"] == [] and report["failed"] == []
+    captured = capsys.readouterr()
+    assert "M samples/s" in captured.out and "load_state_dict()" in captured.out  # the children's tables
+    assert "[1/2]" in captured.err and "[2/2]" in captured.err
+
+
+def test_section_child_mode_needs_a_section_key():
+    with pytest.raises(SystemExit) as exit_:
+        _bench.main(["--section", "no such section"])
+    assert exit_.value.code == 2
+
+
+# Modules hidden in this process are hidden from the section run here (`--section`, the mode that the runner
+# starts each section's process in), not from the processes that main() starts.
 def test_png_workload_is_skipped_without_pillow(tmp_path, monkeypatch, capsys):
     hide(monkeypatch, "PIL", "PIL.Image")
     out = tmp_path / "bench.json"
-    assert _bench.main(["--only", "png", "--json", str(out)]) == 0
+    assert _bench.main(["--section", "png", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["records"] == []
     assert [s["section"] for s in report["skipped"]] == ["png"]
@@ -102,11 +128,25 @@ def test_png_workload_is_skipped_without_pillow(tmp_path, monkeypatch, capsys):
 def test_torchdata_column_is_skipped_without_torchdata(tmp_path, monkeypatch, capsys):
     hide(monkeypatch, "torchdata", "torchdata.nodes")
     out = tmp_path / "bench.json"
-    assert _bench.main(["--only", "crop", "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
+    assert _bench.main(["--section", "crop", "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
                         "--json", str(out)]) == 0
     records = json.loads(out.read_text())["records"]
     assert records and not any("torchdata" in r["loader"] for r in records)
     assert "torchdata is not installed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("section", ["arrays", "crop"])
+def test_grain_and_spdl_columns_are_skipped_without_them(tmp_path, monkeypatch, capsys, section):
+    hide(monkeypatch, "grain", "grain.python", "spdl", "spdl.dataloader")
+    out = tmp_path / "bench.json"
+    assert _bench.main(["--section", section, "--scale", "0.002", "--rounds", "1", "--budget", "0.05",
+                        "--json", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert any(r["loader"].startswith("stoker") for r in records)
+    assert not any(r["loader"].startswith(("grain", "spdl")) for r in records)
+    printed = capsys.readouterr().out
+    assert "grain is not installed or does not import" in printed
+    assert "spdl is not installed or does not import" in printed
 
 
 def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch, capsys):

@@ -1,11 +1,13 @@
-"""`python -m stoker bench`: stoker beside torch's DataLoader (and torchdata, when it is installed) on built-in
-synthetic workloads.
+"""`python -m stoker bench`: stoker beside torch's DataLoader (and torchdata, Grain and SPDL, when they are
+installed) on built-in synthetic workloads.
 
-Each throughput workload builds its data once, then runs its loaders interleaved for several rounds after a
-warm-up and reports the median samples/s and the ratio to torch's best configuration on that workload, measured
-in the same run. Other sections time the first batch and the peak memory of worker processes, the cost of a
-resume, and sequence packing. --only picks sections, --quick runs a smaller version of everything in a few
-minutes, --json and --plot write the records and a bar chart of the ratios. Progress goes to stderr.
+Each section runs in a fresh Python process (`--section KEY`, the child mode), so that no section measures what
+the one before it left behind; its table is streamed through and its records merged. Each throughput workload
+builds its data once, then runs its loaders interleaved for several rounds after a warm-up and reports the
+median samples/s and the ratio to torch's best configuration on that workload, measured in the same run. Other
+sections time the first batch and the peak memory of worker processes, the cost of a resume, and sequence
+packing. --only picks sections, --quick runs a smaller version of everything in a few minutes, --json and
+--plot write the records and a bar chart of the ratios. Progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -138,6 +140,15 @@ def _optional(module: str):
         return None
 
 
+def _import_error(module: str) -> str | None:
+    """None when `module` imports, else why not (the ImportError's message: the module it misses)."""
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        return str(error)
+    return None
+
+
 def _torchdata_nodes_loader(dataset, batch_size: int, workers: int, method: str):
     """torchdata's nodes for a map-style dataset: shuffled indices, batched, fetched and collated by a
     ParallelMapper (threads or processes), iterated by a Loader (which restarts the graph each epoch)."""
@@ -146,6 +157,38 @@ def _torchdata_nodes_loader(dataset, batch_size: int, workers: int, method: str)
     node = nodes.Batcher(nodes.SamplerWrapper(RandomSampler(dataset)), batch_size=batch_size, drop_last=False)
     node = nodes.ParallelMapper(node, map_fn=_FetchCollate(dataset), num_workers=workers, method=method)
     return nodes.Loader(node)
+
+
+def _grain_map_dataset(dataset, batch_size: int, threads: int):
+    """Grain's dataset API: MapDataset.source(dataset).shuffle().batch(), read by `threads` threads through
+    to_iter_dataset (each element read is a batch, so the prefetch buffer holds batches: 2 per thread, as torch's
+    prefetch_factor, instead of Grain's default of 500). Batches are numpy arrays stacked by Grain."""
+    import grain.python as grain
+
+    node = grain.MapDataset.source(dataset).shuffle(seed=0).batch(batch_size)
+    return node.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads))
+
+
+def _grain_data_loader(dataset, batch_size: int, workers: int):
+    """Grain's DataLoader: an IndexSampler shuffling one epoch, Batch, `workers` worker processes (spawned, and
+    fed the pickled dataset, at every iter(): Grain has no persistent workers), each reading with Grain's default
+    ReadOptions."""
+    import grain.python as grain
+
+    sampler = grain.IndexSampler(len(dataset), shuffle=True, num_epochs=1, seed=0)
+    return grain.DataLoader(data_source=dataset, sampler=sampler, operations=[grain.Batch(batch_size)],
+                            worker_count=workers)
+
+
+def _spdl_loader(dataset, batch_size: int, threads: int):
+    """SPDL's DataLoader (a spdl.pipeline Pipeline: source, concurrent stage, sink) over batches of shuffled
+    indices, each batch fetched and collated by one call on `threads` threads. (Its per-sample form, a
+    preprocessor per index and an aggregator per batch, ran about ten times slower on the crop workload.)"""
+    from spdl.dataloader import DataLoader as SpdlDataLoader
+    from torch.utils.data import BatchSampler
+
+    indices = BatchSampler(RandomSampler(dataset), batch_size, drop_last=False)
+    return SpdlDataLoader(indices, preprocessor=_FetchCollate(dataset), num_threads=threads)
 
 
 class Skipped(Exception):
@@ -161,6 +204,7 @@ class Options:
     tmp: str
     out: TextIO = sys.stdout
     progress: Callable[[str], None] = lambda text: None
+    notes: list = field(default_factory=list)  # printed under the next workload's title (a column skipped)
 
 
 @dataclass
@@ -202,6 +246,9 @@ def _throughput(title: str, samples: int, cases: list[Case], opts: Options, min_
     """Warm-up, then `opts.rounds` interleaved rounds of every case, each round `opts.budget / opts.rounds`
     seconds long but at least `min_samples` and at most an epoch; one record per case."""
     print(f"\n{title} ({samples} samples)", file=opts.out, flush=True)
+    for note in opts.notes:
+        print(f"  ({note})", file=opts.out, flush=True)
+    opts.notes.clear()
     loaders, limits = {}, {}
     try:
         # Warm-up: one short pass of each case (which starts persistent workers) sizes the rounds to the budget.
@@ -248,10 +295,32 @@ def _torch_baselines(ds, bs: int) -> list[Case]:
 
 def _torchdata_cases(ds, bs: int, methods: tuple[str, ...], opts: Options) -> list[Case]:
     if _optional("torchdata.nodes") is None:
-        print("  (torchdata is not installed: its nodes column is skipped)", file=opts.out)
+        opts.notes.append("torchdata is not installed: its nodes column is skipped")
         return []
     return [Case(f"torchdata nodes, 2 {m}{'es' if m == 'process' else 's'}",
                  lambda m=m: _torchdata_nodes_loader(ds, bs, 2, m)) for m in methods]
+
+
+def _grain_cases(ds, bs: int, opts: Options, processes: bool = True) -> list[Case]:
+    """Grain's columns, when grain.python imports: MapDataset read by 2 threads, and (for Python datasets) its
+    DataLoader with 2 worker processes."""
+    why = _import_error("grain.python")
+    if why is not None:
+        opts.notes.append(f"grain is not installed or does not import ({why}): its columns are skipped")
+        return []
+    cases = [Case("grain MapDataset, 2 threads", lambda: _grain_map_dataset(ds, bs, 2))]
+    if processes:
+        cases.append(Case("grain DataLoader, 2 processes (per epoch)",
+                          lambda: _grain_data_loader(ds, bs, 2)))
+    return cases
+
+
+def _spdl_cases(ds, bs: int, opts: Options) -> list[Case]:
+    why = _import_error("spdl.dataloader")
+    if why is not None:
+        opts.notes.append(f"spdl is not installed or does not import ({why}): its column is skipped")
+        return []
+    return [Case("spdl DataLoader, index batches, 2 threads", lambda: _spdl_loader(ds, bs, 2))]
 
 
 def _dense(scale: float):
@@ -268,6 +337,8 @@ def bench_arrays(opts: Options) -> list[dict]:
         Case("numpy fancy-index gather", lambda: _NumpyGather(x, y, 256)),
         Case("stoker num_workers=0", _stoker_dl(dense, 256)),
         Case("stoker num_workers=2", _stoker_dl(dense, 256, 2)),
+        *_grain_cases(dense, 256, opts, processes=False),
+        *_spdl_cases(dense, 256, opts),
     ], opts)
 
 
@@ -318,6 +389,8 @@ def bench_crop_flip(opts: Options) -> list[dict]:
         Case("stoker num_workers=2 (processes, persistent)", _stoker_dl(crop, 256, 2)),
         Case("stoker num_workers=2 worker_mode=thread", _stoker_dl(crop, 256, 2, worker_mode="thread")),
         *_torchdata_cases(crop, 256, ("process",), opts),
+        *_grain_cases(crop, 256, opts),
+        *_spdl_cases(crop, 256, opts),
     ], opts)
 
 
@@ -334,6 +407,10 @@ def bench_png(opts: Options) -> list[dict]:
         Case("stoker num_workers=2 (processes, persistent)", _stoker_dl(ds, 64, 2)),
         Case("stoker num_workers=2 worker_mode=thread", _stoker_dl(ds, 64, 2, worker_mode="thread")),
         *_torchdata_cases(ds, 64, ("process", "thread"), opts),
+        # Grain's DataLoader spawns its workers at every iter(): seconds per round, so --quick leaves it to the
+        # crop workload.
+        *_grain_cases(ds, 64, opts, processes=not opts.quick),
+        *_spdl_cases(ds, 64, opts),
     ], opts, min_samples=512)  # decoding runs at about a thousand samples/s: a round of 4096 would take seconds
 
 
@@ -839,6 +916,17 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _distribution_version(name: str) -> str | None:
+    """The installed version of a distribution, read from its metadata without importing it (Grain's import
+    takes seconds and logs to stderr; the sections import what they measure in their own processes)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def _machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -849,7 +937,51 @@ def _machine() -> dict:
     return {"cpus": os.cpu_count(), "cpu": cpu, "platform": platform.platform(), "python": platform.python_version(),
             "stoker": stoker.__version__, "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "pillow": getattr(_optional("PIL"), "__version__", None),
-            "torchdata": getattr(_optional("torchdata"), "__version__", None)}
+            "torchdata": getattr(_optional("torchdata"), "__version__", None),
+            "grain": _distribution_version("grain"), "spdl": _distribution_version("spdl-core")}
+
+
+def _run_section(section: Section, opts: Options) -> tuple[list[dict], list[dict]]:
+    """Runs one section in this process: (its records, [the reason it was skipped] or [])."""
+    # torch's collate warns once that a read-only memory map makes a read-only tensor: noise in a table.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+    try:
+        return section.run(opts), []
+    except Skipped as why:
+        print(f"\n{section.title}: skipped, {why}", file=opts.out, flush=True)
+        return [], [{"section": section.key, "reason": str(why)}]
+
+
+def _forward(stream: TextIO, to: TextIO) -> None:
+    for line in stream:
+        to.write(line)
+        to.flush()
+
+
+def _run_child(section: Section, settings: list[str], tag: str, tmp: str) -> tuple[list[dict], list[dict], int]:
+    """Runs one section in a fresh interpreter (`--section KEY`), its stdout and stderr streamed through as they
+    come: (its records, its skipped list, its exit code). A section run after another in the same process is
+    distorted by what the previous one left behind (its heap, its threads, torch's state): a PNG section after
+    the crop section measured differently than alone."""
+    out = os.path.join(tmp, f"{section.key}.json")
+    cmd = [sys.executable, "-m", "stoker", "bench", "--section", section.key, "--tag", tag, *settings, "--json", out]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+    # stderr on a thread, stdout here: neither pipe can fill up while the other one is read.
+    errors = threading.Thread(target=_forward, args=(proc.stderr, sys.stderr), daemon=True)
+    errors.start()
+    try:
+        _forward(proc.stdout, sys.stdout)
+        code = proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted: the child's loaders go with it
+            proc.kill()
+            proc.wait()
+        errors.join(timeout=10)
+    if code != 0 or not os.path.exists(out):
+        return [], [], code or 1
+    with open(out) as f:
+        report = json.load(f)
+    return report["records"], report["skipped"], 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -866,12 +998,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the machine and the records as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE", help="also draw the ratios as a bar chart into FILE (needs "
                         "matplotlib: pip install 'stoker[plot]')")
+    # The child mode: one section by its exact key, in this process, its records (and skipped) to --json.
+    parser.add_argument("--section", help=argparse.SUPPRESS)
+    parser.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     scale = args.scale if args.scale is not None else (0.1 if args.quick else 1.0)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     budget = args.budget if args.budget is not None else (1.0 if args.quick else 3.0)
     if scale <= 0 or rounds < 1 or budget <= 0:
         parser.error("--scale and --budget must be positive and --rounds at least 1")
+
+    if args.section is not None:
+        section = next((s for s in SECTIONS if s.key == args.section), None)
+        if section is None:
+            parser.error(f"--section {args.section!r} is no section key: " + ", ".join(s.key for s in SECTIONS))
+        with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
+            opts = Options(scale, rounds, budget, args.quick, tmp, out=sys.stdout,
+                           progress=lambda text: print(f"{args.tag}   {text}", file=sys.stderr, flush=True))
+            records, skipped = _run_section(section, opts)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"records": records, "skipped": skipped}, f, indent=2)
+        return 0
+
     if args.plot and _optional("matplotlib.pyplot") is None:
         print("--plot needs matplotlib, which is not installed: pip install 'stoker[plot]' (or matplotlib)",
               file=sys.stderr)
@@ -885,26 +1034,27 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine()
     print(f"stoker {stoker.__version__}, torch {torch.__version__}, {machine['cpus']} CPUs ({machine['cpu']}), "
           f"{'a' if machine['cuda'] else 'no'} GPU; Pillow {machine['pillow'] or 'absent'}, torchdata "
-          f"{machine['torchdata'] or 'absent'}; scale {scale}, {rounds} rounds, {budget} s per loader\n"
+          f"{machine['torchdata'] or 'absent'}, Grain {machine['grain'] or 'absent'}, SPDL "
+          f"{machine['spdl'] or 'absent'}; scale {scale}, {rounds} rounds, {budget} s per loader, each section in "
+          "a fresh process\n"
           "ratio = samples/s over torch's best configuration in the same run (for first batch and PSS: "
           "over torch's figure, lower is better)", flush=True)
-    # torch's collate warns once that a read-only memory map makes a read-only tensor: noise in a table.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-    records, skipped = [], []
+    settings = ["--scale", repr(scale), "--rounds", str(rounds), "--budget", repr(budget)]
+    settings += ["--quick"] if args.quick else []
+    records, skipped, failed = [], [], []
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
         for i, section in enumerate(sections, 1):
             tag = f"[{i}/{len(sections)}]"
             print(f"{tag} {section.title} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            opts = Options(scale, rounds, budget, args.quick, tmp, out=sys.stdout,
-                           progress=lambda text, tag=tag: print(f"{tag}   {text}", file=sys.stderr, flush=True))
-            try:
-                records += section.run(opts)
-            except Skipped as why:
-                skipped.append({"section": section.key, "reason": str(why)})
-                print(f"\n{section.title}: skipped, {why}", flush=True)
-            gc.collect()
+            got, why, code = _run_child(section, settings, tag, tmp)
+            records += got
+            skipped += why
+            if code != 0:
+                failed.append({"section": section.key, "exit_code": code})
+                print(f"\n{section.title}: failed (its process exited with code {code}; its error is on stderr)",
+                      flush=True)
             print(f"{tag} {section.title}: {time.perf_counter() - start:.1f} s (all so far "
                   f"{time.perf_counter() - began:.0f} s)", file=sys.stderr, flush=True)
     if args.json:
@@ -912,8 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"date": datetime.date.today().isoformat(), "machine": machine,
                        "settings": {"scale": scale, "rounds": rounds, "budget_s": budget, "quick": args.quick,
                                     "only": args.only},
-                       "records": records, "skipped": skipped}, f, indent=2)
+                       "records": records, "skipped": skipped, "failed": failed}, f, indent=2)
     if args.plot:
         plot(records, args.plot)
         print(f"\nplot written to {args.plot}", flush=True)
-    return 0
+    return 1 if failed else 0
