@@ -46,11 +46,11 @@ static int driver_version(void) { return is("old") ? 10020 : 12040; }
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
-       C_BAD_HANDLE, C_SET_CURRENT, C_COUNT };
+       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_COUNT };
 static const char* counter_names[C_COUNT] = {
   "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
   "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
-  "bad_handle", "set_current"};
+  "bad_handle", "set_current", "launch"};
 static long counters[C_COUNT];
 static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
 
@@ -86,7 +86,7 @@ static int context_ok(void) {
   } while (0)
 
 #define HANDLE_MAGIC 0x5a5a1234u
-struct handle { unsigned magic; int kind; int pending; };  /* kind 1: stream, 2: event */
+struct handle { unsigned magic; int kind; int pending; };  /* kind 1: stream, 2: event, 3: module, 4+: kernel */
 static struct handle* new_handle(int kind) {
   struct handle* h = malloc(sizeof *h);
   if (h) { h->magic = HANDLE_MAGIC; h->kind = kind; h->pending = 0; }
@@ -307,6 +307,66 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t by
   return SUCCESS;
 }
 
+/* ---- modules and kernels: stoker's normalise kernels, run on the host ---- */
+
+/* The argument block of stoker's normalise kernels (csrc/stoker/device/normalize.cu). */
+struct normalize_params {
+  float mean[8];
+  float std[8];
+  float scale;
+  int channels;
+  int channels_last;
+  long long plane;
+  long long total;
+};
+static const char* kernel_names[3] = {"stoker_normalize_f32", "stoker_normalize_f16", "stoker_normalize_bf16"};
+
+EXPORT CUresult cuModuleLoadData(void** module, const void* image) {
+  NEED_CONTEXT();
+  if (!module || !image) return INVALID_VALUE;
+  *module = new_handle(3);
+  return SUCCESS;
+}
+
+EXPORT CUresult cuModuleGetFunction(void** fn, void* module, const char* name) {
+  NEED_CONTEXT();
+  if (!fn || !name || !valid(module, 3)) return INVALID_HANDLE;
+  for (int k = 0; k < 3; ++k)
+    if (strcmp(name, kernel_names[k]) == 0) { *fn = new_handle(4 + k); return SUCCESS; }
+  return 500; /* CUDA_ERROR_NOT_FOUND */
+}
+
+static uint16_t to_bf16(float x) {  /* round to nearest even, as __float2bfloat16_rn (no NaN here) */
+  uint32_t bits;
+  memcpy(&bits, &x, 4);
+  bits += 0x7FFF + ((bits >> 16) & 1);
+  return (uint16_t)(bits >> 16);
+}
+
+EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared, void* s, void** params, void** extra) {
+  NEED_CONTEXT();
+  struct handle* h = f;
+  if (!h || h->magic != HANDLE_MAGIC || h->kind < 4 || h->kind > 6 || !stream_ok(s)) return INVALID_HANDLE;
+  if (!params || extra || gx == 0 || gy != 1 || gz != 1 || bx == 0 || by != 1 || bz != 1 || shared) return INVALID_VALUE;
+  const uint8_t* in = *(const uint8_t**)params[0];
+  void* out = *(void**)params[1];
+  const struct normalize_params* p = params[2];
+  for (long long o = 0; o < p->total; ++o) {
+    long long pixel = o % p->plane, nc = o / p->plane;
+    int c = (int)(nc % p->channels);
+    long long i = p->channels_last ? ((nc / p->channels) * p->plane + pixel) * p->channels + c : o;
+    volatile float x = (float)in[i] * p->scale;  /* volatile: each step rounded, no contraction */
+    x = x - p->mean[c];
+    x = x / p->std[c];
+    if (h->kind == 4) ((float*)out)[o] = x;
+    else if (h->kind == 5) ((_Float16*)out)[o] = (_Float16)x;
+    else ((uint16_t*)out)[o] = to_bf16(x);
+  }
+  bump(C_LAUNCH, 1);
+  return SUCCESS;
+}
+
 /* ---- cuGetProcAddress ---- */
 
 #ifndef FAKE_NO_PROC_ADDRESS
@@ -336,6 +396,9 @@ static const struct entry entries[] = {
   {"cuEventSynchronize", 2000, (void*)cuEventSynchronize},
   {"cuEventDestroy", 4000, (void*)cuEventDestroy_v2},
   {"cuMemcpyHtoDAsync", 3020, (void*)cuMemcpyHtoDAsync_v2},
+  {"cuModuleLoadData", 2000, (void*)cuModuleLoadData},
+  {"cuModuleGetFunction", 2000, (void*)cuModuleGetFunction},
+  {"cuLaunchKernel", 4000, (void*)cuLaunchKernel},
 };
 
 static CUresult lookup(const char* name, void** fn, int version, unsigned long long flags, int* status) {

@@ -403,3 +403,44 @@ def test_a_forked_child_stays_off_cuda(fake_driver):
     assert child["available"] is False and child["pool"] is True and child["frees"] == 0
     assert "was forked from it: a forked child cannot use CUDA" in child["reason"]
     assert child["stream"][0] == "RuntimeError" and "'spawn' or 'forkserver'" in child["stream"][1]
+
+
+def test_normalize_kernel_is_launched_with_its_arguments(fake_driver):
+    # The fake driver runs stoker's normalise kernels on the host (tests/fake_libcuda.c), so a build with the
+    # kernels (STOKER_CUDA=ON) checks the launch: argument block, layout, grid, output types. Other builds
+    # must say, and raise, that they have no kernels.
+    out = run("""
+        out["reason"] = core.cuda_kernels_reason()
+        out["available"] = core.cuda_kernels_available()
+        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, size=(4, 3, 5, 7), dtype=np.uint8)
+        dst = np.zeros((4, 3, 5, 7), np.float32)
+        out["error"] = error_of(core.normalize_u8, 0, 0, images.ctypes.data, dst.ctypes.data, 4, 3, 5, 7, False,
+                                mean, std, 1 / 255, 0)
+        results = {}
+        if out["available"]:
+            for channels_last in (False, True):
+                src = np.ascontiguousarray(np.moveaxis(images, 1, -1)) if channels_last else images
+                expected = stoker.normalize(torch.from_numpy(src), mean, std, channels_last=channels_last)
+                for code, dtype, view in ((0, torch.float32, np.float32), (1, torch.float16, np.float16),
+                                          (2, torch.bfloat16, np.uint16)):
+                    dst = np.zeros((4, 3, 5, 7), view)
+                    core.normalize_u8(0, 0, src.ctypes.data, dst.ctypes.data, 4, 3, 5, 7, channels_last, mean, std,
+                                      1 / 255, code)
+                    want = expected.to(dtype)
+                    got = torch.from_numpy(dst).view(torch.bfloat16) if code == 2 else torch.from_numpy(dst)
+                    results[f"{channels_last}-{code}"] = bool(torch.equal(got, want))
+            out["one_mean"] = error_of(core.normalize_u8, 0, 0, images.ctypes.data, dst.ctypes.data, 4, 3, 5, 7,
+                                       False, [0.5, 0.5], std, 1 / 255, 0)
+            out["launches"] = count("launch")
+        out["results"] = results
+    """, library=fake_driver["current"], package=True)
+    if not out["available"]:
+        assert "this build of stoker has no CUDA kernels" in out["reason"]
+        assert out["error"] == ["RuntimeError", "stoker's CUDA kernels are not available: " + out["reason"]]
+        return
+    assert out["reason"] == "" and out["error"] is None
+    assert out["results"] == {f"{cl}-{code}": True for cl in (False, True) for code in (0, 1, 2)}
+    assert out["launches"] == 7
+    assert out["one_mean"][0] == "ValueError" and "2 per-channel values for 3 channels" in out["one_mean"][1]
