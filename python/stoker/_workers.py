@@ -247,7 +247,18 @@ class _NoFit(Exception):
     pass
 
 
-class _Arena:
+class _StackTarget:
+    """Where collate stacks numpy arrays: a tensor to stack them into, from the subclass's empty()."""
+
+    def empty_like_stack(self, arrays):
+        first = arrays[0]
+        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
+        if dtype is None:
+            return None
+        return self.empty((len(arrays), *first.shape), dtype)
+
+
+class _Arena(_StackTarget):
     """The slot a worker is filling: collate takes its output tensors from here, front to back. A tensor
     the rest of the slot cannot hold gets a shared-memory segment of its own (as with no slot at all), and
     travels by handle beside the slot's places."""
@@ -274,12 +285,6 @@ class _Arena:
         self.used = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         return out
 
-    def empty_like_stack(self, arrays):
-        first = arrays[0]
-        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
-        if dtype is None:
-            return None
-        return self.empty((len(arrays), *first.shape), dtype)
 
     def offset_of(self, t: torch.Tensor) -> int | None:
         """The offset of a tensor collate wrote into this slot, or None."""
@@ -293,7 +298,7 @@ class _Arena:
         return t.untyped_storage().data_ptr() in self.own_segments
 
 
-class _SharedArena:
+class _SharedArena(_StackTarget):
     """Where collate takes its output tensors for a batch that has no slot: each in a new shared-memory
     segment, as torch's own collate does in a worker, so the batch is pickled without another copy and the
     worker keeps no buffer of its own once the batch is sent."""
@@ -311,12 +316,6 @@ class _SharedArena:
         storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
         return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
-    def empty_like_stack(self, arrays):
-        first = arrays[0]
-        dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
-        if dtype is None:
-            return None
-        return self.empty((len(arrays), *first.shape), dtype)
 
 
 def _fits_slot(t) -> bool:
