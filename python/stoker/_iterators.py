@@ -67,10 +67,6 @@ def _pin_requested(loader) -> bool:
     return True
 
 
-def _pinned_pool(loader, pin: bool):
-    return _cuda.pinned_pool_for(getattr(loader, "_stoker_device", None), pin)
-
-
 def _add_note(exc: BaseException, note: str) -> None:
     if hasattr(exc, "add_note"):
         exc.add_note(note)
@@ -89,7 +85,8 @@ class _Iterator:
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
         self._pin = _pin_requested(loader)
-        self._host_pool = _pinned_pool(loader, self._pin)  # None: the ordinary pool
+        # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
+        self._host_pool = _cuda.pinned_pool_for(getattr(loader, "_stoker_device", None), self._pin)
         drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
         self._base_seed = drawn
         self._native_order = loader._stoker_native_sampler
