@@ -15,7 +15,7 @@ import torch
 
 from stoker._native import core
 
-__all__ = ["cuda_available", "cuda_status", "pinned_pool", "pinned_pool_for", "resolve_device"]
+__all__ = ["cuda_available", "cuda_status", "pin_device", "pinned_pool", "pinned_pool_for", "resolve_device"]
 
 # Page-locked blocks stay cached up to this many bytes. A block that no longer fits is freed, and the next
 # batch of that size page-locks a new one, so the bound must cover the batches in flight (depth x batch size).
@@ -101,16 +101,22 @@ def pinned_pool(device: int = 0):
         return _pinned
 
 
-def pinned_pool_for(device: torch.device | None, pin: bool):
-    """The pool a loader collates into: stoker's page-locked pool when its batches go to `device` (a CUDA
-    device) or are pinned (pin=True, pin_memory where torch sees a GPU) and the driver layer reaches CUDA;
-    else None (the ordinary pool). Batches collated there are pinned where they are made: no pin-memory
-    thread, no second copy."""
+def pin_device(device: torch.device | None, pin: bool) -> int | None:
+    """The GPU whose context page-locks a loader's host memory: `device`'s when batches go to a CUDA device,
+    torch's current one when they are pinned (pin=True, pin_memory where torch sees a GPU); None when they are
+    neither, or the driver layer cannot reach CUDA (batches then go to the ordinary pool)."""
     if device is None and not (pin and torch.cuda.is_available()):
         return None
     if not core.cuda_available():
         return None
-    return pinned_pool(device.index if device is not None else torch.cuda.current_device())
+    return device.index if device is not None else torch.cuda.current_device()
+
+
+def pinned_pool_for(device: torch.device | None, pin: bool):
+    """The page-locked pool a loader collates into (see pin_device), or None for the ordinary pool. Batches
+    collated there are pinned where they are made: no pin-memory thread, no second copy."""
+    index = pin_device(device, pin)
+    return None if index is None else pinned_pool(index)
 
 
 def _forget_pinned_pool() -> None:

@@ -124,8 +124,10 @@ def to_device(batch, target, keep: list):
         nbytes = src.numel() * src.element_size()
         if nbytes:
             stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
+        # Held until the copy is done; the original also keeps its id unique while `done` is in use.
+        keep.append(original)
+        if src is not original:
             keep.append(src)
-        keep.append(original)  # its id stays unique while `done` is in use
         done[id(original)] = dst
         return dst
 

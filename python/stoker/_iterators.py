@@ -86,7 +86,8 @@ class _Iterator:
         self._num_threads = int(loader.num_workers)
         self._pin = _pin_requested(loader)
         # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
-        self._host_pool = _cuda.pinned_pool_for(getattr(loader, "_stoker_device", None), self._pin)
+        self._pin_device = _cuda.pin_device(getattr(loader, "_stoker_device", None), self._pin)
+        self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
         drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
         self._base_seed = drawn
         self._native_order = loader._stoker_native_sampler
@@ -100,10 +101,6 @@ class _Iterator:
         iterable = loader._dataset_kind != _DatasetKind.Map
         self._len_called = loader._IterableDataset_len_called if iterable else None
         self._yielded = 0
-
-    def _host_pool_device(self) -> int:
-        device = getattr(self._loader, "_stoker_device", None)
-        return device.index if device is not None else torch.cuda.current_device()
 
     def _started(self) -> None:
         self._closed = False
@@ -329,10 +326,7 @@ class PythonIterator(_Iterator):
             self._top_up()
 
     def _load(self, number: int, indices):
-        if self._host_pool is None:
-            return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
-                              self._rng_key)
-        with _collate.use_pool(self._host_pool):  # collated straight into page-locked blocks
+        with _collate.use_pool(self._host_pool):  # page-locked blocks when pinned, else the ordinary pool
             return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
                               self._rng_key)
 
@@ -410,8 +404,6 @@ class IterableIterator(_Iterator):
             data = self._source.next_data()
         except StopIteration:
             self._finish()
-        if self._host_pool is None:
-            return self._collate(data)
         with _collate.use_pool(self._host_pool):
             return self._collate(data)
 
@@ -437,9 +429,9 @@ class ProcessIterator(_Iterator):
                 previous.drain()  # batches prefetched for an abandoned epoch are dropped, as torch does
         self._pool = pool
         self._own_pool = not persistent
-        if self._host_pool is not None and not pool.ring.pinned:
+        if self._pin_device is not None and not pool.ring.pinned:
             # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
-            pool.ring.pin(self._host_pool_device())
+            pool.ring.pin(self._pin_device)
         batches = None if iterable else self._index_batches()
         position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if iterable else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
