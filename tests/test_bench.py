@@ -79,6 +79,12 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     assert first["stoker num_workers=2"]["first_batch_ms"] > 0
     pss = {r["loader"]: r for r in by_workload["peak PSS, num_workers=2"]}
     assert {"torch num_workers=2", "stoker num_workers=2"} <= set(pss)
+    # The other loaders sit in the first-batch and memory sections too, where they are installed (--quick leaves
+    # Grain's DataLoader, which spawns its workers at every iter(), out of the first-batch one).
+    for module, prefix in (("torchdata.nodes", "torchdata "), ("grain.python", "grain "), ("spdl.dataloader", "spdl ")):
+        assert any(name.startswith(prefix) for name in first) == has(module)
+        assert any(name.startswith(prefix) for name in pss) == has(module)
+    assert all(r["first_batch_ms"] > 0 for r in first.values())
     for r in pss.values():
         assert r["peak_pss_mib"] >= r["idle_pss_mib"] > 0 and r["processes_at_peak"] >= 1
     assert pss["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
@@ -135,7 +141,7 @@ def test_torchdata_column_is_skipped_without_torchdata(tmp_path, monkeypatch, ca
     assert "torchdata is not installed" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("section", ["arrays", "crop"])
+@pytest.mark.parametrize("section", ["arrays", "crop", "first-batch", "pss"])
 def test_grain_and_spdl_columns_are_skipped_without_them(tmp_path, monkeypatch, capsys, section):
     hide(monkeypatch, "grain", "grain.python", "spdl", "spdl.dataloader")
     out = tmp_path / "bench.json"

@@ -422,8 +422,14 @@ def bench_first_batch(opts: Options) -> list[dict]:
     print(f"\ntime from iter() to the first batch, fresh loaders, num_workers=2, crop + flip ({len(crop)} "
           f"samples), batch 256, median of {reps}", file=opts.out, flush=True)
     makers = {"torch num_workers=2": _torch_dl(crop, 256, 2), "stoker num_workers=2": _stoker_dl(crop, 256, 2)}
-    if _optional("torchdata.nodes") is not None:
-        makers["torchdata nodes, 2 processes"] = lambda: _torchdata_nodes_loader(crop, 256, 2, "process")
+    # The other loaders' columns, as in the throughput sections (Grain's DataLoader spawns its workers, seconds
+    # per loader, so --quick leaves it out).
+    others = [*_torchdata_cases(crop, 256, ("process",), opts), *_grain_cases(crop, 256, opts, processes=not opts.quick),
+              *_spdl_cases(crop, 256, opts)]
+    makers.update((case.name, case.make) for case in others)
+    for note in opts.notes:
+        print(f"  ({note})", file=opts.out, flush=True)
+    opts.notes.clear()
     times: dict[str, list[float]] = {name: [] for name in makers}
     for _ in range(reps):
         for name, make in makers.items():
@@ -454,8 +460,12 @@ def _pss_child(kind: str, n: int, epochs: int) -> None:
         loader = TorchDataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
     elif kind == "stoker":
         loader = stoker.DataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
-    else:
+    elif kind == "torchdata":
         loader = _torchdata_nodes_loader(crop, 256, 2, "process")
+    elif kind == "grain":
+        loader = _grain_data_loader(crop, 256, 2)
+    else:
+        loader = _spdl_loader(crop, 256, 2)
     print("ready", flush=True)
     sys.stdin.readline()
     for _ in range(epochs):
@@ -552,9 +562,19 @@ def bench_pss(opts: Options) -> list[dict]:
     print(f"\npeak memory: PSS of the main process and its workers together, sampled every 20 ms over two "
           f"epochs, crop + flip ({n} samples, {n * 3 * 64 * 64 / 2**20:.0f} MiB of images), batch 256, "
           "num_workers=2, each loader in a fresh process", file=opts.out, flush=True)
-    kinds = ["torch", "stoker"] + (["torchdata"] if _optional("torchdata.nodes") is not None else [])
+    # The other loaders where they import, each through the API of its column in the crop section.
     names = {"torch": "torch num_workers=2", "stoker": "stoker num_workers=2",
-             "torchdata": "torchdata nodes, 2 processes"}
+             "torchdata": "torchdata nodes, 2 processes", "grain": "grain DataLoader, 2 processes (per epoch)",
+             "spdl": "spdl DataLoader, index batches, 2 threads"}
+    modules = {"torchdata": "torchdata.nodes", "grain": "grain.python", "spdl": "spdl.dataloader"}
+    kinds = ["torch", "stoker"]
+    for kind, module in modules.items():
+        why = _import_error(module)
+        if why is None:
+            kinds.append(kind)
+        else:
+            print(f"  ({kind} is not installed or does not import ({why}): its column is skipped)", file=opts.out,
+                  flush=True)
     measured = {}
     for kind in kinds:
         opts.progress(f"{kind} in a fresh process")
