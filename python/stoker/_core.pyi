@@ -226,6 +226,15 @@ def pad_sequences(
     pool: BufferPool,
 ) -> object: ...
 
+def pad_sequences_into(
+    columns: list[typing.Any],
+    pad_values: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+    multiple: typing.SupportsInt | typing.SupportsIndex,
+    left: bool,
+    mask: bool,
+    allocate: collections.abc.Callable,
+) -> bool: ...
+
 def plan_packing(
     source: TokenSource,
     order: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],

@@ -22,6 +22,7 @@ A sampler's batches are a pure function of (lengths, arguments, seed, epoch), so
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 from torch.utils.data import default_collate as _default_collate
+from torch.utils.data._utils import worker as _torch_worker
 
 from stoker import _collate
 from stoker._native import core, from_dlpack
@@ -141,8 +143,9 @@ class PadCollate:
     * bare sequences give ``{"input_ids": ..., "attention_mask": ...}`` (``keys`` is not consulted);
     * dict samples give their keys in the first sample's order, then ``"attention_mask"``. The keys padded
       are ``keys``, or by default every key whose value in the first sample is a list, tuple, or 1-D array
-      or tensor. Other fields (scalars, strings, fixed-shape arrays) are collated by
-      ``torch.utils.data.default_collate``, exactly as without this class.
+      or tensor. Other fields (scalars, strings, fixed-shape arrays) are collated by ``stoker.default_collate``
+      (``torch.utils.data.default_collate``'s results and errors; torch's own function in a worker process of
+      torch's DataLoader), exactly as without this class.
 
     Pad values: ``label_pad_id`` under ``"labels"`` (-100, which ``torch.nn.CrossEntropyLoss`` ignores),
     0 under ``"attention_mask"``, ``pad_id`` elsewhere. ``attention_mask`` is 1 on real tokens and 0 on
@@ -176,7 +179,10 @@ class PadCollate:
     cover (other sequence types such as ``range``, lists of numpy scalars, byte-swapped or subclassed arrays,
     tensor subclasses, padded keys of different lengths, and every error) take that numpy implementation,
     which gives the results and errors described above at its cost. The output tensors are views of one pooled
-    block, which goes back to the pool when the last of them is freed; nothing else shares their memory.
+    block, which goes back to the pool when the last of them is freed; nothing else shares their memory. In a
+    worker process of ``stoker.DataLoader`` they are written into the batch's slot of the shared-memory ring
+    instead (a shared-memory segment of their own when the slot lacks room), like the tensors
+    ``stoker.default_collate`` stacks there, so the batch reaches the main process without a copy.
     The object holds no state and may be called from several threads and pickled to worker processes.
     """
 
@@ -274,7 +280,7 @@ class PadCollate:
         for k in order:
             if k not in values:
                 try:
-                    others[k] = _default_collate([s[k] for s in batch])
+                    others[k] = _collate_field([s[k] for s in batch])
                 except Exception as exc:
                     if hasattr(exc, "add_note"):
                         exc.add_note(f"PadCollate: raised by default_collate for key {k!r} (not padded)")
@@ -287,20 +293,32 @@ class PadCollate:
         return out
 
     def _pad_native(self, values: dict[Any, list], order: list) -> dict[Any, torch.Tensor] | None:
-        """The padded keys (and the mask) from one native call into a pooled block, or None where that call
-        does not cover the batch (values of other kinds, keys of different lengths): the numpy path decides."""
+        """The padded keys (and the mask) from one native call, or None where that call does not cover the
+        batch (values of other kinds, keys of different lengths): the numpy path decides. In a stoker worker
+        process they are written into the slot the batch goes to (``_collate.ARENA``), which then crosses to the
+        main process without a copy; elsewhere into a pooled block."""
         multiple = self.pad_to_multiple_of or 0
         if not self._use_native or multiple > _INT64.max:
             return None
         keys = list(values)
+        columns = list(values.values())
+        pad_values = [self._pad_value(k) for k in keys]
+        left = self.padding_side == "left"
         mask = self.return_attention_mask and "attention_mask" not in order
-        # stoker._collate's pool, not stoker._native.POOL: a stoker worker process replaces it after the fork,
-        # and a loader pinning batches for a GPU sets a page-locked one.
-        capsules = core.pad_sequences(list(values.values()), [self._pad_value(k) for k in keys], multiple,
-                                      self.padding_side == "left", mask, _collate.current_pool())
-        if capsules is None:
-            return None
-        tensors = [from_dlpack(c) for c in capsules]
+        tensors = None
+        if _collate.ARENA is not None:
+            target = _ArenaBlock(_collate.ARENA)
+            if core.pad_sequences_into(columns, pad_values, multiple, left, mask, target):
+                tensors = target.tensors
+            elif not target.declined:
+                return None
+        if tensors is None:
+            # stoker._collate's pool, not stoker._native.POOL: a stoker worker process replaces it after the
+            # fork, and a loader pinning batches for a GPU sets a page-locked one.
+            capsules = core.pad_sequences(columns, pad_values, multiple, left, mask, _collate.current_pool())
+            if capsules is None:
+                return None
+            tensors = [from_dlpack(c) for c in capsules]
         out = dict(zip(keys, tensors))
         if mask:
             out["attention_mask"] = tensors[-1]
@@ -337,6 +355,59 @@ class PadCollate:
         if self.return_attention_mask and "attention_mask" not in out:
             out["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         return out
+
+
+def _collate_field(values: list) -> Any:
+    """default_collate for a field PadCollate does not pad: stoker's (torch's result and errors), which stacks
+    tensors and arrays into the worker's slot, or into the pool; torch's own in a worker process of torch's
+    DataLoader, where it stacks into shared memory that its queue sends without a copy."""
+    if _collate.ARENA is None and _torch_worker._worker_info is not None:
+        return _default_collate(values)
+    return _collate.default_collate(values)
+
+
+class _ArenaBlock:
+    """The ``allocate`` of ``core.pad_sequences_into`` in a stoker worker: the batch's int64 outputs
+    ``[B, T]`` (``outputs`` of them) in one block from the worker's arena (its slot of the ring, or a
+    shared-memory segment of its own when the slot lacks room), each starting at a multiple of
+    ``arena.align`` bytes as the ring requires of a tensor it hands over; kept in ``tensors``.
+
+    Padding can make a batch far larger than its samples (one long sample, a large ``pad_to_multiple_of``). A
+    segment is memory the kernel hands out page by page as it is written, so one larger than the free shared
+    memory would kill the worker with SIGBUS halfway through; such a block is ``declined`` instead, and the
+    batch takes the pooled path (where a block larger than memory is a ``MemoryError``, as in the main
+    process)."""
+
+    __slots__ = ("arena", "tensors", "declined")
+
+    def __init__(self, arena: Any) -> None:
+        self.arena = arena
+        self.tensors: tuple[torch.Tensor, ...] = ()
+        self.declined = False
+
+    def __call__(self, outputs: int, batch: int, width: int) -> np.ndarray | None:
+        step = max(self.arena.align // 8, 1)
+        stride = -(-batch * width // step) * step  # cells from one output's start to the next
+        nbytes = (outputs - 1) * stride * 8 + batch * width * 8
+        if nbytes > self.arena.room() and nbytes > _free_shared_memory():
+            self.declined = True
+            return None
+        block = self.arena.empty(((outputs - 1) * stride + batch * width,), torch.int64)
+        if block is None:
+            self.declined = True
+            return None
+        out = block.as_strided((outputs, batch, width), (stride, width, 1))
+        self.tensors = out.unbind(0)
+        return out.numpy()
+
+
+def _free_shared_memory() -> int:
+    """Bytes free in /dev/shm, where shared-memory segments live (0 when it cannot be read)."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 def _bare(sample: Any, index: int) -> Any:

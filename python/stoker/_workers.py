@@ -250,6 +250,12 @@ class _NoFit(Exception):
 class _StackTarget:
     """Where collate stacks numpy arrays: a tensor to stack them into, from the subclass's empty()."""
 
+    align = _ALIGN  # a tensor of the batch starts at a multiple of this many bytes (empty() gives such starts)
+
+    def room(self) -> int:
+        """Bytes empty() can still give from the slot; beyond them each tensor is a shared-memory segment."""
+        return 0
+
     def empty_like_stack(self, arrays):
         first = arrays[0]
         dtype = _NUMPY_TO_TORCH.get(first.dtype)  # native byte order only: others are not in the map
@@ -284,6 +290,9 @@ class _Arena(_StackTarget):
         out = self.view[self.used:end].view(dtype).view(tuple(shape))
         self.used = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         return out
+
+    def room(self) -> int:
+        return max(0, self.view.numel() - self.used)
 
 
     def offset_of(self, t: torch.Tensor) -> int | None:

@@ -135,6 +135,116 @@ bool ints_into(PyObject* seq, int64_t n, int64_t* dst) {
   return true;
 }
 
+// One pad call's sequences, measured: what pad_batch reads, and where its outputs go.
+struct PadInput {
+  std::vector<IntSequence> seqs;  // seqs[k * batch + i]: sample i under key k
+  std::vector<int64_t> lengths;   // one per sample
+  std::vector<py::object> held;   // held[k * batch + i]: the value measured, alive until it is written
+  PadLayout layout;
+};
+
+// Reads every value of `columns` (see pad_sequences) into `in`. False when a value is of another kind, a
+// sample's keys differ in length, the batch is empty or its outputs would not be addressable: the caller's
+// own path then decides. Raises only for malformed arguments (not lists, columns of different sizes).
+bool measure_columns(const py::list& columns, const std::vector<int64_t>& pad_values, int64_t multiple, bool left,
+                     bool mask, PadInput& in) {
+  const auto keys = static_cast<int64_t>(columns.size());
+  STOKER_CHECK_AS(ValueError, keys >= 1 && static_cast<int64_t>(pad_values.size()) == keys,
+                  "pad_sequences: ", keys, " columns for ", pad_values.size(), " pad values");
+  int64_t batch = -1;
+  for (py::handle column : columns) {
+    STOKER_CHECK_AS(TypeError, PyList_CheckExact(column.ptr()), "pad_sequences: each column must be a list");
+    const auto n = static_cast<int64_t>(PyList_GET_SIZE(column.ptr()));
+    STOKER_CHECK_AS(ValueError, batch < 0 || n == batch, "pad_sequences: columns of ", batch, " and ", n,
+                    " samples");
+    batch = n;
+  }
+  if (batch == 0) return false;
+  const PadTypes* types = nullptr;  // imported at the first array or tensor
+  in.seqs.assign(static_cast<size_t>(keys * batch), IntSequence{});
+  in.lengths.assign(static_cast<size_t>(batch), 0);
+  in.held.clear();
+  in.held.reserve(in.seqs.size());
+  for (int64_t k = 0; k < keys; ++k) {
+    PyObject* column = PyList_GET_ITEM(columns.ptr(), k);
+    for (int64_t i = 0; i < batch; ++i) {
+      PyObject* o = PyList_GET_ITEM(column, i);
+      IntSequence& s = in.seqs[static_cast<size_t>(k * batch + i)];
+      if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
+        s.length = static_cast<int64_t>(PySequence_Fast_GET_SIZE(o));  // written in place by write_padded
+      } else {
+        if (types == nullptr) types = &pad_types();
+        if (!array_sequence(*types, o, s) && !tensor_sequence(*types, o, s)) {
+          PyErr_Clear();  // a tensor attribute may have raised: this value is not ours to judge
+          return false;
+        }
+      }
+      in.held.push_back(py::reinterpret_borrow<py::object>(o));
+      if (k == 0) {
+        in.lengths[static_cast<size_t>(i)] = s.length;
+      } else if (s.length != in.lengths[static_cast<size_t>(i)]) {
+        return false;
+      }
+    }
+  }
+  return PadLayout::make(in.lengths.data(), batch, keys, multiple, left, mask, in.layout);
+}
+
+// Pads the values measured (not whatever the columns hold now) into `base` (in.layout.bytes() bytes, 8-byte
+// aligned): Python ints with the GIL held, straight into their rows, then the arrays, tensors and padding
+// without it. False when a list or tuple holds anything but ints within int64, or changed length since it was
+// measured.
+bool write_padded(const PadInput& in, const std::vector<int64_t>& pad_values, int64_t* base) {
+  const PadLayout& layout = in.layout;
+  for (int64_t k = 0; k < layout.keys; ++k) {
+    for (int64_t i = 0; i < layout.batch; ++i) {
+      const auto at = static_cast<size_t>(k * layout.batch + i);
+      const IntSequence& s = in.seqs[at];
+      if (s.data == nullptr && s.length > 0 && !ints_into(in.held[at].ptr(), s.length,
+                                                          layout.row(base, k, i, s.length)))
+        return false;
+    }
+  }
+  py::gil_scoped_release release;
+  pad_batch(layout, in.seqs.data(), in.lengths.data(), pad_values.data(), base);
+  return true;
+}
+
+// The int64 cells of `out`, checked to hold exactly the outputs of `layout`, and `layout`'s stride set to its
+// own: a writable, 8-byte aligned numpy int64 array of shape [outputs, batch, width] whose outputs are each
+// C-contiguous, in order and apart (a C-contiguous array, or one with gaps between outputs). pad_batch then
+// writes cell [k, i, j] of out for each k, i, j and nothing else. Anything else raises TypeError or ValueError.
+int64_t* checked_output(const py::object& out, PadLayout& layout) {
+  STOKER_CHECK_AS(TypeError, py::isinstance<py::array>(out), "pad_sequences_into: out should be a numpy array, "
+                  "got ", std::string(py::str(py::type::handle_of(out).attr("__name__"))));
+  auto a = py::reinterpret_borrow<py::array>(out);
+  STOKER_CHECK_AS(TypeError, a.dtype().equal(py::dtype::of<int64_t>()), "pad_sequences_into: out should hold "
+                  "int64, got dtype ", std::string(py::str(a.dtype())));
+  const int64_t want[3] = {layout.outputs(), layout.batch, layout.width};
+  bool same_shape = a.ndim() == 3;
+  for (int d = 0; same_shape && d < 3; ++d) same_shape = static_cast<int64_t>(a.shape(d)) == want[d];
+  if (!same_shape) {
+    std::string got;
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) got += (d ? ", " : "") + std::to_string(a.shape(d));
+    STOKER_CHECK_AS(ValueError, false, "pad_sequences_into: out should have shape (", want[0], ", ", want[1],
+                    ", ", want[2], "), got (", got, ")");
+  }
+  STOKER_CHECK_AS(ValueError, a.writeable(), "pad_sequences_into: out should be writable");
+  void* data = a.mutable_data();
+  STOKER_CHECK_AS(ValueError, reinterpret_cast<uintptr_t>(data) % alignof(int64_t) == 0,
+                  "pad_sequences_into: out should be 8-byte aligned, its data starts at ", data);
+  const int64_t cells = layout.batch * layout.width;  // of one output; PadLayout::make checked the product
+  if (cells == 0) return static_cast<int64_t*>(data);  // nothing to write: strides do not matter
+  const auto s0 = static_cast<int64_t>(a.strides(0)), s1 = static_cast<int64_t>(a.strides(1)),
+             s2 = static_cast<int64_t>(a.strides(2));
+  const bool rows = s2 == 8 && (layout.batch == 1 || s1 == layout.width * 8);
+  const bool apart = layout.outputs() == 1 || (s0 % 8 == 0 && s0 / 8 >= cells);
+  STOKER_CHECK_AS(ValueError, rows && apart, "pad_sequences_into: out should hold each output C-contiguous, "
+                  "the next at least ", cells * 8, " bytes on; its strides are (", s0, ", ", s1, ", ", s2, ")");
+  if (layout.outputs() > 1) layout.stride = s0 / 8;
+  return static_cast<int64_t*>(data);
+}
+
 }  // namespace
 
 void register_collate(py::module_& m) {
@@ -188,76 +298,45 @@ void register_collate(py::module_& m) {
   // length: the caller's own path then decides (with its result or its error).
   m.def("pad_sequences", [](const py::list& columns, const std::vector<int64_t>& pad_values, int64_t multiple,
                             bool left, bool mask, BufferPool& pool) -> py::object {
-    const auto keys = static_cast<int64_t>(columns.size());
-    STOKER_CHECK_AS(ValueError, keys >= 1 && static_cast<int64_t>(pad_values.size()) == keys,
-                    "pad_sequences: ", keys, " columns for ", pad_values.size(), " pad values");
-    int64_t batch = -1;
-    for (py::handle column : columns) {
-      STOKER_CHECK_AS(TypeError, PyList_CheckExact(column.ptr()), "pad_sequences: each column must be a list");
-      const auto n = static_cast<int64_t>(PyList_GET_SIZE(column.ptr()));
-      STOKER_CHECK_AS(ValueError, batch < 0 || n == batch, "pad_sequences: columns of ", batch, " and ", n,
-                      " samples");
-      batch = n;
-    }
-    if (batch == 0) return py::none();
-    const PadTypes* types = nullptr;  // imported at the first array or tensor
-    std::vector<IntSequence> seqs(static_cast<size_t>(keys * batch));
-    std::vector<int64_t> lengths(static_cast<size_t>(batch));
-    std::vector<py::object> held;  // what the copy reads, alive while it runs without the GIL
-    held.reserve(seqs.size());
-    for (int64_t k = 0; k < keys; ++k) {
-      PyObject* column = PyList_GET_ITEM(columns.ptr(), k);
-      for (int64_t i = 0; i < batch; ++i) {
-        PyObject* o = PyList_GET_ITEM(column, i);
-        IntSequence& s = seqs[static_cast<size_t>(k * batch + i)];
-        if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
-          s.length = static_cast<int64_t>(PySequence_Fast_GET_SIZE(o));  // written in place below
-        } else {
-          if (types == nullptr) types = &pad_types();
-          if (!array_sequence(*types, o, s) && !tensor_sequence(*types, o, s)) {
-            PyErr_Clear();  // a tensor attribute may have raised: this value is not ours to judge
-            return py::none();
-          }
-          held.push_back(py::reinterpret_borrow<py::object>(o));
-        }
-        if (k == 0) {
-          lengths[static_cast<size_t>(i)] = s.length;
-        } else if (s.length != lengths[static_cast<size_t>(i)]) {
-          return py::none();
-        }
-      }
-    }
-    PadLayout layout;
-    if (!PadLayout::make(lengths.data(), batch, keys, multiple, left, mask, layout)) return py::none();
+    PadInput in;
+    if (!measure_columns(columns, pad_values, multiple, left, mask, in)) return py::none();
     std::shared_ptr<Block> block;
     try {
-      block = pool.acquire(layout.block_bytes());
+      block = pool.acquire(in.layout.block_bytes());
     } catch (const std::bad_alloc&) {
       return py::none();  // too large: the caller's path raises its own MemoryError
     }
     auto* base = static_cast<int64_t*>(block->data);
-    // Python ints are converted with the GIL held, straight into their rows.
-    for (int64_t k = 0; k < keys; ++k) {
-      PyObject* column = PyList_GET_ITEM(columns.ptr(), k);
-      for (int64_t i = 0; i < batch; ++i) {
-        PyObject* o = PyList_GET_ITEM(column, i);
-        const IntSequence& s = seqs[static_cast<size_t>(k * batch + i)];
-        if (s.data == nullptr && s.length > 0 && !ints_into(o, s.length, layout.row(base, k, i, s.length)))
-          return py::none();
-      }
-    }
-    {
-      py::gil_scoped_release release;
-      pad_batch(layout, seqs.data(), lengths.data(), pad_values.data(), base);
-    }
+    if (!write_padded(in, pad_values, base)) return py::none();
     const DType i64{DTypeCode::Int, 64};
-    const std::vector<int64_t> shape{batch, layout.width};
+    const std::vector<int64_t> shape{in.layout.batch, in.layout.width};
     py::list out;
-    for (int64_t k = 0; k < layout.outputs(); ++k)
-      out.append(to_capsule(export_dlpack(block, layout.output(base, k), i64, shape)));
+    for (int64_t k = 0; k < in.layout.outputs(); ++k)
+      out.append(to_capsule(export_dlpack(block, in.layout.output(base, k), i64, shape)));
     return std::move(out);
   }, py::arg("columns"), py::arg("pad_values"), py::arg("multiple"), py::arg("left"), py::arg("mask"),
      py::arg("pool"));
+
+  // pad_sequences into memory of the caller's: once the batch is measured, allocate(outputs, batch, width) is
+  // called (once) for a writable, 8-byte aligned int64 numpy array of shape [outputs, B, T] (outputs: the
+  // keys, then the mask when `mask`), each output C-contiguous (a C-contiguous array, or one with gaps between
+  // outputs, so that each can start where its consumer wants it aligned), and the outputs are written there in
+  // that order. Returns
+  // True once the array holds them; False where pad_sequences returns None (the array, if allocated, may be
+  // partly written) or where allocate returns None (nothing written). An array of another dtype, shape or
+  // layout raises: nothing is written outside it. The values measured are the ones written, whatever
+  // allocate does to the columns; it must not resize the arrays or tensors they hold.
+  m.def("pad_sequences_into", [](const py::list& columns, const std::vector<int64_t>& pad_values, int64_t multiple,
+                                 bool left, bool mask, const py::function& allocate) -> bool {
+    PadInput in;
+    if (!measure_columns(columns, pad_values, multiple, left, mask, in)) return false;
+    PadLayout& layout = in.layout;
+    py::object out = allocate(layout.outputs(), layout.batch, layout.width);
+    if (out.is_none()) return false;
+    int64_t* base = checked_output(out, layout);
+    return write_padded(in, pad_values, base);
+  }, py::arg("columns"), py::arg("pad_values"), py::arg("multiple"), py::arg("left"), py::arg("mask"),
+     py::arg("allocate"));
 }
 
 }  // namespace stoker::bindings

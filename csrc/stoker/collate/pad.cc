@@ -87,16 +87,18 @@ bool PadLayout::make(const int64_t* lengths, int64_t batch, int64_t keys, int64_
   }
   // The whole block, with room to round it up (block_bytes adds at most an eighth), must be addressable.
   const int64_t outputs = keys + (mask ? 1 : 0);
-  int64_t cells = 0, bytes = 0;
-  if (__builtin_mul_overflow(batch, width, &cells) || __builtin_mul_overflow(cells, outputs, &cells) ||
+  int64_t per_output = 0, cells = 0, bytes = 0;
+  if (__builtin_mul_overflow(batch, width, &per_output) || __builtin_mul_overflow(per_output, outputs, &cells) ||
       __builtin_mul_overflow(cells, int64_t{8}, &bytes) || bytes > std::numeric_limits<int64_t>::max() / 2)
     return false;
-  out = PadLayout{keys, batch, width, left, mask};
+  out = PadLayout{keys, batch, width, left, mask, per_output};
   return true;
 }
 
 size_t PadLayout::bytes() const {
-  return static_cast<size_t>(outputs()) * static_cast<size_t>(batch) * static_cast<size_t>(width) * 8;
+  if (outputs() == 0) return 0;
+  return (static_cast<size_t>(outputs() - 1) * static_cast<size_t>(stride) +
+          static_cast<size_t>(batch) * static_cast<size_t>(width)) * 8;
 }
 
 size_t PadLayout::block_bytes() const {
