@@ -109,6 +109,22 @@ def write_pngs(folder: str, n: int, size: int = 64, seed: int = 0) -> list[str]:
     return paths
 
 
+class TokenSamples(Dataset):
+    """Variable-length language-model samples, as a tokenizer hands them over: ``{"input_ids": list of ints,
+    "labels": the same list, "index": i}``, 16 to 512 tokens (uniform), built per call."""
+
+    def __init__(self, n: int) -> None:
+        self.lengths = np.random.default_rng(0).integers(16, 513, n).tolist()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i):
+        start = (i * 7) % 30_000
+        ids = list(range(start, start + self.lengths[i]))
+        return {"input_ids": ids, "labels": ids, "index": i}
+
+
 class _NumpyGather:
     """The plain numpy answer to an array workload: one shuffled fancy-index gather per batch."""
 
@@ -391,6 +407,27 @@ def bench_crop_flip(opts: Options) -> list[dict]:
         *_torchdata_cases(crop, 256, ("process",), opts),
         *_grain_cases(crop, 256, opts),
         *_spdl_cases(crop, 256, opts),
+    ], opts)
+
+
+def bench_padding(opts: Options) -> list[dict]:
+    """Token lists padded by PadCollate (int64 input_ids, labels and attention_mask [64, T]): the same collate_fn
+    in every loader. In stoker's worker processes the padded batch is written into its slot of the ring."""
+    ds = TokenSamples(max(2048, int(100_000 * opts.scale)))
+    collate = stoker.PadCollate(pad_to_multiple_of=8)
+
+    def torch_dl(nw: int):
+        return lambda: TorchDataLoader(ds, batch_size=64, shuffle=True, num_workers=nw, persistent_workers=nw > 0,
+                                       collate_fn=collate)
+
+    return _throughput("padding: token lists of 16-512 + PadCollate, batch 64", len(ds), [
+        Case("torch num_workers=0", torch_dl(0), baseline=True),
+        Case("torch num_workers=1 (persistent)", torch_dl(1), baseline=True),
+        Case("torch num_workers=2 (persistent)", torch_dl(2), baseline=True),
+        Case("stoker num_workers=0", _stoker_dl(ds, 64, collate_fn=collate)),
+        Case("stoker num_workers=2 (processes, persistent)", _stoker_dl(ds, 64, 2, collate_fn=collate)),
+        Case("stoker num_workers=2 worker_mode=thread", _stoker_dl(ds, 64, 2, collate_fn=collate,
+                                                                   worker_mode="thread")),
     ], opts)
 
 
@@ -869,6 +906,7 @@ SECTIONS = [
     Section("large", "large samples", bench_large),
     Section("crop", "Python dataset: crop + flip", bench_crop_flip),
     Section("png", "PNG files decoded with PIL", bench_png),
+    Section("padding", "variable-length tokens + PadCollate", bench_padding),
     Section("first-batch", "worker processes: time to first batch", bench_first_batch),
     Section("pss", "worker processes: peak memory (PSS)", bench_pss),
     Section("rss", "peak RSS, num_workers=0", lambda o: peak_memory(o.scale, o.out)),
