@@ -395,8 +395,9 @@ class DataLoader(_TorchDataLoader):
         ``torch.get_rng_state()`` beside ``loader.state_dict()``, ``torch.set_rng_state`` on resume) and it
         stands exactly where the uninterrupted run's stood, so a sampler that seeds each epoch from it
         (``RandomSampler`` without a generator) gives the later epochs of the uninterrupted run too. Without
-        that, the rest of the saved epoch is still exact, and later epochs of such a sampler follow whatever
-        the global RNG holds. A generator the loader or sampler draws from is taken to be theirs alone.
+        that, the rest of the saved epoch is still exact once its order was drawn by the save point (after
+        its first batch always; with ``num_workers=0`` the sampler is first drawn at the first batch), and
+        later epochs of such a sampler follow whatever the global RNG holds. A generator the loader or sampler draws from is taken to be theirs alone.
         A state saved between epochs sets the generators to their saved states here, at loading (your own
         reseeding before the next epoch still wins).
 

@@ -53,7 +53,7 @@ def _fresh_seed(raw: bytes) -> int | None:
 
 def encode_rng(state: torch.Tensor) -> str:
     """A torch RNG state (``get_rng_state()``/``Generator.get_state()``) as a JSON-able string:
-    ``"seed:N"`` (17 to 26 characters) for a generator seeded with N and not drawn from since; else its
+    ``"seed:N"`` (at most 25 characters) for a generator seeded with N and not drawn from since; else its
     mt19937 words packed to their 32 bits, compressed, base64 (about 3.4 KB); any other layout (another
     torch, a device generator) whole, compressed, base64."""
     raw = state.numpy().tobytes()
