@@ -2,7 +2,7 @@
 
 The resume contract
 -------------------
-``loader.state_dict()`` is a small dict of plain values (format ``"stoker.DataLoader/1"``) that survives
+``loader.state_dict()`` is a small dict of plain values (format ``"stoker.DataLoader/2"``) that survives
 ``json`` and ``torch.save``/``torch.load(weights_only=True)``. It describes the newest iterator of the loader:
 its epoch and the batches it has yielded (a batch whose loading raised counts as served). A finished iterator
 (one that raised StopIteration) stands at the start of the next epoch.
@@ -48,9 +48,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create")
 
 N = 23  # samples: not a multiple of the batch size, so drop_last matters
 BS = 4  # 6 batches per epoch (5 with drop_last)
-FORMAT = "stoker.DataLoader/1"
+FORMAT = "stoker.DataLoader/2"
 STATE_KEYS = {"format", "dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size",
-              "seed", "epoch", "batches_served"}
+              "seed", "epoch", "batches_served", "base_seed", "rng", "sampler_drawn", "sampler_state",
+              "dataset_state", "workers", "next_worker"}
 
 # Where the state is taken: after k batches of the epoch, or after the epoch's iterator raised StopIteration.
 POINTS = ["0", "1", "mid", "last-1", "last", "stopped"]
@@ -179,7 +180,8 @@ def test_state_is_plain_data(kind):
     fresh = loader.state_dict()
     assert fresh == {"format": FORMAT, "dataset_len": N, "batch_size": BS, "drop_last": False, "shuffle": True,
                      "sampler": "native", "rank": 0, "world_size": 1, "seed": None, "epoch": 0,
-                     "batches_served": 0}
+                     "batches_served": 0, "base_seed": None, "rng": None, "sampler_drawn": None,
+                     "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
     it = iter(loader)
     next(it)
     next(it)
@@ -685,6 +687,311 @@ def test_iterable_dataset_state_is_not_a_map_state():
         loader.load_state_dict(_saved())
     with pytest.raises(ValueError, match="iterable"):
         stoker.DataLoader(list(range(10)), batch_size=3).load_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A sampler's randomness, its own state, and torch's global RNG (fresh processes: tests/test_resume_fresh.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rng_after(draws):
+    g = torch.Generator().manual_seed(11)
+    torch.rand(draws, generator=g)
+    return g.get_state()
+
+
+@pytest.mark.parametrize("state", [
+    torch.Generator().manual_seed(0).get_state(),
+    torch.Generator().manual_seed(2**64 - 1).get_state(),
+    _rng_after(1),
+    _rng_after(1000),
+    torch.get_rng_state(),
+], ids=["fresh_0", "fresh_max", "one_draw", "many_draws", "global"])
+def test_rng_states_round_trip_as_short_strings(state):
+    from stoker._resume import decode_rng, encode_rng
+
+    text = encode_rng(state)
+    assert isinstance(text, str) and json.loads(json.dumps(text)) == text
+    assert torch.equal(decode_rng(text, "rng"), state)
+    assert encode_rng(decode_rng(text, "rng")) == text
+    fresh = torch.equal(state, torch.Generator().manual_seed(int.from_bytes(state.numpy().tobytes()[:8], "little"))
+                        .get_state())
+    assert len(text) <= 26 if fresh else 3300 < len(text) < 3500
+
+
+@pytest.mark.parametrize("text", ["", "seed:", "seed:x", "mt19937:!!", "mt19937:" + "A" * 8, "raw:bm90IHpsaWI=",
+                                  "other:abc", 5, None])
+def test_garbage_rng_strings_are_rejected(text):
+    from stoker._resume import decode_rng
+
+    with pytest.raises(ValueError, match="rng"):
+        decode_rng(text, "rng['torch']")
+
+
+def _user_loader(sampler=None, **kwargs):
+    ds = MapDataset(_identity, N)
+    return stoker.DataLoader(ds, batch_size=BS, sampler=RandomSampler(ds) if sampler is None else sampler, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["native_array", "native_python", "user_sampler", "user_generator"])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_draws_nothing_from_the_global_rng(kind, workers):
+    """The saved run drew this epoch's base seed (and a sampler's seed) before its save point: the resumed
+    iterator leaves torch's global RNG where the user put it, so a user who restores it stays in step."""
+    def build():
+        if kind == "native_array":
+            return make("ndarray", shuffle=True, num_workers=workers)
+        if kind == "native_python":
+            return make("python_dict", shuffle=True, num_workers=workers)
+        if kind == "user_generator":
+            return _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(1)),
+                                num_workers=workers)
+        return _user_loader(num_workers=workers)
+
+    torch.manual_seed(5)
+    a = build()
+    it = iter(a)
+    head = [next(it), next(it)]
+    state = roundtrip(a.state_dict())
+    at_save = torch.get_rng_state()
+    rest = list(it)
+    after_epoch = torch.get_rng_state()
+
+    torch.manual_seed(6)
+    b = build()
+    torch.set_rng_state(at_save)
+    b.load_state_dict(state)
+    resumed = list(b)
+    assert_epochs_equal([resumed], [rest])
+    assert torch.equal(torch.get_rng_state(), after_epoch)
+    order = (indices({"native_array": "ndarray", "native_python": "python_dict"}[kind], head + resumed)
+             if kind.startswith("native") else flat(head + resumed))
+    assert order != list(range(N)) and sorted(order) == list(range(N))
+
+
+def test_global_rng_sampler_resumes_wherever_the_global_rng_stands():
+    """RandomSampler without a generator seeds itself from the global RNG at its first draw: the state holds
+    the global RNG as the epoch began, and the rest of the epoch comes out the same from anywhere."""
+    torch.manual_seed(1)
+    torch.rand(5)  # the global RNG is on its way (a fresh one would be saved as "seed:1")
+    a = _user_loader(num_workers=2)
+    it = iter(a)
+    head = [next(it)]
+    state = roundtrip(a.state_dict())
+    assert set(state["rng"]) == {"torch"} and state["sampler_drawn"] >= 1 and state["base_seed"] is not None
+    assert 3300 < len(json.dumps(state)) < 4000, "one compact RNG state and a few numbers"
+    rest = list(it)
+    for seed in (2, 3):
+        torch.manual_seed(seed)
+        b = _user_loader()
+        b.load_state_dict(state)
+        before = torch.get_rng_state()
+        assert_epochs_equal([list(b)], [rest])
+        assert torch.equal(torch.get_rng_state(), before)
+    assert sorted(flat(head + rest)) == list(range(N))
+
+
+def test_user_generator_is_left_where_the_uninterrupted_run_left_it():
+    def build():
+        return _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(9)))
+
+    a = build()
+    list(a)
+    it = iter(a)
+    next(it)
+    state = roundtrip(a.state_dict())
+    assert set(state["rng"]) == {"sampler_generator"}
+    expected = [list(it), list(a), list(a)]
+    b = build()
+    b.load_state_dict(state)
+    assert_epochs_equal([list(b), list(b), list(b)], expected)
+    assert torch.equal(b.sampler.generator.get_state(), a.sampler.generator.get_state())
+
+
+def test_state_between_epochs_sets_the_generators_at_loading():
+    def build():
+        return _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(9)),
+                            generator=torch.Generator().manual_seed(4))
+
+    a = build()
+    list(a)
+    state = roundtrip(a.state_dict())
+    assert state["base_seed"] is None and set(state["rng"]) == {"sampler_generator", "loader_generator"}
+    b = build()
+    b.load_state_dict(state)
+    assert torch.equal(b.sampler.generator.get_state(), a.sampler.generator.get_state())
+    assert torch.equal(b.generator.get_state(), a.generator.get_state())
+    assert b.state_dict() == state
+    assert_epochs_equal([list(b)], [list(a)])
+
+
+class EagerSampler(torch.utils.data.Sampler):
+    """Draws its permutation from the global RNG in __iter__ itself (not lazily, as a generator would)."""
+
+    def __len__(self):
+        return N
+
+    def __iter__(self):
+        return iter(torch.randperm(N).tolist())
+
+
+@pytest.mark.parametrize("batch_size", [None, BS])
+def test_sampler_iter_comes_before_the_base_seed_as_with_torch(batch_size):
+    from helpers import TorchDataLoader
+
+    torch.manual_seed(0)
+    expected = flat(TorchDataLoader(MapDataset(_identity, N), batch_size=batch_size, sampler=EagerSampler()))
+    torch.manual_seed(0)
+    got = flat(stoker.DataLoader(MapDataset(_identity, N), batch_size=batch_size, sampler=EagerSampler()))
+    assert got == expected
+
+
+class YieldCounting(torch.utils.data.Sampler):
+    """A sampler with its own state (torchdata's StatefulDistributedSampler protocol) over a fixed order."""
+
+    def __init__(self, order):
+        self.order = order
+        self.yielded = 0
+        self.resume_at = None
+        self.produced = 0
+
+    def __len__(self):
+        return len(self.order)
+
+    def __iter__(self):
+        start, self.resume_at = self.resume_at or 0, None
+        self.yielded = start
+        for i in self.order[start:]:
+            self.yielded += 1
+            self.produced += 1
+            yield i
+
+    def state_dict(self):
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state):
+        self.resume_at = state["yielded"]
+
+
+ORDER = [(7 * i) % N for i in range(N)]
+
+
+@pytest.mark.parametrize("workers", [(0, 0), (2, 2), (0, 2), (2, 0)], ids=lambda w: f"workers{w[0]}to{w[1]}")
+@pytest.mark.parametrize("kind", ["ndarray", "python_tuple"])
+def test_stateful_sampler_is_loaded_not_replayed(kind, workers):
+    for k in range(len(_user_loader(YieldCounting(ORDER))) + 1):
+        a = stoker.DataLoader(KINDS[kind][0](N), batch_size=BS, sampler=YieldCounting(ORDER), num_workers=workers[0])
+        it = iter(a)
+        head = [next(it) for _ in range(k)]
+        state = roundtrip(a.state_dict())
+        assert state["sampler_state"] == (None if k == 0 else {"yielded": min(k * BS, N)}), k
+        assert state["sampler_drawn"] is None and state["rng"] is None
+        rest = list(it)
+        sampler = YieldCounting(ORDER)
+        b = stoker.DataLoader(KINDS[kind][0](N), batch_size=BS, sampler=sampler, num_workers=workers[1])
+        b.load_state_dict(state)
+        assert b.state_dict() == state
+        resumed = list(b)
+        assert_epochs_equal([resumed], [rest])
+        assert sampler.produced == N - min(k * BS, N), "only the samples still to serve are drawn"
+        assert indices(kind, head + resumed) == ORDER
+        assert_epochs_equal([list(b)], [list(a)])  # the next epoch starts the sampler afresh
+
+
+class WorkerSeeds(IterableDataset):
+    """Each worker's copy yields (its worker id, its seed) six times."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        return iter([(info.id, info.seed)] * 6)
+
+
+def test_a_resumed_iterable_epoch_keeps_its_base_seed():
+    """The workers of a resumed epoch get the seeds the saved epoch's workers had (its base seed is in the
+    state), and the resumed iterator draws nothing from torch's global RNG."""
+    torch.manual_seed(8)
+    a = stoker.DataLoader(WorkerSeeds(), batch_size=2, num_workers=2)
+    it = iter(a)
+    head = [next(it) for _ in range(3)]
+    state = roundtrip(a.state_dict())
+    assert isinstance(state["base_seed"], int) and state["rng"] is None
+    at_save = torch.get_rng_state()
+    rest = list(it)
+    torch.manual_seed(9)
+    b = stoker.DataLoader(WorkerSeeds(), batch_size=2, num_workers=2)
+    torch.set_rng_state(at_save)
+    b.load_state_dict(state)
+    assert_epochs_equal([list(b)], [rest])
+    assert torch.equal(torch.get_rng_state(), at_save)
+    assert {int(s) for batch in head + rest for s in batch[1]} == {state["base_seed"], state["base_seed"] + 1}
+
+
+def test_states_of_format_1_still_load():
+    """A state saved before states held the epoch's draws resumes as it did then."""
+    torch.manual_seed(3)
+    a = _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(2)))
+    it = iter(a)
+    next(it)
+    state = a.state_dict()
+    rest = list(it)
+    old = {k: v for k, v in state.items() if k in STATE_KEYS - {"base_seed", "rng", "sampler_drawn", "sampler_state",
+                                                                "dataset_state", "workers", "next_worker"}}
+    old["format"] = "stoker.DataLoader/1"
+    b = _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(2)))
+    b.load_state_dict(old)  # /1: the sampler is drawn again from where its generator stands (here: as built)
+    assert_epochs_equal([list(b)], [rest])
+    native = make("ndarray", shuffle=True)
+    it = iter(native)
+    next(it)
+    state = native.state_dict()
+    rest = list(it)
+    old = {k: state[k] for k in ("dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank",
+                                 "world_size", "seed", "epoch", "batches_served")}
+    c = make("ndarray", shuffle=True)
+    c.load_state_dict({**old, "format": "stoker.DataLoader/1"})
+    assert_epochs_equal([list(c)], [rest])
+
+
+def _mid_state(build):
+    a = build()
+    it = iter(a)
+    next(it)
+    return roundtrip(a.state_dict())
+
+
+def _generator_loader():
+    return _user_loader(RandomSampler(range(N), generator=torch.Generator().manual_seed(2)))
+
+
+REJECTED_DRAWS = {
+    # name: (the saving loader, the loading one, a change to the state, what the message names)
+    "sampler_generator_missing": (_generator_loader, _user_loader, None, "generator"),
+    "sampler_generator_added": (_user_loader, _generator_loader, None, "generator"),
+    "loader_generator_missing": (lambda: _user_loader(generator=torch.Generator()), _user_loader, None, "generator"),
+    "rng_not_a_dict": (_user_loader, _user_loader, {"rng": "abc"}, "rng"),
+    "rng_garbage": (_user_loader, _user_loader, {"rng": {"torch": "mt19937:AAAA"}}, "rng"),
+    "rng_unknown_key": (_user_loader, _user_loader, {"rng": {"numpy": "seed:1"}}, "RNG"),
+    "base_seed_negative": (_user_loader, _user_loader, {"base_seed": -1}, "base_seed"),
+    "drawn_below_served": (_user_loader, _user_loader, {"sampler_drawn": 0}, "sampler_drawn"),
+    "drawn_beyond_epoch": (_user_loader, _user_loader, {"sampler_drawn": 7}, "sampler_drawn"),
+    "sampler_state_without_stateful_sampler": (_user_loader, _user_loader, {"sampler_state": {"yielded": 4}},
+                                               "sampler_state"),
+    "workers_without_processes": (_user_loader, _user_loader,
+                                  {"workers": [{"batches": 1, "ended": False, "state": None}]}, "worker"),
+}
+
+
+@pytest.mark.parametrize("name", list(REJECTED_DRAWS))
+def test_states_that_do_not_fit_the_loaders_randomness_are_rejected(name):
+    saver, loader_of, change, match = REJECTED_DRAWS[name]
+    state = _mid_state(saver)
+    if change:
+        state = {**state, **change}
+    loader = loader_of()
+    untouched = loader.state_dict()
+    with pytest.raises(ValueError, match=match):
+        loader.load_state_dict(state)
+    assert loader.state_dict() == untouched, "a rejected state leaves the loader as it was"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -734,6 +734,25 @@ def resume_cost(scale: float = 1.0, out=sys.stdout) -> list[dict]:
 
     record("stoker", _median_time(stoker_resume, 5))
 
+    # A sampler of the user's (RandomSampler here) keeps no position: its served batches are drawn again, from
+    # the randomness its epoch began with, without loading their samples.
+    def user_loader():
+        return stoker.DataLoader(data, batch_size=bs, sampler=RandomSampler(data))
+
+    saved = user_loader()
+    it = iter(saved)
+    for _ in range(at):
+        next(it)
+    user_state = json.loads(json.dumps(saved.state_dict()))
+    del it
+
+    def user_resume():
+        loader = user_loader()
+        loader.load_state_dict(user_state)
+        next(iter(loader))
+
+    record("stoker sampler=RandomSampler", _median_time(user_resume, 3), f"   (redraws {at} index batches)")
+
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader
     except ImportError:

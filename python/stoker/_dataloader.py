@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import operator
 import warnings
 from collections.abc import Mapping
@@ -13,17 +14,43 @@ from torch.utils.data import DistributedSampler
 from torch.utils.data._utils import collate as _tc
 from torch.utils.data.dataloader import _DatasetKind
 
-from stoker import _collate, _cuda, _device
+from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_plan, is_array_dataset
 from stoker._cursor import Cursor as _Cursor
 from stoker._iterators import ArrayIterator, IterableIterator, ProcessIterator, PythonIterator
 from stoker._native import core
 from stoker._shard import check_count, resolve_shard
+from stoker._workers import is_stateful
 
 __all__ = ["DataLoader"]
 
-STATE_FORMAT = "stoker.DataLoader/1"
+STATE_FORMAT = "stoker.DataLoader/2"
+_FORMAT_1 = "stoker.DataLoader/1"  # before states held the epoch's draws and own states: still loaded
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
+
+# What state_dict() holds of the stream's position, besides the settings it checks (see state_dict).
+_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "sampler_drawn", "sampler_state", "dataset_state",
+             "workers", "next_worker")
+_ITERABLE_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "workers", "next_worker")
+_PROGRESS_DEFAULTS = {"base_seed": None, "rng": None, "sampler_drawn": None, "sampler_state": None,
+                      "dataset_state": None, "workers": None, "next_worker": 0}
+_RNG_NAMES = {"loader_generator": "the loader's generator=", "sampler_generator": "the sampler's generator",
+              "torch": "torch's global RNG"}
+
+
+def _is_seed(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _SEED_MASK
+
+
+def _rng_names(keys) -> str:
+    return ", ".join(_RNG_NAMES.get(k, repr(k)) for k in sorted(keys)) or "no generator"
+
+
+def _encode_rng(states: dict | None) -> dict | None:
+    """RNG states (key -> uint8 tensor) as the state's strings, or None when there are none."""
+    if not states:
+        return None
+    return {key: _resume.encode_rng(state) for key, state in states.items()}
 
 
 class DataLoader(_TorchDataLoader):
@@ -144,8 +171,11 @@ class DataLoader(_TorchDataLoader):
         self._stoker_epoch = 0
         self._stoker_seed: int | None = None  # the shuffle seed once drawn (or loaded)
         self._stoker_cursor: _Cursor | None = None
-        self._stoker_resume: tuple[int, int] | None = None  # (epoch, batch) a loaded state starts from
-        self._stoker_resume_workers: dict | None = None  # IterableDataset: where each worker stood
+        self._stoker_resume: dict | None = None  # a loaded state the next iterator continues (its position)
+        # The sampler or batch_sampler you passed (None: stoker's own, or an iterable dataset).
+        self._stoker_sampler_given = None
+        if map_style and not self._stoker_native_sampler:
+            self._stoker_sampler_given = batch_sampler if batch_sampler is not None else sampler
         if (rank is not None or world_size is not None) and not self._stoker_native_sampler:
             given = sampler if sampler is not None else getattr(batch_sampler, "sampler", None)
             if not isinstance(given, DistributedSampler):
@@ -193,21 +223,26 @@ class DataLoader(_TorchDataLoader):
         self._stoker_cursor = None
 
     def _stoker_begin(self) -> _Cursor:
-        """The cursor of a new iterator: the epoch it serves and the batch it starts from."""
+        """The cursor of a new iterator: the epoch it serves, the batch it starts from, and what a loaded
+        state holds for it when it continues that state's epoch. The loader moves on to it only once the
+        iterator has made its draws (:meth:`_stoker_started`): an iterator that fails to leaves it as it was."""
         epoch = self._stoker_epoch
-        self._stoker_epoch += 1
-        start = 0
-        workers = None
-        if self._stoker_resume is not None:
-            if self._stoker_resume[0] == epoch:
-                start = self._stoker_resume[1]
-                workers = self._stoker_resume_workers
-            self._stoker_resume = None
-            self._stoker_resume_workers = None
-        cursor = _Cursor(epoch, start)
-        cursor.resume_workers = workers
-        self._stoker_cursor = cursor
+        resume = self._stoker_resume
+        if resume is not None and resume["epoch"] != epoch:
+            resume = None
+        cursor = _Cursor(epoch, 0 if resume is None else resume["batches_served"])
+        if resume is not None:
+            if resume["workers"] is not None:
+                cursor.resume_workers = {"workers": resume["workers"], "next_worker": resume["next_worker"]}
+            if resume["base_seed"] is not None:  # the saved epoch's iterator had made its draws
+                cursor.resume = {**resume, "rng": resume["rng_states"]}
         return cursor
+
+    def _stoker_started(self, cursor: _Cursor) -> None:
+        """The newest iterator is under way at ``cursor``: the next one serves the following epoch."""
+        self._stoker_epoch = cursor.epoch + 1
+        self._stoker_resume = None
+        self._stoker_cursor = cursor
 
     def _stoker_shuffle_seed(self, drawn: int, world_size: int) -> int:
         """The shuffle seed: ``seed=``, else one drawn once per loader (0 when sharded, on every rank)."""
@@ -217,15 +252,77 @@ class DataLoader(_TorchDataLoader):
             self._stoker_seed = 0 if world_size > 1 else drawn & _SEED_MASK
         return self._stoker_seed
 
-    def _stoker_position(self) -> tuple[int, int]:
-        """(epoch, batches served) of the stream as the user has consumed it."""
+    # ----------------------------------------------------------------------------------------------------------
+    # What an epoch draws from, and the states of a sampler and dataset that keep their own
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _stoker_stateful_sampler(self):
+        """The sampler you passed (or the one your batch_sampler wraps) when it has state_dict/load_state_dict."""
+        given = self._stoker_sampler_given
+        return None if given is None else _resume.stateful_sampler(given)
+
+    def _stoker_replays_sampler(self) -> bool:
+        """Whether a resume draws a sampler you passed again (it keeps no state of its own)."""
+        return self._stoker_sampler_given is not None and self._stoker_stateful_sampler() is None
+
+    def _stoker_rng_sources(self, started: bool) -> dict:
+        """What this loader's epochs draw from and a state records, by key: ``generator=``
+        ("loader_generator"), the generator of a sampler you passed when it is another ("sampler_generator"),
+        and, for an epoch under way (``started``), torch's global RNG ("torch", value None) when that sampler
+        has no generator and may draw from it. A sampler that keeps its own state records its randomness
+        itself; torch's global RNG between epochs is yours (see :meth:`state_dict`)."""
+        sources: dict[str, Any] = {}
+        if isinstance(self.generator, torch.Generator):
+            sources["loader_generator"] = self.generator
+        if self._stoker_replays_sampler():
+            given = self._stoker_sampler_given
+            generator = _resume.sampler_generator(given)
+            if generator is None:
+                if started and _resume.draws_from_global(given):
+                    sources["torch"] = None
+            elif generator is not self.generator:
+                sources["sampler_generator"] = generator
+        return sources
+
+    def _stoker_dataset_state(self):
+        """The dataset's own state (torchdata's Stateful protocol), or None when it keeps none."""
+        return copy.deepcopy(self.dataset.state_dict()) if is_stateful(self.dataset) else None
+
+    def _stoker_progress(self) -> dict[str, Any]:
+        """Where the stream stands as the user consumed it, and what its epoch holds beyond the count: the
+        newest iterator's while it is under way, else those of a loaded state not yet continued, else the
+        start of the next epoch (nothing drawn yet; the generators as they stand)."""
         cursor = self._stoker_cursor
         if cursor is not None and not cursor.finished:
-            return cursor.epoch, cursor.consumed()[0]
+            served, position = cursor.consumed()
+            position = position or {}
+            return {"epoch": cursor.epoch, "batches_served": served, "base_seed": cursor.base_seed,
+                    "rng": _encode_rng(cursor.rng),
+                    "sampler_drawn": cursor.drawn if self._stoker_replays_sampler() else None,
+                    "sampler_state": position.get("sampler_state"),
+                    "dataset_state": position.get("dataset_state"),
+                    "workers": position.get("workers"), "next_worker": position.get("next_worker", 0)}
         resume = self._stoker_resume
-        if resume is not None and resume[0] == self._stoker_epoch:
-            return resume
-        return self._stoker_epoch, 0
+        if resume is not None and resume["epoch"] == self._stoker_epoch:
+            return {key: resume[key] for key in _PROGRESS}
+        return {"epoch": self._stoker_epoch, "batches_served": 0, "base_seed": None,
+                "rng": _encode_rng(_resume.note_rng(self._stoker_rng_sources(started=False))),
+                "sampler_drawn": None, "sampler_state": None, "dataset_state": self._stoker_dataset_state(),
+                "workers": self._stoker_kept_workers(), "next_worker": 0}
+
+    def _stoker_kept_workers(self) -> list | None:
+        """Between epochs, persistent worker processes over a stateful map-style dataset: each copy's state as
+        the last epoch left it, which the next epoch's copies go on from (others start from the dataset)."""
+        pool, epoch = getattr(self, "_stoker_pool", None), getattr(self, "_stoker_pool_epoch", None)
+        if (self._dataset_kind != _DatasetKind.Map or not is_stateful(self.dataset) or pool is None
+                or epoch is None or pool._closed or not epoch.tracked):
+            return None
+        position = epoch.position_dict(True)
+        return [{"batches": 0, "ended": False, "state": w["state"]} for w in position["workers"]]
+
+    # ----------------------------------------------------------------------------------------------------------
+    # state_dict / load_state_dict
+    # ----------------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Where this loader stands, as a small dict of plain values (``torch.save`` and ``json`` store it).
@@ -235,18 +332,42 @@ class DataLoader(_TorchDataLoader):
         into a loader built the same way (:meth:`load_state_dict`) and its next iterator continues exactly
         there, and every later epoch is the one this loader would have served; ``num_workers`` may differ.
 
-        For an ``IterableDataset`` it also holds each worker's position: the batches the user received from
-        it and, when the dataset has ``state_dict()``/``load_state_dict()``, its copy's state after the last
-        of them (a worker with no batch received yet reports the state its pass started from; this call
-        waits for that report). Such a state resumes with the same ``num_workers`` (any at an epoch's start).
+        Beyond the position it holds what the epoch's iterator drew (``base_seed``, the seed torch draws per
+        iterator for the workers' seeds) and the states of whatever keeps its own:
+
+        * ``rng``: for the generators this loader's epochs draw from (``generator=`` as "loader_generator";
+          the ``generator`` of a sampler you passed, or of the sampler your ``BatchSampler`` wraps, as
+          "sampler_generator"; and, mid-epoch, torch's global RNG as "torch" when that sampler has no
+          generator of its own and may draw from it, as ``RandomSampler`` without one does), their states
+          when the epoch's draws began (between epochs, as they stand). Each is a string: ``"seed:N"`` for a
+          generator not drawn from since it was seeded, else about 3.4 KB. None when nothing is drawn from.
+        * ``sampler_drawn``: the index batches drawn from a sampler you passed by then (read-ahead included).
+        * ``sampler_state``: a sampler that has ``state_dict()``/``load_state_dict()`` (torchdata's
+          ``StatefulDistributedSampler`` style): its state after the batches served (the batches it gave
+          beyond, read ahead, are not in it).
+        * ``dataset_state``: a map-style dataset with ``state_dict()``/``load_state_dict()`` (torchdata's
+          Stateful protocol): its state now (in the main process; with ``num_workers=0`` after the batches
+          you received, with worker threads, which share it, loads read ahead included). With worker
+          processes, ``workers`` holds each worker's copy's state after the last batch you received from it
+          (before its first, the state it started the epoch with).
+
+        For an ``IterableDataset`` it holds each worker's position: the batches the user received from it
+        and, when the dataset has ``state_dict()``/``load_state_dict()``, its copy's state after the last of
+        them (a worker with no batch received yet reports the state its pass started from; this call waits
+        for that report). Such a state resumes with the same ``num_workers`` (any at an epoch's start).
         """
+        progress = self._stoker_progress()
         if self._dataset_kind != _DatasetKind.Map:
-            return self._stoker_iterable_state()
-        epoch, served = self._stoker_position()
-        rank, world = self._stoker_shard()
+            return {"format": STATE_FORMAT, "dataset": "iterable", "batch_size": self.batch_size,
+                    "drop_last": bool(self.drop_last), "num_workers": int(self.num_workers),
+                    **{key: progress[key] for key in _ITERABLE_PROGRESS}}
         seed = self.seed if self.seed is not None else self._stoker_seed
+        return {"format": STATE_FORMAT, **self._stoker_settings(), "seed": seed, **progress}
+
+    def _stoker_settings(self) -> dict[str, Any]:
+        """What a map-style state is checked against when loaded: the loader's setup."""
+        rank, world = self._stoker_shard()
         return {
-            "format": STATE_FORMAT,
             "dataset_len": len(self.dataset),
             "batch_size": self.batch_size,
             "drop_last": bool(self.drop_last),
@@ -254,38 +375,57 @@ class DataLoader(_TorchDataLoader):
             "sampler": "native" if self._stoker_native_sampler else "user",
             "rank": rank,
             "world_size": world,
-            "seed": seed,
-            "epoch": epoch,
-            "batches_served": served,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues from ``state`` (see :meth:`state_dict`): the next iterator serves the rest of its epoch.
 
         With stoker's own sampler this costs nothing whatever the position: any batch of any epoch is
-        computed directly. With a ``sampler``/``batch_sampler`` you passed, the batches already served are
-        drawn from it again and skipped (their samples are not loaded), so the resumed order is exact when
-        that sampler repeats itself (``SequentialSampler``, ``DistributedSampler`` after the same
-        ``set_epoch``, or a sampler whose generator you restore).
+        computed directly. A sampler you passed that has ``state_dict()``/``load_state_dict()`` is loaded with
+        its saved state at the next ``iter()`` and goes on from there. Any other sampler you passed is drawn
+        again at the next ``iter()`` (the batches it gave before the save point are dropped, their samples
+        not loaded), from the RNG states its epoch started from, so that its order is the saved run's.
 
-        Raises ``ValueError`` when the state comes from a different dataset length, batching, shuffle, shard
-        or seed."""
-        if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        The rule for randomness: a resumed epoch makes none of the draws the saved run had made before its
+        save point. Its iterator redraws them from the recorded states and then leaves each generator it
+        drew from (``generator=``, the sampler's ``generator``) where the saved run's stood at the save point,
+        so its later draws and later epochs are the uninterrupted run's; torch's global RNG is put back as
+        it was at ``iter()``: the saved run had drawn from it already, and it is also the RNG of your own
+        training code. Restore it yourself from a checkpoint taken with the loader's state (save
+        ``torch.get_rng_state()`` beside ``loader.state_dict()``, ``torch.set_rng_state`` on resume) and it
+        stands exactly where the uninterrupted run's stood, so a sampler that seeds each epoch from it
+        (``RandomSampler`` without a generator) gives the later epochs of the uninterrupted run too. Without
+        that, the rest of the saved epoch is still exact once its order was drawn by the save point (after
+        its first batch always; with ``num_workers=0`` the sampler is first drawn at the first batch), and
+        later epochs of such a sampler follow whatever the global RNG holds. A generator the loader or sampler draws from is taken to be theirs alone.
+        A state saved between epochs sets the generators to their saved states here, at loading (your own
+        reseeding before the next epoch still wins).
+
+        A dataset's own state (``dataset_state``) is loaded into it here. Per-worker states (``workers``)
+        are loaded into the worker processes' copies and need the same number of worker processes.
+
+        States of format ``stoker.DataLoader/1`` still load (they resume as they did: a sampler you passed
+        is drawn again from where its RNG stands). Raises ``ValueError`` when the state comes from a
+        different dataset length, batching, shuffle, shard, seed, generators or worker setup."""
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        if not isinstance(state, Mapping) or found not in (STATE_FORMAT, _FORMAT_1):
             raise ValueError(f"load_state_dict expects a state from stoker.DataLoader.state_dict() "
                              f"(format {STATE_FORMAT!r}); got {found!r}")
         iterable = self._dataset_kind != _DatasetKind.Map
         if (state.get("dataset") == "iterable") != iterable:
             raise ValueError(f"the state was saved by a loader over {'an iterable' if not iterable else 'a map-style'} "
                              f"dataset; this loader's dataset is {'iterable' if iterable else 'map-style'}")
+        current = found == STATE_FORMAT
+        if not current:  # saved before states held the epoch's draws and own states: it resumes as it did then
+            state = {**_PROGRESS_DEFAULTS, **state}
         if iterable:
-            self._stoker_load_iterable_state(state)
+            self._stoker_load_iterable_state(state, current)
             return
         missing = {"dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size", "seed",
-                   "epoch", "batches_served"} - set(state)
+                   *_PROGRESS} - set(state)
         if missing:
             raise ValueError(f"the state lacks {sorted(missing)}")
-        mine = self.state_dict()
+        mine = self._stoker_settings()
         for key, what in (("dataset_len", "a dataset of {} samples"), ("sampler", "the {} sampler"),
                           ("batch_size", "batch_size={}"), ("drop_last", "drop_last={}"),
                           ("shuffle", "shuffle={}"), ("world_size", "world_size={}"), ("rank", "rank={}")):
@@ -294,7 +434,7 @@ class DataLoader(_TorchDataLoader):
                     f"the state was saved by a loader with {what.format(state[key])}; this one has "
                     f"{what.format(mine[key])} ({key} differs), so its batches would not continue that run")
         seed = state["seed"]
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+        if seed is not None and not _is_seed(seed):
             raise ValueError(f"the state's seed must be an integer in [0, 2**64) or None, got {seed!r}")
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
@@ -310,40 +450,96 @@ class DataLoader(_TorchDataLoader):
                 batches = None
         if batches is not None and served > batches:
             raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
+        rng_states = self._stoker_check_draws(state, current)
+        drawn = state["sampler_drawn"]
+        if drawn is not None:
+            check_count("the state's sampler_drawn", drawn, 0)
+            if drawn < served or batches is not None and drawn > batches:
+                raise ValueError(f"the state's sampler_drawn={drawn} should lie between the batches served "
+                                 f"({served}) and the epoch's {batches}")
+        if state["sampler_state"] is not None and self._stoker_stateful_sampler() is None:
+            raise ValueError("the state holds the own state of the sampler it was saved with (sampler_state); this "
+                             "loader's sampler has no state_dict()/load_state_dict() to load it into")
+        if state["dataset_state"] is not None and not is_stateful(self.dataset):
+            raise ValueError("the state holds the dataset's own state (dataset_state); this loader's dataset has no "
+                             "state_dict()/load_state_dict() to load it into")
+        workers = self._stoker_check_workers(state)
+        if state["dataset_state"] is not None:
+            self.dataset.load_state_dict(copy.deepcopy(state["dataset_state"]))
         if self.seed is None:
             self._stoker_seed = seed  # None: the saved loader had not drawn one yet, nor will this one have
-        self._stoker_epoch = epoch
-        self._stoker_resume = (epoch, served)
+        self._stoker_accept(state, rng_states, workers)
+
+    def _stoker_check_draws(self, state: Mapping[str, Any], current: bool) -> dict:
+        """Checks the state's base_seed and rng against this loader; returns the RNG states (key -> uint8
+        tensor) decoded. A current state must record exactly the generators this loader draws from."""
+        base_seed, rng = state["base_seed"], state["rng"]
+        if base_seed is not None and not _is_seed(base_seed):
+            raise ValueError(f"the state's base_seed must be an integer in [0, 2**64) or None, got {base_seed!r}")
+        if rng is not None and not (isinstance(rng, Mapping) and rng and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in rng.items())):
+            raise ValueError(f"the state's rng must be None or a non-empty dict of strings, got {rng!r}")
+        sources = self._stoker_rng_sources(started=base_seed is not None)
+        saved = dict(rng or {})
+        if not set(saved) <= set(sources) or current and set(saved) != set(sources):
+            raise ValueError(
+                f"the state holds the RNG states of {_rng_names(saved)}; this loader's epochs draw from "
+                f"{_rng_names(sources)} (its generator= or its sampler's generator differs), so its batches "
+                "would not continue that run")
+        states = {}
+        for key, text in saved.items():
+            decoded = _resume.decode_rng(text, f"rng[{key!r}]")
+            target = sources[key]
+            size = (torch.get_rng_state() if target is None else target.get_state()).numel()
+            if decoded.numel() != size:
+                raise ValueError(f"the state's rng[{key!r}] holds an RNG state of {decoded.numel()} bytes; "
+                                 f"{_RNG_NAMES[key]} of this loader has one of {size}")
+            states[key] = decoded
+        return states
+
+    def _stoker_check_workers(self, state: Mapping[str, Any]) -> list | None:
+        """Checks the state's per-worker positions (worker processes, each with its own dataset copy) against
+        this loader's workers; returns them as a list of plain dicts, or None."""
+        workers = state["workers"]
+        if workers is None:
+            return None
+        nw = int(self.num_workers)
+        processes = self._stoker_iterator_kind()[0] == "process"
+        if not isinstance(workers, list) or not workers:
+            raise ValueError("the state's workers must be None or a list with one {batches, ended, state} entry "
+                             "per worker")
+        if not processes or len(workers) != nw:
+            setup = (f"num_workers={nw}" if processes else
+                     "loads in the main process" if nw == 0 else f"loads with {nw} worker threads")
+            raise ValueError(
+                f"the state was saved by a loader with {len(workers)} worker process(es), each over its own copy of "
+                f"the dataset; this loader {setup}. An epoch resumes per-worker positions only with the same "
+                "number of worker processes (or at the start of an epoch)")
+        if not all(isinstance(w, Mapping) and {"batches", "ended", "state"} <= set(w) for w in workers):
+            raise ValueError("the state's workers must be a list with one {batches, ended, state} entry per worker")
+        for w in workers:
+            check_count("a worker's batches", w["batches"], 0)
+        check_count("the state's next_worker", state["next_worker"], 0)
+        if state["next_worker"] >= len(workers):
+            raise ValueError(f"the state's next_worker={state['next_worker']} names no worker of {len(workers)}")
+        return [dict(w) for w in workers]
+
+    def _stoker_accept(self, state: Mapping[str, Any], rng_states: dict, workers: list | None) -> None:
+        """Makes a checked state the one the next iterator continues (when it serves the state's epoch). A
+        state saved between epochs sets the generators now."""
+        resume = {key: state.get(key, _PROGRESS_DEFAULTS.get(key)) for key in _PROGRESS}
+        resume["workers"] = workers
+        resume["rng_states"] = rng_states
+        if state["base_seed"] is None:
+            sources = self._stoker_rng_sources(started=False)
+            for key, rng in rng_states.items():
+                sources[key].set_state(rng)
+        self._stoker_epoch = state["epoch"]
+        self._stoker_resume = resume
         self._stoker_cursor = None
 
-    def _stoker_iterable_state(self) -> dict[str, Any]:
-        """state_dict() of a loader over an IterableDataset: the epoch, the batches served, and where each
-        worker's pass stood (its batches served, and its dataset copy's own state when the dataset has
-        state_dict()/load_state_dict(), as torchdata's Stateful datasets do)."""
-        cursor = self._stoker_cursor
-        workers = None
-        if cursor is not None and not cursor.finished:
-            epoch = cursor.epoch
-            served, workers = cursor.consumed()
-        else:
-            epoch, served = self._stoker_position()
-            if self._stoker_resume is not None and self._stoker_resume[0] == epoch:
-                workers = self._stoker_resume_workers
-        return {
-            "format": STATE_FORMAT,
-            "dataset": "iterable",
-            "batch_size": self.batch_size,
-            "drop_last": bool(self.drop_last),
-            "num_workers": int(self.num_workers),
-            "epoch": epoch,
-            "batches_served": served,
-            "workers": None if workers is None else workers["workers"],
-            "next_worker": 0 if workers is None else workers["next_worker"],
-        }
-
-    def _stoker_load_iterable_state(self, state: Mapping[str, Any]) -> None:
-        missing = {"batch_size", "drop_last", "num_workers", "epoch", "batches_served", "workers",
-                   "next_worker"} - set(state)
+    def _stoker_load_iterable_state(self, state: Mapping[str, Any], current: bool) -> None:
+        missing = {"batch_size", "drop_last", "num_workers", *_ITERABLE_PROGRESS} - set(state)
         if missing:
             raise ValueError(f"the state lacks {sorted(missing)}")
         for key in ("batch_size", "drop_last"):
@@ -353,6 +549,7 @@ class DataLoader(_TorchDataLoader):
         epoch, served = state["epoch"], state["batches_served"]
         check_count("the state's epoch", epoch, 0)
         check_count("the state's batches_served", served, 0)
+        rng_states = self._stoker_check_draws(state, current)
         workers = state["workers"]
         if workers is not None:
             if state["num_workers"] != self.num_workers:
@@ -367,11 +564,8 @@ class DataLoader(_TorchDataLoader):
             for w in workers:
                 check_count("a worker's batches", w["batches"], 0)
             check_count("the state's next_worker", state["next_worker"], 0)
-            workers = {"workers": [dict(w) for w in workers], "next_worker": state["next_worker"]}
-        self._stoker_epoch = epoch
-        self._stoker_resume = (epoch, served)
-        self._stoker_resume_workers = workers
-        self._stoker_cursor = None
+            workers = [dict(w) for w in workers]
+        self._stoker_accept(state, rng_states, workers)
 
     def _stoker_iterable_iter(self, collate):
         if self.sample_seeds:
@@ -397,16 +591,24 @@ class DataLoader(_TorchDataLoader):
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         default = self.collate_fn is _tc.default_collate
+        collate: Any = _collate.default_collate if default else self.collate_fn
         if self._dataset_kind != _DatasetKind.Map:
-            return self._stoker_iterable_iter(_collate.default_collate if default else self.collate_fn)
-        plan = array_plan(self.dataset)
-        if plan is not None and default and self._auto_collation and _collate.map_is_pristine():
+            return self._stoker_iterable_iter(collate)
+        kind, plan = self._stoker_iterator_kind()
+        if kind == "array":
             return ArrayIterator(self, plan)
-        if default:
-            collate: Any = _collate.default_collate
-        else:
-            collate = self.collate_fn
-        if self.num_workers > 0 and (self.worker_mode == "process" or self.worker_mode == "auto" and plan is None
-                                     and not is_array_dataset(self.dataset)):
+        if kind == "process":
             return ProcessIterator(self, collate)
         return PythonIterator(self, collate)
+
+    def _stoker_iterator_kind(self) -> tuple[str, Any]:
+        """How a map-style dataset is loaded: "array" (native gather), "process" (worker processes) or "python"
+        (the main process, or worker threads); with the dataset's array plan (None if it has none)."""
+        plan = array_plan(self.dataset)
+        default = self.collate_fn is _tc.default_collate
+        if plan is not None and default and self._auto_collation and _collate.map_is_pristine():
+            return "array", plan
+        if self.num_workers > 0 and (self.worker_mode == "process" or self.worker_mode == "auto" and plan is None
+                                     and not is_array_dataset(self.dataset)):
+            return "process", plan
+        return "python", plan

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import copy
 import functools
 import itertools
 import os
@@ -18,7 +19,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
-from stoker import _collate, _cuda
+from stoker import _collate, _cuda, _resume
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, is_stateful, load_batch,
                              set_thread_worker_info, shutdown_all)
@@ -41,6 +42,26 @@ def _close_live_iterators() -> None:
 def _draw_seed(generator) -> int:
     """One int64 draw from the loader's generator (or torch's global RNG), as torch draws its base_seed."""
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+def _map_position(draws, cursor, dataset, batches):
+    """The cursor's position callable for a map-style epoch, or None when the batch count says it all: the
+    own state of a user's sampler after the batches served, the dataset's own state (its object here), and,
+    with worker processes (``batches``), each worker's copy's state after the last batch received from it.
+    It holds no reference to the iterator, which the loader's cursor must not keep alive."""
+    sampler = draws is not None and draws.stateful is not None
+    dataset_stateful = is_stateful(dataset)
+    if not (sampler or dataset_stateful):
+        return None
+
+    def position() -> dict:
+        out = {"sampler_state": draws.state_at(cursor.served) if sampler else None,
+               "dataset_state": copy.deepcopy(dataset.state_dict()) if dataset_stateful else None}
+        if batches is not None:
+            out.update(batches.position_dict(True))
+        return out
+
+    return position
 
 
 def _accelerator_available() -> bool:
@@ -88,14 +109,13 @@ class _Iterator:
         # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
         self._pin_device = _cuda.pin_device(getattr(loader, "_stoker_device", None), self._pin)
         self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
-        drawn = _draw_seed(loader.generator)  # one draw per iterator, as torch draws its base_seed
-        self._base_seed = drawn
         self._native_order = loader._stoker_native_sampler
         self._rank, self._world = loader._stoker_shard()
-        self._seed = loader._stoker_shuffle_seed(drawn, self._world)
-        self._cursor = loader._stoker_begin()
-        self._epoch = self._cursor.epoch
-        self._start = self._cursor.served  # the batch this iterator starts from (after load_state_dict)
+        cursor = self._cursor = loader._stoker_begin()
+        self._epoch = cursor.epoch
+        self._start = cursor.served  # the batch this iterator starts from (after load_state_dict)
+        self._user_batches = self._begin_draws(loader, cursor)
+        self._seed = loader._stoker_shuffle_seed(self._base_seed, self._world)
         self._pid = os.getpid()
         # An IterableDataset whose len() was asked before this iterator: each batch beyond it warns, as torch's.
         iterable = loader._dataset_kind != _DatasetKind.Map
@@ -118,12 +138,55 @@ class _Iterator:
             return None
         return (self._seed & 0xFFFFFFFFFFFFFFFF, self._epoch)
 
+    def _begin_draws(self, loader, cursor):
+        """Makes this iterator's draws (see stoker._resume), in torch's order: ``iter()`` of a sampler the user
+        passed, the base seed (one int64 from ``generator``, else torch's global RNG), then the sampler's index
+        batches as they are needed. An iterator that continues a saved epoch (``cursor.resume``) makes the
+        saved iterator's draws again from the RNG states they started from, keeping the index batches it had
+        drawn and not served, and takes its base seed from the state; torch's global RNG is left as it found
+        it. Returns the user's sampler's index batches (a SamplerDraws), or None with stoker's own sampler."""
+        resume = cursor.resume
+        sources = loader._stoker_rng_sources(started=True)
+        if resume is None:
+            cursor.rng = _resume.note_rng(sources)  # before any draw of this epoch
+            draws = self._open_sampler(loader, cursor, None)
+            self._base_seed = _draw_seed(loader.generator)
+            if draws is not None and cursor.drawn < self._start:  # a state of stoker.DataLoader/1: no draws noted
+                _resume.redraw(draws, self._start, self._start)
+        else:
+            cursor.rng = resume["rng"]
+            with _resume.redrawing(sources, cursor.rng):
+                draws = self._open_sampler(loader, cursor, resume["sampler_state"])
+                if loader.generator is not None or "torch" in cursor.rng:
+                    _draw_seed(loader.generator)  # as the saved iterator drew it (its value is in the state)
+                drawn = resume.get("sampler_drawn")
+                drawn = self._start if drawn is None else drawn
+                if draws is not None and cursor.drawn < drawn:
+                    _resume.redraw(draws, drawn, self._start)
+            self._base_seed = resume["base_seed"]
+        cursor.base_seed = self._base_seed
+        loader._stoker_started(cursor)
+        return draws
+
+    def _open_sampler(self, loader, cursor, saved_state):
+        """``iter()`` of the user's sampler, counted; one that keeps its own state is loaded with the state
+        saved after the batches served (it then starts there), when there is one."""
+        if loader._stoker_native_sampler or loader._dataset_kind != _DatasetKind.Map:
+            return None
+        stateful = loader._stoker_stateful_sampler()
+        first = 0
+        if stateful is not None and saved_state is not None:
+            stateful.load_state_dict(saved_state)
+            first = self._start
+        return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, first,
+                                    saved_state if first else None)
+
     def _index_batches(self):
         """The epoch's index batches from this iterator's start: lists of ints (one int per sample without
         automatic batching), from the native stream or the user's sampler."""
         loader = self._loader
         if not loader._stoker_native_sampler:
-            return self._skip(iter(self._index_sampler))
+            return self._user_batches
         auto = loader._auto_collation
         bs = loader.batch_size if auto else 1
         stream = core.IndexStream(*self._native_stream(bs, loader.drop_last if auto else False))
@@ -132,14 +195,11 @@ class _Iterator:
             return (stream.batch(b).tolist() for b in batches)
         return (int(stream.batch(b)[0]) for b in batches)
 
-    def _skip(self, batches):
-        """The user's sampler iterator with the batches before the resume point drawn and dropped."""
-        for _ in range(self._start):
-            try:
-                next(batches)
-            except StopIteration:
-                break
-        return batches
+    def _track_in_process(self) -> None:
+        """Where the user stands beyond the batch count, for a loader that loads in this process: the state of
+        a sampler that keeps one, after the batches served, and the dataset's own state (torchdata's Stateful
+        protocol) now (with worker threads, which share the dataset, loads read ahead included)."""
+        self._cursor.position = _map_position(self._user_batches, self._cursor, self._loader.dataset, None)
 
     def _finish(self):
         """Ends the epoch: the cursor moves to the next one and StopIteration is raised."""
@@ -229,7 +289,8 @@ class ArrayIterator(_Iterator):
         self._depth = depth
         source = core.ArraySource(plan.specs)
         self._source_owners = plan.owners  # the arrays the native source points into
-        self._batches = None if self._native_order else self._skip(iter(self._index_sampler))
+        self._batches = self._user_batches
+        self._track_in_process()
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
         start = self._start if self._native_order else 0
         pool = POOL if self._host_pool is None else self._host_pool
@@ -293,6 +354,7 @@ class PythonIterator(_Iterator):
         getitems = getattr(self._dataset, "__getitems__", None)
         self._getitems = getitems if getitems else None
         self._indices = self._index_batches()
+        self._track_in_process()
         self._count = itertools.count(self._start)
         self._rng_key = self._sample_rng_key()
         if self._rng_key is not None and self._num_threads > 0:
@@ -433,13 +495,19 @@ class ProcessIterator(_Iterator):
             # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
             pool.ring.pin(self._pin_device)
         batches = None if iterable else self._index_batches()
-        position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if iterable else None
+        # Each worker's position (an IterableDataset's pass; a stateful map-style dataset's copy).
+        dataset_stateful = is_stateful(loader.dataset)
+        tracked = iterable or dataset_stateful
+        position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if tracked else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
                                        loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key(),
                                        position)
+        # Bound to the epoch's batches, not to this iterator, which the loader's cursor must not keep alive.
         if iterable:
-            # Bound to the epoch's batches, not to this iterator, which the loader's cursor must not keep alive.
-            self._cursor.position = functools.partial(self._batches.position_dict, is_stateful(loader.dataset))
+            self._cursor.position = functools.partial(self._batches.position_dict, dataset_stateful)
+        else:
+            self._cursor.position = _map_position(self._user_batches, self._cursor, loader.dataset,
+                                                  self._batches if dataset_stateful else None)
         if persistent:
             loader._stoker_pool_epoch = self._batches
         self._started()

@@ -502,7 +502,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     getitems = getattr(dataset, "__getitems__", None) or None
     source: IterableSource | None = None
     source_generation = None
-    stateful = iterable is not None and is_stateful(dataset)
+    stateful = is_stateful(dataset)
     result_queue.put(ForkingPickler.dumps(("ready", worker_id)).tobytes())
     while True:
         try:
@@ -533,6 +533,16 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
                 source_generation = generation
                 reply("error", init_error)
             continue
+        if iterable is None and stateful and generation != source_generation:
+            # A stateful map-style copy: loaded with its saved state (on a resume), and where it starts reported.
+            source_generation = generation
+            try:
+                if start is not None and start[1] is not None:
+                    dataset.load_state_dict(start[1])
+                _send(result_queue, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()), worker_id)
+            except Exception as exc:
+                reply("error", _WorkerError(exc, worker_id, "while loading its copy of the dataset's state"))
+                continue
         if iterable is not None:
             if generation != source_generation:
                 source_generation = generation
@@ -562,6 +572,8 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
                     position = dataset.state_dict()
             else:
                 batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
+                if stateful:
+                    position = dataset.state_dict()
         except StopIteration:
             reply("stop", None)
             continue
@@ -575,6 +587,11 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
                         position = None
             else:
                 where = f"while loading dataset indices {list(indices) if auto else indices!r} (batch {number})"
+                if stateful:
+                    try:
+                        position = dataset.state_dict()
+                    except Exception:
+                        position = None
             reply("error", _WorkerError(exc, worker_id, where))
             continue
         finally:
@@ -658,6 +675,7 @@ class WorkerPool:
         self.index_queues = []
         self.workers = []
         self.generation = 0
+        self.pending_states: dict = {}  # worker -> (batches, saved state) its copy loads with its next task
         self._ready = 0
         self._closed = False
         self._started = False
@@ -781,7 +799,8 @@ class IterablePosition:
     """Where an epoch over an IterableDataset stands as the user consumed it: per worker (the main process
     counts as the one worker when num_workers=0) the batches it served, whether its pass is known to be over,
     and its dataset copy's state after its last served batch (stateful datasets); and the worker whose batch
-    comes next in the round-robin."""
+    comes next in the round-robin. Worker processes over a stateful map-style dataset are followed alike
+    (their passes never end)."""
 
     def __init__(self, workers: int, saved: dict | None = None) -> None:
         if saved is None:
@@ -824,8 +843,10 @@ class ProcessBatches:
     stays active and each task names the indices of its batch. For an IterableDataset a task asks a worker
     for the next batch of its own pass; a worker whose pass is over answers "stop" (to that task and any
     other it was sent), leaves the cycle, and its stops are skipped, so the epoch interleaves the workers'
-    batches round-robin until the last worker ends, as torch's loader does. `position` (iterable only)
-    follows what the user has consumed, and a saved one makes each worker start where it stood."""
+    batches round-robin until the last worker ends, as torch's loader does. `position` (an IterableDataset, or
+    a map-style dataset with its own state) follows what the user has consumed from each worker, and a saved
+    one makes each worker start where it stood: a map-style copy loads its saved state with its first task
+    (with persistent workers, of a later epoch when this one has none left for it)."""
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
                  timeout: float, rng_key=None, position: IterablePosition | None = None) -> None:
@@ -834,6 +855,7 @@ class ProcessBatches:
         self.generation = pool.generation
         self.batches = batches  # iterator of index batches (or sampler errors as exceptions); unused if iterable
         self.iterable = pool.iterable is not None
+        self.tracked = self.iterable or position is not None  # each worker's position is followed
         self.position = position if position is not None else IterablePosition(pool.num_workers)
         self.numbers = itertools.count(first_number)
         self.in_order = in_order
@@ -847,6 +869,10 @@ class ProcessBatches:
         self.active = [not ended for ended in self.position.ended]
         self.first_task = [True] * pool.num_workers
         self.heard = [False] * pool.num_workers  # a message of this epoch came from the worker
+        if self.tracked and not self.iterable and self.position.resumed:
+            # A stateful map-style copy loads its saved state with its first task, of this epoch or (persistent
+            # workers, when this one leaves it none) of a later one.
+            pool.pending_states = {w: self.position.start_of(w) for w in range(pool.num_workers)}
         self.cycle = itertools.cycle(range(pool.num_workers))
         for _ in range(self.position.next_worker):
             next(self.cycle)
@@ -880,9 +906,9 @@ class ProcessBatches:
                 self.exhausted = True
                 return
             start = None
-            if self.iterable and self.first_task[worker]:
+            if self.tracked and self.first_task[worker]:
                 self.first_task[worker] = False
-                start = self.position.start_of(worker)
+                start = self.position.start_of(worker) if self.iterable else pool.pending_states.pop(worker, None)
             number = next(self.numbers)
             slot = pool.ring.acquire()
             self.outstanding.add(number)
@@ -955,6 +981,8 @@ class ProcessBatches:
                 return None
             kind, value, worker, state = self._take()
             if not self.iterable:
+                if self.tracked and worker is not None and kind in ("batch", "error"):
+                    self.position.served(worker, state)
                 return kind, value
             if kind == "skip":
                 self.position.ended[worker] = True
