@@ -169,6 +169,26 @@ def test_random_augmentation_is_reproducible_and_differs_by_worker():
     assert not torch.equal(first, second)
 
 
+def test_random_draws_in_workers_match_torchs_workers():
+    # Each worker's random, numpy and torch generators are seeded as torch seeds its workers', so the same
+    # augmentation draws the same values batch for batch.
+    def run(loader_class):
+        torch.manual_seed(3)
+        return list(loader_class(Randomised(), batch_size=4, num_workers=2))
+
+    assert_batches_equal(run(stoker.DataLoader), run(TorchDataLoader))
+
+
+def test_seeding_torch_in_a_worker_is_torch_manual_seed():
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        expected = torch.rand(5)
+        torch.manual_seed(0)
+        _workers._seed_torch(123)
+        assert torch.initial_seed() == 123
+        assert torch.equal(torch.rand(5), expected)
+
+
 def test_kept_batches_stay_intact_and_keeping_all_does_not_block():
     loader = _loader(batch_size=4, num_workers=2, shuffle=True, seed=1)
     kept = list(loader)  # more batches than the ring has slots

@@ -81,6 +81,23 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _seed_torch(seed: int) -> None:
+    """torch.manual_seed(seed) (as torch's workers seed themselves, and as sample_seeds seeds each sample),
+    without the part of its work that cannot matter.
+
+    Besides the CPU generator, torch.manual_seed queues a seed for each accelerator backend (CUDA, XPU,
+    MTIA, ...) not started yet, and each queued seed formats the whole call stack, reading its source files:
+    about 0.2 ms a call, and some milliseconds in a new worker, before its first sample. When torch has no
+    accelerator (none built in, no custom backend registered), no such backend can ever start, and seeding
+    the CPU generator alone is the same."""
+    accelerator = getattr(getattr(torch, "accelerator", None), "current_accelerator", None)
+    custom = getattr(torch._C, "_get_privateuse1_backend_name", None)
+    if accelerator is None or custom is None or accelerator() is not None or hasattr(torch, custom()):
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def seed_sample(rng_key, index) -> None:
     """Seeds random, numpy and torch from (seed, epoch, index): a sample's random choices then depend on
     nothing else (not the worker, nor the worker count, nor what was loaded before it)."""
@@ -88,7 +105,7 @@ def seed_sample(rng_key, index) -> None:
     s = _mix64(_mix64(seed ^ 0x9E3779B97F4A7C15) ^ _mix64(epoch + 0xD1B54A32D192ED03) ^ _mix64(int(index) + 1))
     random.seed(s)
     np.random.seed([s & 0xFFFFFFFF, s >> 32])
-    torch.manual_seed(s)
+    _seed_torch(s)
 
 
 def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng_key=None):
@@ -474,7 +491,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     _collate_module.POOL = fresh
     seed = base_seed + worker_id
     random.seed(seed)
-    torch.manual_seed(seed)
+    _seed_torch(seed)
     np.random.seed(_torch_worker._generate_state(base_seed, worker_id))
     _torch_worker._worker_info = _torch_worker.WorkerInfo(
         id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset)
