@@ -310,7 +310,7 @@ def test_killed_worker_is_reported():
 
 def test_break_and_del_stop_the_workers():
     it = iter(stoker.DataLoader(Shard(10_000), num_workers=2, batch_size=4))
-    next(it)
+    next(it), next(it)  # a batch of each worker: both are running
     workers = list(it._pool.workers)
     del it
     import gc

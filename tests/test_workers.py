@@ -169,6 +169,87 @@ def test_random_augmentation_is_reproducible_and_differs_by_worker():
     assert not torch.equal(first, second)
 
 
+def test_random_draws_in_workers_match_torchs_workers():
+    # Each worker's random, numpy and torch generators are seeded as torch seeds its workers', so the same
+    # augmentation draws the same values batch for batch.
+    def run(loader_class):
+        torch.manual_seed(3)
+        return list(loader_class(Randomised(), batch_size=4, num_workers=2))
+
+    assert_batches_equal(run(stoker.DataLoader), run(TorchDataLoader))
+
+
+def test_seeding_torch_in_a_worker_is_torch_manual_seed():
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        expected = torch.rand(5)
+        torch.manual_seed(0)
+        _workers._seed_torch(123)
+        assert torch.initial_seed() == 123
+        assert torch.equal(torch.rand(5), expected)
+
+
+class InitOrder(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return get_worker_info().id
+
+
+def test_the_other_workers_start_while_the_first_is_still_in_worker_init_fn(tmp_path):
+    # The first worker's worker_init_fn returns only once the second worker's has run: forking the second
+    # only after the first has replied would never end (it waits 60 s at most, then fails the test).
+    def init(worker_id):
+        mark = tmp_path / "second-started"
+        if worker_id == 1:
+            mark.touch()
+            return
+        deadline = time.monotonic() + 60
+        while not mark.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("the second worker never started")
+            time.sleep(0.01)
+
+    loader = stoker.DataLoader(InitOrder(), batch_size=2, num_workers=2, worker_init_fn=init,
+                               multiprocessing_context="fork")
+    assert torch.cat(list(loader)).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+def test_forked_workers_start_one_at_iter_and_the_others_after_the_first_batch():
+    it = iter(_loader(multiprocessing_context="fork"))
+    assert [w.pid is not None for w in it._workers] == [True, False]  # the first, while tasks are made
+    first = next(it)
+    assert [int(w) for w in first["w"]] == [0] * 4
+    second = next(it)  # the second worker's: forked once the first batch was handed over
+    assert all(w.pid is not None for w in it._workers)
+    assert [int(w) for w in second["w"]] == [1] * 4
+    it.close()
+
+
+def test_workers_forked_after_the_first_batch_serve_torchs_batches():
+    # Four workers: the three forked once the first batch is out get their tasks as torch's would.
+    batches = list(_loader(Identity(64), num_workers=4, multiprocessing_context="fork"))
+    assert_batches_equal(batches, list(TorchDataLoader(Identity(64), batch_size=4, num_workers=4)))
+
+
+def test_an_iterator_that_cannot_begin_ends_the_worker_it_forked(monkeypatch):
+    import multiprocessing
+    from stoker import _iterators
+
+    def refuse(*args, **kwargs):
+        raise ValueError("no tasks today")
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    monkeypatch.setattr(_iterators, "ProcessBatches", refuse)
+    for persistent in (False, True):
+        loader = _loader(multiprocessing_context="fork", persistent_workers=persistent)
+        with pytest.raises(ValueError, match="no tasks today"):
+            iter(loader)
+        assert {p.pid for p in multiprocessing.active_children()} == before
+        assert getattr(loader, "_stoker_pool", None) is None
+
+
 def test_kept_batches_stay_intact_and_keeping_all_does_not_block():
     loader = _loader(batch_size=4, num_workers=2, shuffle=True, seed=1)
     kept = list(loader)  # more batches than the ring has slots
@@ -331,7 +412,7 @@ def _alive(pids):
 
 def test_break_and_del_stop_the_workers():
     it = iter(_loader())
-    next(it)
+    next(it), next(it)  # a batch of each worker: both are running
     pids = [w.pid for w in it._workers]
     assert len(_alive(pids)) == 2
     del it
@@ -426,7 +507,7 @@ def test_interpreter_exit_with_live_workers_is_prompt():
         import stoker
         from test_workers import Identity
         it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2))
-        next(it)
+        next(it), next(it)  # a batch of each worker: both are running
         print(" ".join(str(w.pid) for w in it._workers))
     """)
     assert proc.returncode == 0, proc.stderr
@@ -445,7 +526,7 @@ def test_orphaned_workers_exit():
         from test_workers import Identity
         _workers.WorkerPool._unlink = lambda self: None  # as if killed before the ring's file could be removed
         it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2, persistent_workers=True))
-        next(it)
+        next(it), next(it)  # a batch of each worker: both are running
         print(" ".join(str(w.pid) for w in it._workers), flush=True)
         print(it._pool.ring_path, flush=True)
         os._exit(0)  # no clean-up at all: the workers must notice on their own

@@ -481,7 +481,8 @@ class ProcessIterator(_Iterator):
         if pool is not None and (not persistent or pool._closed or pool.pid != os.getpid()):
             pool = None
         iterable = loader._dataset_kind != _DatasetKind.Map
-        if pool is None:
+        created = pool is None
+        if created:
             pool = WorkerPool(loader, collate, self._base_seed, iterable)
             if persistent:
                 loader._stoker_pool = pool
@@ -491,6 +492,19 @@ class ProcessIterator(_Iterator):
                 previous.drain()  # batches prefetched for an abandoned epoch are dropped, as torch does
         self._pool = pool
         self._own_pool = not persistent
+        pool.begin()  # the first worker sets itself up while the first tasks are made (see WorkerPool.begin)
+        try:
+            self._dispatch(loader, pool, iterable, persistent)
+        except BaseException:
+            if created:  # its workers end with the iterator that could not begin
+                if persistent:
+                    loader._stoker_pool = None
+                pool.shutdown()
+            raise
+        self._started()
+
+    def _dispatch(self, loader, pool: WorkerPool, iterable: bool, persistent: bool) -> None:
+        """Pins the ring if batches are pinned, then queues the epoch's first tasks."""
         if self._pin_device is not None and not pool.ring.pinned:
             # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
             pool.ring.pin(self._pin_device)
@@ -510,8 +524,6 @@ class ProcessIterator(_Iterator):
                                                   self._batches if dataset_stateful else None)
         if persistent:
             loader._stoker_pool_epoch = self._batches
-        self._started()
-        pool.start()  # after the first tasks are queued (a no-op for persistent workers already running)
 
     @property
     def _workers(self):

@@ -46,6 +46,7 @@ __all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool",
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
 _EXIT_GRACE_S = 0.5  # how long shutdown waits for workers to exit before terminating them
+_REST_AFTER_S = 0.1  # forked workers after the first start once it replied, or this long after its fork
 _ALIGN = 64
 _DEFAULT_SLOT_BYTES = 32 << 20
 
@@ -81,6 +82,23 @@ def _mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _seed_torch(seed: int) -> None:
+    """torch.manual_seed(seed) (as torch's workers seed themselves, and as sample_seeds seeds each sample),
+    without the part of its work that cannot matter.
+
+    Besides the CPU generator, torch.manual_seed queues a seed for each accelerator backend (CUDA, XPU,
+    MTIA, ...) not started yet, and each queued seed formats the whole call stack, reading its source files:
+    about 0.2 ms a call, and some milliseconds in a new worker, before its first sample. When torch has no
+    accelerator (none built in, no custom backend registered), no such backend can ever start, and seeding
+    the CPU generator alone is the same."""
+    accelerator = getattr(getattr(torch, "accelerator", None), "current_accelerator", None)
+    custom = getattr(torch._C, "_get_privateuse1_backend_name", None)
+    if accelerator is None or custom is None or accelerator() is not None or hasattr(torch, custom()):
+        torch.manual_seed(seed)
+    else:
+        torch.default_generator.manual_seed(seed)
+
+
 def seed_sample(rng_key, index) -> None:
     """Seeds random, numpy and torch from (seed, epoch, index): a sample's random choices then depend on
     nothing else (not the worker, nor the worker count, nor what was loaded before it)."""
@@ -88,7 +106,7 @@ def seed_sample(rng_key, index) -> None:
     s = _mix64(_mix64(seed ^ 0x9E3779B97F4A7C15) ^ _mix64(epoch + 0xD1B54A32D192ED03) ^ _mix64(int(index) + 1))
     random.seed(s)
     np.random.seed([s & 0xFFFFFFFF, s >> 32])
-    torch.manual_seed(s)
+    _seed_torch(s)
 
 
 def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng_key=None):
@@ -483,7 +501,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     _collate_module.POOL = fresh
     seed = base_seed + worker_id
     random.seed(seed)
-    torch.manual_seed(seed)
+    _seed_torch(seed)
     np.random.seed(_torch_worker._generate_state(base_seed, worker_id))
     _torch_worker._worker_info = _torch_worker.WorkerInfo(
         id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset)
@@ -678,7 +696,9 @@ class WorkerPool:
         self.pending_states: dict = {}  # worker -> (batches, saved state) its copy loads with its next task
         self._ready = 0
         self._closed = False
-        self._started = False
+        self._launched = 0  # workers started so far (they start in order)
+        self._rest_due = 0.0  # when the workers not started yet start at the latest (see begin)
+        self._replied = False  # get has handed over a worker's reply
         _pools.add(self)
         try:
             for wid in range(self.num_workers):
@@ -696,16 +716,37 @@ class WorkerPool:
             self.shutdown()
             raise
 
-    def start(self) -> None:
-        """Starts the workers, the first first: the tasks already queued for it are loaded while the main
-        process forks (or spawns) the next, so the first batch waits for one worker's start, not all."""
-        if self._started:
+    def begin(self) -> None:
+        """Starts the workers of a new pool (a no-op once started).
+
+        Spawned workers (spawn, forkserver) all start at once: starting one costs the main process little.
+        Forked workers start one by one. The first starts at once, and sets itself up while the main process
+        makes and queues the first tasks. The others are forked (by get) once the first worker's first reply
+        has been handed over, or _REST_AFTER_S after its fork if it has not replied by then (a long
+        worker_init_fn, a slow first batch). A fork costs the main process milliseconds per worker on a large
+        parent, and on the 2-core VM this was measured on, a fork beside the first worker's first batch made
+        that batch some 8 ms (a fifth) later; the first worker's CPU time stayed the same. The price: the
+        second batch of a fresh pool waits for the second worker's start. Asked for back to back, it comes
+        15-20 ms later than with every worker forked at once; after a training step longer than a fork, a
+        set-up and a batch, next() waits for all three (35-40 ms there) where it would not have."""
+        if self._launched:
             return
-        self._started = True
+        if self.start_method != "fork":
+            self.start()
+            return
+        self.start(1)
+        self._rest_due = time.monotonic() + _REST_AFTER_S
+
+    def start(self, upto: int | None = None) -> None:
+        """Starts the workers not started yet, in order, up to the first `upto` (all by default)."""
+        end = self.num_workers if upto is None else min(int(upto), self.num_workers)
+        if self._launched >= end or self._closed:
+            return
         try:
             with _frozen_for_fork(self.start_method):
-                for w in self.workers:
-                    w.start()
+                while self._launched < end:
+                    self.workers[self._launched].start()
+                    self._launched += 1
         except BaseException:
             self.shutdown()
             raise
@@ -731,10 +772,17 @@ class WorkerPool:
                 raise RuntimeError(f"DataLoader worker (pid(s) {w.pid}) exited unexpectedly (exit code {code})")
 
     def get(self, timeout: float | None):
-        """The next message of a worker; RuntimeError if a worker died or `timeout` seconds passed."""
+        """The next message of a worker; RuntimeError if a worker died or `timeout` seconds passed. Workers
+        due to start (see begin) are forked here, one at a time while no message is waiting."""
         deadline = None if not timeout else time.monotonic() + timeout
         while True:
+            if self._launched < self.num_workers and not self._closed:
+                if (self._replied or time.monotonic() >= self._rest_due) and self.result_queue.empty():
+                    self.start(self._launched + 1)
+                    continue
             wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
+            if self._launched < self.num_workers and not self._replied:
+                wait = min(wait, max(0.0, self._rest_due - time.monotonic()))
             try:
                 msg = pickle.loads(self.result_queue.get(timeout=wait))
             except queue.Empty:
@@ -747,6 +795,7 @@ class WorkerPool:
                 if self._ready == self.num_workers:
                     self._unlink()
                 continue
+            self._replied = True
             return msg
 
     def _unlink(self) -> None:
