@@ -216,19 +216,19 @@ def test_the_other_workers_start_while_the_first_is_still_in_worker_init_fn(tmp_
     assert torch.cat(list(loader)).tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
 
 
-def test_forked_workers_start_one_at_iter_and_the_others_after_the_first_batch():
+def test_forked_workers_start_one_at_iter_and_the_others_once_it_is_set_up():
     it = iter(_loader(multiprocessing_context="fork"))
     assert [w.pid is not None for w in it._workers] == [True, False]  # the first, while tasks are made
     first = next(it)
     assert [int(w) for w in first["w"]] == [0] * 4
-    second = next(it)  # the second worker's: forked once the first batch was handed over
+    second = next(it)  # the second worker's: forked once the first said it was set up
     assert all(w.pid is not None for w in it._workers)
     assert [int(w) for w in second["w"]] == [1] * 4
     it.close()
 
 
-def test_workers_forked_after_the_first_batch_serve_torchs_batches():
-    # Four workers: the three forked once the first batch is out get their tasks as torch's would.
+def test_workers_forked_after_the_first_serve_torchs_batches():
+    # Four workers: the three forked once the first is set up get their tasks as torch's would.
     batches = list(_loader(Identity(64), num_workers=4, multiprocessing_context="fork"))
     assert_batches_equal(batches, list(TorchDataLoader(Identity(64), batch_size=4, num_workers=4)))
 

@@ -698,7 +698,7 @@ class WorkerPool:
         self._closed = False
         self._launched = 0  # workers started so far (they start in order)
         self._rest_due = 0.0  # when the workers not started yet start at the latest (see begin)
-        self._replied = False  # get has handed over a worker's reply
+        self._replied = False  # the first worker is set up (or has replied): the others may be forked
         _pools.add(self)
         try:
             for wid in range(self.num_workers):
@@ -721,14 +721,13 @@ class WorkerPool:
 
         Spawned workers (spawn, forkserver) all start at once: starting one costs the main process little.
         Forked workers start one by one. The first starts at once, and sets itself up while the main process
-        makes and queues the first tasks. The others are forked (by get) once the first worker's first reply
-        has been handed over, or _REST_AFTER_S after its fork if it has not replied by then (a long
-        worker_init_fn, a slow first batch). A fork costs the main process milliseconds per worker on a large
-        parent, and on the 2-core VM this was measured on, a fork beside the first worker's first batch made
-        that batch some 8 ms (a fifth) later; the first worker's CPU time stayed the same. The price: the
-        second batch of a fresh pool waits for the second worker's start. Asked for back to back, it comes
-        15-20 ms later than with every worker forked at once; after a training step longer than a fork, a
-        set-up and a batch, next() waits for all three (35-40 ms there) where it would not have."""
+        makes and queues the first tasks. The others are forked (by get) once the first worker says it is set
+        up ("ready": seeded, worker_init_fn run, ring mapped), or _REST_AFTER_S after its fork if it has not
+        by then (a long worker_init_fn). A fork costs the main process milliseconds per worker on a large
+        parent, and forks beside the first worker's set-up slowed it on the 2-core VM this was measured on.
+        Forking the others only after the first batch was handed over made that batch a further ~10 ms
+        sooner, but the second batch of a fresh pool then waited for a fork, a set-up and a batch (35-40 ms
+        of stall in a training loop, more in all over the first batches than torch's loader): not chosen."""
         if self._launched:
             return
         if self.start_method != "fork":
@@ -791,6 +790,7 @@ class WorkerPool:
                     raise RuntimeError(f"DataLoader timed out after {timeout} seconds") from None
                 continue
             if msg[0] == "ready":
+                self._replied = True  # the first worker is set up: the others may be forked now
                 self._ready += 1
                 if self._ready == self.num_workers:
                     self._unlink()
