@@ -717,41 +717,28 @@ def resume_cost(scale: float = 1.0, out=sys.stdout) -> list[dict]:
         records.append({"workload": "resume", "loader": name, "resume_ms": 1e3 * seconds})
         print(f"  {name:<28} {1e3 * seconds:10.2f} ms{note}", file=out, flush=True)
 
-    def stoker_loader():
-        return stoker.DataLoader(data, batch_size=bs, shuffle=True)
+    def resume(make) -> Callable[[], None]:
+        """A state saved `at` batches into an epoch of make()'s loader (through json), and a function that loads
+        it into a fresh loader and takes the next batch."""
+        saved = make()
+        it = iter(saved)
+        for _ in range(at):
+            next(it)
+        state = json.loads(json.dumps(saved.state_dict()))
+        del it
 
-    saved = stoker_loader()
-    it = iter(saved)
-    for _ in range(at):
-        next(it)
-    state = json.loads(json.dumps(saved.state_dict()))
-    del it
+        def run() -> None:
+            loader = make()
+            loader.load_state_dict(state)
+            next(iter(loader))
 
-    def stoker_resume():
-        loader = stoker_loader()
-        loader.load_state_dict(state)
-        next(iter(loader))
+        return run
 
-    record("stoker", _median_time(stoker_resume, 5))
-
+    record("stoker", _median_time(resume(lambda: stoker.DataLoader(data, batch_size=bs, shuffle=True)), 5))
     # A sampler of the user's (RandomSampler here) keeps no position: its served batches are drawn again, from
     # the randomness its epoch began with, without loading their samples.
-    def user_loader():
-        return stoker.DataLoader(data, batch_size=bs, sampler=RandomSampler(data))
-
-    saved = user_loader()
-    it = iter(saved)
-    for _ in range(at):
-        next(it)
-    user_state = json.loads(json.dumps(saved.state_dict()))
-    del it
-
-    def user_resume():
-        loader = user_loader()
-        loader.load_state_dict(user_state)
-        next(iter(loader))
-
-    record("stoker sampler=RandomSampler", _median_time(user_resume, 3), f"   (redraws {at} index batches)")
+    user = resume(lambda: stoker.DataLoader(data, batch_size=bs, sampler=RandomSampler(data)))
+    record("stoker sampler=RandomSampler", _median_time(user, 3), f"   (redraws {at} index batches)")
 
     try:
         from torchdata.stateful_dataloader import StatefulDataLoader
