@@ -29,7 +29,7 @@ from helpers import assert_same, roundtrip
 import stoker
 
 JOB = Path(__file__).with_name("resume_job.py")
-ROOT = Path(__file__).resolve().parents[1]
+STOKER = Path(stoker.__file__).resolve().parents[1]  # the folder stoker is imported from
 
 # Where the state is taken in the second epoch: after k of its 6 batches, or after its iterator ended.
 POINTS = [0, 1, 3, 6, "stopped"]
@@ -39,7 +39,8 @@ GLOBAL_SEEDED = {"RandomSampler", "BatchSampler_RandomSampler", "loader_generato
 
 def _run(*args) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), str(JOB.parent), env.get("PYTHONPATH", "")])
+    # The stoker this test imported (the installed wheel under CI, python/ in a checkout), and tests/ for the job.
+    env["PYTHONPATH"] = os.pathsep.join([str(STOKER), str(JOB.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(JOB), *args], env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
 
