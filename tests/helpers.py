@@ -206,3 +206,35 @@ def roundtrip(state):
     loaded = torch.load(buffer, weights_only=True)
     assert loaded == state
     return loaded
+
+
+class YieldCounting(torch.utils.data.Sampler):
+    """A sampler with its own state (torchdata's StatefulDistributedSampler protocol) over ``order()``:
+    ``state_dict()`` says how many indices of the pass it has yielded, ``load_state_dict()`` makes its next pass
+    start there. ``produced`` counts the indices yielded in this process, so a test sees nothing was replayed."""
+
+    def __init__(self, order=None):
+        self._order = order
+        self.yielded = 0
+        self.resume_at = None
+        self.produced = 0
+
+    def order(self) -> list:
+        return self._order
+
+    def __len__(self):
+        return len(self.order())
+
+    def __iter__(self):
+        start, self.resume_at = self.resume_at or 0, None
+        self.yielded = start
+        for i in self.order()[start:]:
+            self.yielded += 1
+            self.produced += 1
+            yield i
+
+    def state_dict(self):
+        return {"yielded": self.yielded}
+
+    def load_state_dict(self, state):
+        self.resume_at = state["yielded"]

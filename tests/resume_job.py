@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, Dataset, RandomSampler, Sampler, TensorDataset
+from torch.utils.data import BatchSampler, Dataset, RandomSampler, TensorDataset
 
 import stoker
+from helpers import YieldCounting  # tests/ is on PYTHONPATH (test_resume_fresh sets it)
 
 N, BS = 23, 4  # 6 batches an epoch, the last one short
 FIRST_EPOCH = 1  # every state is taken in the second epoch (or after it), the RNGs well on their way
@@ -60,18 +61,14 @@ class Counting(Dataset):
         self.count = state["count"]
 
 
-class StatefulShuffle(Sampler):
+class StatefulShuffle(YieldCounting):
     """A sampler with its own state, as torchdata's StatefulDistributedSampler: epoch e (``set_epoch``) is a
-    permutation from (seed, e); ``state_dict()`` says how many indices of the epoch it has yielded, and
-    ``load_state_dict()`` makes its next iteration start there. It counts the indices it yields in this
-    process, so a test can see that nothing was replayed."""
+    permutation from (seed, e); resumed from its own state (see YieldCounting), never replayed."""
 
     def __init__(self, n, seed):
+        super().__init__()
         self.n, self.seed = n, seed
         self.epoch = 0
-        self.yielded = 0
-        self.resume_at = None
-        self.produced = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -79,20 +76,8 @@ class StatefulShuffle(Sampler):
     def __len__(self):
         return self.n
 
-    def __iter__(self):
-        start, self.resume_at = (self.resume_at or 0), None
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        self.yielded = start
-        for i in order[start:]:
-            self.yielded += 1
-            self.produced += 1
-            yield i
-
-    def state_dict(self):
-        return {"yielded": self.yielded}
-
-    def load_state_dict(self, state):
-        self.resume_at = state["yielded"]
+    def order(self) -> list:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
 
 
 def _generator(seed):

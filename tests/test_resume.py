@@ -31,7 +31,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import MapDataset, assert_same, roundtrip
+from helpers import MapDataset, YieldCounting, assert_same, roundtrip
 from torch.utils.data import (
     BatchSampler,
     Dataset,
@@ -844,33 +844,6 @@ def test_sampler_iter_comes_before_the_base_seed_as_with_torch(batch_size):
     torch.manual_seed(0)
     got = flat(stoker.DataLoader(MapDataset(_identity, N), batch_size=batch_size, sampler=EagerSampler()))
     assert got == expected
-
-
-class YieldCounting(torch.utils.data.Sampler):
-    """A sampler with its own state (torchdata's StatefulDistributedSampler protocol) over a fixed order."""
-
-    def __init__(self, order):
-        self.order = order
-        self.yielded = 0
-        self.resume_at = None
-        self.produced = 0
-
-    def __len__(self):
-        return len(self.order)
-
-    def __iter__(self):
-        start, self.resume_at = self.resume_at or 0, None
-        self.yielded = start
-        for i in self.order[start:]:
-            self.yielded += 1
-            self.produced += 1
-            yield i
-
-    def state_dict(self):
-        return {"yielded": self.yielded}
-
-    def load_state_dict(self, state):
-        self.resume_at = state["yielded"]
 
 
 ORDER = [(7 * i) % N for i in range(N)]
