@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import TorchDataLoader, assert_batches_equal
+from helpers import TorchDataLoader, assert_batches_equal, assert_same
 from torch.utils.data import Dataset, get_worker_info
 
 import stoker
@@ -539,6 +539,74 @@ def test_orphaned_workers_exit():
         time.sleep(0.1)
     assert not _alive(pids)
     assert not os.path.exists(ring_path)  # the orphans removed it
+
+
+class Bulky(Dataset):
+    """Samples whose batches travel pickled and fill a result pipe: one batch is several pipe buffers."""
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return ("%08d" % i) * 40_000  # 320 kB of string: collated into a list, pickled beside the ring
+
+
+def test_workers_waiting_to_send_end_at_once_when_the_iterator_goes():
+    it = iter(stoker.DataLoader(Bulky(), batch_size=2, num_workers=2, prefetch_factor=2))
+    assert next(it) == ["%08d" % 0 * 40_000, "%08d" % 1 * 40_000]
+    assert next(it) == ["%08d" % 2 * 40_000, "%08d" % 3 * 40_000]  # a batch of each worker: both run
+    workers = list(it._workers)
+    time.sleep(0.5)  # every worker has written what fits in its pipe and waits to write the rest
+    del it
+    gc.collect()
+    for w in workers:
+        w.join(timeout=5)
+    # They ended on their own (the closed pipe), not by the terminate() that follows a grace period.
+    assert [w.exitcode for w in workers] == [0, 0]
+
+
+def test_orphaned_workers_waiting_to_send_exit():
+    proc = _run_script("""
+        import os, time, stoker
+        from test_workers import Bulky
+        it = iter(stoker.DataLoader(Bulky(), batch_size=2, num_workers=2))
+        next(it), next(it)  # a batch of each worker: both are running
+        time.sleep(0.5)  # the workers wait for room in their result pipes
+        print(" ".join(str(w.pid) for w in it._workers), flush=True)
+        os._exit(0)
+    """)
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 15
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pids)
+
+
+class SlowFirstWorker(Identity):
+    """Worker 0 is slow: in order, the other worker's batches wait for its."""
+
+    def __getitem__(self, i):
+        info = get_worker_info()
+        if info is not None and info.id == 0:
+            time.sleep(0.01)
+        return super().__getitem__(i)
+
+
+def test_batches_waiting_for_their_turn_keep_to_the_ring():
+    # Batches received ahead of their turn count against the prefetch limit, as in torch's loader: a fast
+    # worker cannot run ahead of a slow one by more than it allows, so a user who keeps no batch gets every
+    # one in a slot of the ring (none falls back to a shared-memory segment of its own), in order.
+    loader = stoker.DataLoader(SlowFirstWorker(), batch_size=2, num_workers=2, prefetch_factor=2)
+    expected = iter(TorchDataLoader(SlowFirstWorker(), batch_size=2))
+    seen = 0
+    for batch in loader:
+        assert not batch["x"].is_shared() and not batch["a"].is_shared(), f"batch {seen} is outside the ring"
+        want = next(expected)
+        for key in ("x", "a", "i", "s"):
+            assert_same(batch[key], want[key], f"batch {seen}[{key!r}]")
+        seen += 1
+    assert seen == N // 2
 
 
 def test_bad_worker_mode_raises():

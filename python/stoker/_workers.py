@@ -9,6 +9,11 @@ tensor viewing it has been freed. A tensor collate stacks that is too large for 
 shared-memory segment of its own, and so does every one of a batch whose task was sent while every slot was
 held by the user; they travel by handle, as torch's loader sends them. A batch that does not fit its slot
 otherwise (a collate_fn's own tensors) travels pickled.
+
+Tasks reach a worker through a queue of its own; its answers come back through a pipe of its own, written by the
+worker's thread itself (no feeder thread, no lock shared between workers), and the main process reads whichever
+worker has an answer waiting. At most prefetch_factor x num_workers batches are asked for and not yet handed to
+the user, those that arrived ahead of their turn included, so the ring's slots cover them.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import os
 import pickle
 import queue
 import random
+import select
 import signal
+import struct
 import tempfile
 import threading
 import time
@@ -34,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions for the pickled path
+from multiprocessing import connection as _mp_connection
 from multiprocessing.reduction import ForkingPickler
 from torch.utils.data._utils import worker as _torch_worker
 
@@ -468,9 +476,62 @@ class _WorkerError:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _send(result_queue, msg, worker_id: int) -> None:
-    """Pickles a result here, not in the queue's feeder thread, where a failure would be printed and the
-    result lost (leaving the main process waiting): a batch that cannot be pickled becomes an error."""
+_HEADER = struct.Struct("<Q")  # a message's length, before its bytes
+
+
+class _Disconnected(BaseException):
+    """The main process is gone or stopped listening: the worker ends (not an Exception, so that no handler
+    of a dataset's error takes it)."""
+
+
+class _ResultWriter:
+    """A worker's end of its own result pipe: each message is its length and its bytes, written by this
+    thread. The pipe is the worker's alone, so no lock is shared with other workers (a worker killed while
+    writing cannot stall the others) and no feeder thread hands the bytes over (one thread switch and GIL
+    hand-off fewer per batch than a multiprocessing queue). Writes never block for long: while the pipe is
+    full the worker checks every _PARENT_CHECK_S that its parent lives, and ends if it does not."""
+
+    def __init__(self, conn, parent_pid: int) -> None:
+        self._conn = conn  # owns the descriptor
+        self._fd = conn.fileno()
+        self._parent_pid = parent_pid
+        os.set_blocking(self._fd, False)
+
+    def put(self, data) -> None:
+        for part in (_HEADER.pack(len(data)), data):
+            view = memoryview(part).cast("B")
+            while len(view):
+                try:
+                    view = view[os.write(self._fd, view):]
+                except BlockingIOError:
+                    _, writable, _ = select.select([], [self._fd], [], _PARENT_CHECK_S)
+                    if not writable and os.getppid() != self._parent_pid:
+                        raise _Disconnected from None
+                except (BrokenPipeError, OSError):
+                    raise _Disconnected from None
+
+
+def _read_message(fd: int) -> bytearray:
+    """One message of a worker's result pipe (see _ResultWriter); EOFError once the worker has closed it."""
+    header = _read_exact(fd, _HEADER.size)
+    return _read_exact(fd, _HEADER.unpack(header)[0])
+
+
+def _read_exact(fd: int, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.readv(fd, [view[got:]])
+        if k == 0:
+            raise EOFError
+        got += k
+    return buf
+
+
+def _send(writer: _ResultWriter, msg, worker_id: int) -> None:
+    """Pickles a result and writes it; a batch that cannot be pickled becomes an error (never a lost result
+    that would leave the main process waiting)."""
     try:
         data = ForkingPickler.dumps(msg)
     except Exception as exc:
@@ -480,7 +541,7 @@ def _send(result_queue, msg, worker_id: int) -> None:
             data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot, position))
         except Exception:  # the dataset's state itself does not pickle
             data = ForkingPickler.dumps((generation, number, worker_id, "error", err, slot, None))
-    result_queue.put(data.tobytes() if isinstance(data, memoryview) else bytes(data))
+    writer.put(data)
 
 
 def is_stateful(dataset) -> bool:
@@ -488,11 +549,40 @@ def is_stateful(dataset) -> bool:
     return callable(getattr(dataset, "state_dict", None)) and callable(getattr(dataset, "load_state_dict", None))
 
 
-def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, slot_bytes, slots, worker_id,
+class _Channel:
+    """What a worker gets of its result pipe when it starts: the write end (set only for the start) and, in a
+    forked worker, the descriptors of the main process's read ends it inherited."""
+
+    def __init__(self) -> None:
+        self.conn = None
+        self.inherited: list[int] = []
+
+
+def _worker_loop(dataset, auto, collate, index_queue, channel, ring_path, slot_bytes, slots, worker_id,
                  num_workers, base_seed, init_fn, parent_pid, iterable):
     # iterable: (batch_size, drop_last) for an IterableDataset, which this worker iterates itself (a new pass
     # at each epoch, i.e. each new task generation); None for a map-style dataset, loaded by the indices sent.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    if channel.inherited:
+        # Each is replaced by /dev/null rather than closed: the number stays taken, so the copy of the main
+        # process's objects here can never close a descriptor this worker opens later under the same number.
+        null = os.open(os.devnull, os.O_RDONLY)
+        for fd in channel.inherited:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+        os.close(null)
+    results = _ResultWriter(channel.conn, parent_pid)
+    try:
+        _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, slots, worker_id,
+               num_workers, base_seed, init_fn, parent_pid, iterable)
+    except _Disconnected:
+        if os.getppid() != parent_pid:  # orphaned, maybe before the main process could remove the ring's file
+            with contextlib.suppress(OSError):
+                os.unlink(ring_path)
+
+
+def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, slots, worker_id,
+           num_workers, base_seed, init_fn, parent_pid, iterable):
     torch.set_num_threads(1)
     # A pool of our own: a fork may have copied the parent's pool while another thread held its lock.
     fresh = _native.core.BufferPool(64 << 20)
@@ -521,7 +611,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
     source: IterableSource | None = None
     source_generation = None
     stateful = is_stateful(dataset)
-    result_queue.put(ForkingPickler.dumps(("ready", worker_id)).tobytes())
+    results.put(ForkingPickler.dumps(("ready", worker_id)))
     while True:
         try:
             task = index_queue.get(timeout=_PARENT_CHECK_S)
@@ -540,7 +630,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
         position = None  # an IterableDataset's own state after this batch (stateful datasets)
 
         def reply(kind, payload):
-            _send(result_queue, (generation, number, worker_id, kind, payload, slot, position), worker_id)
+            _send(results, (generation, number, worker_id, kind, payload, slot, position), worker_id)
 
         if init_error is not None:
             # Every batch of a map-style dataset fails alike; an IterableDataset's copy reports it once per
@@ -557,7 +647,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
             try:
                 if start is not None and start[1] is not None:
                     dataset.load_state_dict(start[1])
-                _send(result_queue, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()), worker_id)
+                _send(results, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()), worker_id)
             except Exception as exc:
                 reply("error", _WorkerError(exc, worker_id, "while loading its copy of the dataset's state"))
                 continue
@@ -568,7 +658,7 @@ def _worker_loop(dataset, auto, collate, index_queue, result_queue, ring_path, s
                     source = IterableSource.begin(dataset, auto, *iterable, start)
                     if stateful:
                         # Where this pass starts, for a state taken before the user has any batch of it.
-                        _send(result_queue, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()),
+                        _send(results, (generation, -1, worker_id, "started", None, -1, dataset.state_dict()),
                               worker_id)
                 except Exception as exc:
                     source = None
@@ -689,7 +779,12 @@ class WorkerPool:
         finally:
             os.close(fd)
         self.ring = _native.core.SlotRing(self.ring_path, self.slot_bytes, self.slots)
-        self.result_queue = ctx.Queue()
+        self._ctx = ctx
+        # Per started worker, the descriptor of its result pipe's read end (None once closed). Plain descriptors,
+        # closed only by shutdown: a Connection object's own finaliser could close one a second time when the
+        # pool is collected in a cycle with it.
+        self.results: list[int | None] = []
+        self._next_result = 0  # where the next look for a message starts (turns between the workers)
         self.index_queues = []
         self.workers = []
         self.generation = 0
@@ -700,6 +795,7 @@ class WorkerPool:
         self._rest_due = 0.0  # when the workers not started yet start at the latest (see begin)
         self._replied = False  # the first worker is set up (or has replied): the others may be forked
         _pools.add(self)
+        self._channels = [_Channel() for _ in range(self.num_workers)]
         try:
             for wid in range(self.num_workers):
                 iq = ctx.Queue()
@@ -707,7 +803,7 @@ class WorkerPool:
                 self.index_queues.append(iq)
                 self.workers.append(ctx.Process(
                     target=_worker_loop,
-                    args=(loader.dataset, loader._auto_collation, collate, iq, self.result_queue, self.ring_path,
+                    args=(loader.dataset, loader._auto_collation, collate, iq, self._channels[wid], self.ring_path,
                           self.slot_bytes, self.slots, wid, self.num_workers, base_seed, loader.worker_init_fn,
                           self.pid, self.iterable),
                     daemon=True,
@@ -744,11 +840,68 @@ class WorkerPool:
         try:
             with _frozen_for_fork(self.start_method):
                 while self._launched < end:
-                    self.workers[self._launched].start()
+                    self._start_worker(self._launched)
                     self._launched += 1
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_worker(self, wid: int) -> None:
+        """Starts worker `wid` with a result pipe of its own, made just before it starts so that no worker
+        started earlier holds its write end: the main process then reads end-of-file when it dies."""
+        conn, writer = self._ctx.Pipe(duplex=False)
+        try:
+            reader = os.dup(conn.fileno())
+        finally:
+            conn.close()
+        channel = self._channels[wid]
+        channel.conn = writer
+        # A forked worker inherits the read ends of the result pipes (its own included) and lets them go, so
+        # that closing them here ends a worker waiting to write (see shutdown).
+        if self.start_method == "fork":
+            channel.inherited = [r for r in (*self.results, reader) if r is not None]
+        try:
+            self.workers[wid].start()
+        except BaseException:
+            os.close(reader)
+            raise
+        finally:
+            writer.close()  # the worker's own now
+            channel.conn = None
+        self.results.append(reader)
+
+    def _pending(self) -> bool:
+        """Whether a worker's message is waiting to be read."""
+        live = [r for r in self.results if r is not None]
+        return bool(live) and bool(_mp_connection.wait(live, 0))
+
+    def _read(self, timeout: float):
+        """The next message of any worker (taking turns among those with one waiting), or None after
+        `timeout` seconds; RuntimeError if a worker closed its pipe (it died, or exited)."""
+        live = [r for r in self.results if r is not None]
+        if not live:
+            time.sleep(timeout)
+            return None
+        ready = _mp_connection.wait(live, timeout)
+        if not ready:
+            return None
+        n = len(self.results)
+        for k in range(n):
+            wid = (self._next_result + k) % n
+            reader = self.results[wid]
+            if reader is not None and reader in ready:
+                self._next_result = wid + 1
+                try:
+                    return _read_message(reader)
+                except (EOFError, OSError):
+                    self.results[wid] = None
+                    os.close(reader)
+                    proc = self.workers[wid]
+                    proc.join(timeout=_EXIT_GRACE_S)  # its exit status, for the error's message
+                    self._check_workers()
+                    self.shutdown()
+                    raise RuntimeError(f"DataLoader worker (pid(s) {proc.pid}) exited unexpectedly") from None
+        return None
 
     def pids(self) -> list[int]:
         return [w.pid for w in self.workers]
@@ -776,19 +929,19 @@ class WorkerPool:
         deadline = None if not timeout else time.monotonic() + timeout
         while True:
             if self._launched < self.num_workers and not self._closed:
-                if (self._replied or time.monotonic() >= self._rest_due) and self.result_queue.empty():
+                if (self._replied or time.monotonic() >= self._rest_due) and not self._pending():
                     self.start(self._launched + 1)
                     continue
             wait = _POLL_S if deadline is None else max(0.0, min(_POLL_S, deadline - time.monotonic()))
             if self._launched < self.num_workers and not self._replied:
                 wait = min(wait, max(0.0, self._rest_due - time.monotonic()))
-            try:
-                msg = pickle.loads(self.result_queue.get(timeout=wait))
-            except queue.Empty:
+            data = self._read(wait)
+            if data is None:
                 self._check_workers()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise RuntimeError(f"DataLoader timed out after {timeout} seconds") from None
                 continue
+            msg = pickle.loads(data)
             if msg[0] == "ready":
                 self._replied = True  # the first worker is set up: the others may be forked now
                 self._ready += 1
@@ -815,6 +968,12 @@ class WorkerPool:
                 iq.put(None)
             except Exception:
                 pass
+        # A worker waiting for room in its result pipe ends as soon as its read end is closed.
+        results, self.results = self.results, [None] * len(self.results)
+        for r in results:
+            if r is not None:
+                with contextlib.suppress(OSError):
+                    os.close(r)
         # Idle workers exit at once; one still busy with a sample (say after a timeout) is not waited for.
         started = [w for w in self.workers if w.pid is not None]
         deadline = time.monotonic() + _EXIT_GRACE_S
@@ -824,7 +983,7 @@ class WorkerPool:
             if w.exitcode is None:
                 w.terminate()
                 w.join(timeout=1.0)
-        for q in [*self.index_queues, self.result_queue]:
+        for q in self.index_queues:
             try:
                 q.cancel_join_thread()
                 q.close()
@@ -937,7 +1096,7 @@ class ProcessBatches:
 
     def _top_up(self) -> None:
         pool = self.pool
-        while not self.exhausted and len(self.outstanding) < self.limit:
+        while not self.exhausted and len(self.outstanding) + len(self.ready) < self.limit:
             indices = None
             if not self.iterable:
                 try:
