@@ -519,13 +519,15 @@ def test_interpreter_exit_with_live_workers_is_prompt():
     assert not _alive(pids)
 
 
-def test_orphaned_workers_exit():
-    proc = _run_script("""
+@pytest.mark.parametrize("context", ["fork", "forkserver"])
+def test_orphaned_workers_exit(context):
+    proc = _run_script(f"""
         import os, stoker
         from stoker import _workers
         from test_workers import Identity
         _workers.WorkerPool._unlink = lambda self: None  # as if killed before the ring's file could be removed
-        it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2, persistent_workers=True))
+        it = iter(stoker.DataLoader(Identity(), batch_size=4, num_workers=2, persistent_workers=True,
+                                    multiprocessing_context={context!r}))
         next(it), next(it)  # a batch of each worker: both are running
         print(" ".join(str(w.pid) for w in it._workers), flush=True)
         print(it._pool.ring_path, flush=True)
@@ -607,6 +609,21 @@ def test_batches_waiting_for_their_turn_keep_to_the_ring():
             assert_same(batch[key], want[key], f"batch {seen}[{key!r}]")
         seen += 1
     assert seen == N // 2
+
+
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_idle_workers_of_other_start_methods_stay(context):
+    # A forkserver worker's parent is the fork server, not the main process: idle for longer than its check
+    # of the parent, it must not take itself for an orphan.
+    loader = stoker.DataLoader(Identity(), batch_size=4, num_workers=2, multiprocessing_context=context,
+                               persistent_workers=True)
+    it = iter(loader)
+    head = [next(it), next(it)]
+    time.sleep(_workers._PARENT_CHECK_S * 2.5)
+    assert all(w.is_alive() for w in it._workers)
+    got = head + list(it)
+    assert [b["i"].tolist() for b in got] == [list(range(k, k + 4)) for k in range(0, N, 4)]
+    assert [b["i"].tolist() for b in loader] == [list(range(k, k + 4)) for k in range(0, N, 4)]  # a second epoch
 
 
 def test_bad_worker_mode_raises():

@@ -479,6 +479,23 @@ class _WorkerError:
 _HEADER = struct.Struct("<Q")  # a message's length, before its bytes
 
 
+class _Parent:
+    """How a worker tells that the main process is gone. A forked or spawned worker is the main process's
+    child: its parent changes when the main process ends. A forkserver worker is the fork server's child, and
+    the fork server lives as long as any process it started (each holds its liveness pipe), so its workers
+    watch a pipe of their own instead, whose only write end the main process holds: it reads end-of-file
+    once the main process is gone (or has shut the pool down)."""
+
+    def __init__(self, pid: int, alive=None) -> None:
+        self.pid = pid
+        self.alive = alive  # the read end of the main process's liveness pipe (forkserver), or None
+
+    def gone(self) -> bool:
+        if self.alive is not None:
+            return bool(select.select([self.alive], [], [], 0)[0])  # nothing is ever written: end-of-file
+        return os.getppid() != self.pid
+
+
 class _Disconnected(BaseException):
     """The main process is gone or stopped listening: the worker ends (not an Exception, so that no handler
     of a dataset's error takes it)."""
@@ -491,10 +508,10 @@ class _ResultWriter:
     hand-off fewer per batch than a multiprocessing queue). Writes never block for long: while the pipe is
     full the worker checks every _PARENT_CHECK_S that its parent lives, and ends if it does not."""
 
-    def __init__(self, conn, parent_pid: int) -> None:
+    def __init__(self, conn, parent: _Parent) -> None:
         self._conn = conn  # owns the descriptor
         self._fd = conn.fileno()
-        self._parent_pid = parent_pid
+        self._parent = parent
         os.set_blocking(self._fd, False)
 
     def put(self, data) -> None:
@@ -505,7 +522,7 @@ class _ResultWriter:
                     view = view[os.write(self._fd, view):]
                 except BlockingIOError:
                     _, writable, _ = select.select([], [self._fd], [], _PARENT_CHECK_S)
-                    if not writable and os.getppid() != self._parent_pid:
+                    if not writable and self._parent.gone():
                         raise _Disconnected from None
                 except (BrokenPipeError, OSError):
                     raise _Disconnected from None
@@ -550,18 +567,21 @@ def is_stateful(dataset) -> bool:
 
 
 class _Channel:
-    """What a worker gets of its result pipe when it starts: the write end (set only for the start) and, in a
-    forked worker, the descriptors of the main process's read ends it inherited."""
+    """What a worker gets of its result pipe when it starts: the write end (set only for the start); in a
+    forked worker, the descriptors of the main process's read ends it inherited; for a forkserver worker, the
+    read end of the main process's liveness pipe (see _Parent)."""
 
     def __init__(self) -> None:
         self.conn = None
         self.inherited: list[int] = []
+        self.alive = None
 
 
 def _worker_loop(dataset, auto, collate, index_queue, channel, ring_path, slot_bytes, slots, worker_id,
                  num_workers, base_seed, init_fn, parent_pid, iterable):
     # iterable: (batch_size, drop_last) for an IterableDataset, which this worker iterates itself (a new pass
     # at each epoch, i.e. each new task generation); None for a map-style dataset, loaded by the indices sent.
+    # parent_pid: the main process's pid.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     if channel.inherited:
         # Each is replaced by /dev/null rather than closed: the number stays taken, so the copy of the main
@@ -571,18 +591,19 @@ def _worker_loop(dataset, auto, collate, index_queue, channel, ring_path, slot_b
             with contextlib.suppress(OSError):
                 os.dup2(null, fd)
         os.close(null)
-    results = _ResultWriter(channel.conn, parent_pid)
+    parent = _Parent(parent_pid, channel.alive)
+    results = _ResultWriter(channel.conn, parent)
     try:
         _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, slots, worker_id,
-               num_workers, base_seed, init_fn, parent_pid, iterable)
+               num_workers, base_seed, init_fn, parent, iterable)
     except _Disconnected:
-        if os.getppid() != parent_pid:  # orphaned, maybe before the main process could remove the ring's file
+        if parent.gone():  # orphaned, maybe before the main process could remove the ring's file
             with contextlib.suppress(OSError):
                 os.unlink(ring_path)
 
 
 def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, slots, worker_id,
-           num_workers, base_seed, init_fn, parent_pid, iterable):
+           num_workers, base_seed, init_fn, parent, iterable):
     torch.set_num_threads(1)
     # A pool of our own: a fork may have copied the parent's pool while another thread held its lock.
     fresh = _native.core.BufferPool(64 << 20)
@@ -616,7 +637,7 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
         try:
             task = index_queue.get(timeout=_PARENT_CHECK_S)
         except queue.Empty:
-            if os.getppid() != parent_pid:
+            if parent.gone():
                 # Orphaned: the main process is gone, maybe before it could remove the ring's file.
                 with contextlib.suppress(OSError):
                     os.unlink(ring_path)
@@ -796,6 +817,8 @@ class WorkerPool:
         self._replied = False  # the first worker is set up (or has replied): the others may be forked
         _pools.add(self)
         self._channels = [_Channel() for _ in range(self.num_workers)]
+        # forkserver workers watch this pipe for the main process's end (see _Parent): (read, write) ends.
+        self._alive = os.pipe() if self.start_method == "forkserver" else None
         try:
             for wid in range(self.num_workers):
                 iq = ctx.Queue()
@@ -860,6 +883,8 @@ class WorkerPool:
         # that closing them here ends a worker waiting to write (see shutdown).
         if self.start_method == "fork":
             channel.inherited = [r for r in (*self.results, reader) if r is not None]
+        if self._alive is not None:
+            channel.alive = _mp_connection.Connection(os.dup(self._alive[0]), writable=False)
         try:
             self.workers[wid].start()
         except BaseException:
@@ -868,6 +893,9 @@ class WorkerPool:
         finally:
             writer.close()  # the worker's own now
             channel.conn = None
+            if channel.alive is not None:
+                channel.alive.close()
+                channel.alive = None
         self.results.append(reader)
 
     def _pending(self) -> bool:
@@ -970,10 +998,11 @@ class WorkerPool:
                 pass
         # A worker waiting for room in its result pipe ends as soon as its read end is closed.
         results, self.results = self.results, [None] * len(self.results)
-        for r in results:
-            if r is not None:
+        alive, self._alive = self._alive or (), None  # forkserver workers end as soon as it closes
+        for fd in (*results, *alive):
+            if fd is not None:
                 with contextlib.suppress(OSError):
-                    os.close(r)
+                    os.close(fd)
         # Idle workers exit at once; one still busy with a sample (say after a timeout) is not waited for.
         started = [w for w in self.workers if w.pid is not None]
         deadline = time.monotonic() + _EXIT_GRACE_S
