@@ -49,7 +49,8 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
         by_workload.setdefault(rec["workload"], []).append(rec)
     # Every section of the runner left records (or said why it was skipped), and the progress went to stderr.
     # (the GPU section, where it runs, has four workloads: two batch sizes, the training loop, normalising)
-    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped) + (3 if gpu else 0)
+    # (and the first-batch section a second: a later epoch of spawned workers)
+    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped) + (3 if gpu else 0) + 1
     assert f"[{len(_bench.SECTIONS)}/{len(_bench.SECTIONS)}]" in proc.stderr
     assert "M samples/s" in proc.stdout
 
@@ -77,6 +78,10 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     first = {r["loader"]: r for r in by_workload["first batch, num_workers=2"]}
     assert first["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
     assert first["stoker num_workers=2"]["first_batch_ms"] > 0
+    later = {r["loader"]: r for r in by_workload["first batch of a later epoch, spawn, num_workers=2"]}
+    assert set(later) == {"torch num_workers=2", "stoker num_workers=2"}
+    assert later["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
+    assert all(r["first_batch_ms"] > 0 for r in later.values())
     pss = {r["loader"]: r for r in by_workload["peak PSS, num_workers=2"]}
     assert {"torch num_workers=2", "stoker num_workers=2"} <= set(pss)
     # The other loaders sit in the first-batch and memory sections too, where they are installed (--quick leaves

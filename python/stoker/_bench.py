@@ -486,6 +486,45 @@ def bench_first_batch(opts: Options) -> list[dict]:
                         "ratio_to_torch": ms / torch_ms})
         print(f"  {name:<44} {ms:9.1f} ms   x{ms / torch_ms:6.2f} of torch's   (min {1e3 * min(values):.1f}, "
               f"max {1e3 * max(values):.1f})", file=opts.out, flush=True)
+    return records + _later_epoch_spawn(opts)
+
+
+def _later_epoch_spawn(opts: Options) -> list[dict]:
+    """Time from iter() to the first batch of each later epoch with spawned workers that are not persistent
+    (torch starts two interpreters and sends them the dataset at every epoch; stoker forks them from the process
+    that received it once)."""
+    n = max(2_000, int(10_000 * opts.scale))
+    crop = _crop_flip(n)
+    epochs = 2 if opts.quick else 4
+    print(f"\ntime from iter() to the first batch of epochs 2-{epochs + 1}, num_workers=2, multiprocessing_context="
+          f"'spawn', not persistent, crop + flip ({n} samples, {crop.images.nbytes >> 20} MiB), batch 256",
+          file=opts.out, flush=True)
+    makers = {"torch num_workers=2": lambda: TorchDataLoader(crop, batch_size=256, shuffle=True, num_workers=2,
+                                                             multiprocessing_context="spawn"),
+              "stoker num_workers=2": lambda: stoker.DataLoader(crop, batch_size=256, shuffle=True, num_workers=2,
+                                                                multiprocessing_context="spawn")}
+    records, torch_ms = [], None
+    for name, make in makers.items():
+        loader = make()
+        for _batch in loader:  # the first epoch starts what the later ones reuse, if anything
+            pass
+        times = []
+        for _ in range(epochs):
+            start = time.perf_counter()
+            it = iter(loader)
+            next(it)
+            times.append(time.perf_counter() - start)
+            for _batch in it:
+                pass
+            del it
+        del loader
+        gc.collect()
+        ms = 1e3 * statistics.median(times)
+        torch_ms = ms if torch_ms is None else torch_ms
+        records.append({"workload": "first batch of a later epoch, spawn, num_workers=2", "loader": name,
+                        "first_batch_ms": ms, "ratio_to_torch": ms / torch_ms})
+        print(f"  {name:<44} {ms:9.1f} ms   x{ms / torch_ms:6.2f} of torch's   (min {1e3 * min(times):.1f}, "
+              f"max {1e3 * max(times):.1f})", file=opts.out, flush=True)
     return records
 
 

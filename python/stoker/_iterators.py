@@ -21,8 +21,8 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate, _cuda, _resume
 from stoker._native import POOL, core, from_dlpack
-from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, is_stateful, load_batch,
-                             set_thread_worker_info, shutdown_all)
+from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
+                             load_batch, set_thread_worker_info, shutdown_all, start_method_of)
 
 __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
@@ -483,7 +483,12 @@ class ProcessIterator(_Iterator):
         iterable = loader._dataset_kind != _DatasetKind.Map
         created = pool is None
         if created:
-            pool = WorkerPool(loader, collate, self._base_seed, iterable)
+            zygote = None
+            if start_method_of(loader) in ("spawn", "forkserver"):
+                # Spawned workers are forked from one process that received the dataset once (see Zygote): no
+                # new interpreter, nor unpickling, per worker and epoch, and the workers share its pages.
+                zygote = Zygote.for_loader(loader, collate, iterable)
+            pool = WorkerPool(loader, collate, self._base_seed, iterable, zygote)
             if persistent:
                 loader._stoker_pool = pool
         else:

@@ -42,14 +42,15 @@ import numpy as np
 import torch
 import torch.multiprocessing  # noqa: F401 - registers torch's tensor reductions for the pickled path
 from multiprocessing import connection as _mp_connection
+from multiprocessing import reduction as _reduction
 from multiprocessing.reduction import ForkingPickler
 from torch.utils.data._utils import worker as _torch_worker
 
 from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 
-__all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "is_stateful", "load_batch",
-           "seed_sample", "set_thread_worker_info", "shutdown_all"]
+__all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
+           "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -643,7 +644,13 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
                     os.unlink(ring_path)
                 return
             continue
-        except (EOFError, OSError, KeyboardInterrupt):
+        except (EOFError, OSError):
+            # The task pipe is closed: the main process shut the pool down, or is gone, maybe before it could
+            # remove the ring's file (its name is this pool's alone: removing it twice is harmless).
+            with contextlib.suppress(OSError):
+                os.unlink(ring_path)
+            return
+        except KeyboardInterrupt:
             return
         if task is None:
             return
@@ -777,10 +784,18 @@ _pools: weakref.WeakSet = weakref.WeakSet()
 _counter = itertools.count()
 
 
+def start_method_of(loader) -> str:
+    """The start method of the loader's worker processes (its multiprocessing_context, or the default)."""
+    ctx = loader.multiprocessing_context
+    if ctx is None:
+        return multiprocessing.get_context().get_start_method()
+    return multiprocessing.get_context(ctx).get_start_method() if isinstance(ctx, str) else ctx.get_start_method()
+
+
 class WorkerPool:
     """`num_workers` processes serving batches of one dataset, and the ring they write into."""
 
-    def __init__(self, loader, collate, base_seed: int, iterable: bool = False) -> None:
+    def __init__(self, loader, collate, base_seed: int, iterable: bool = False, zygote: Zygote | None = None) -> None:
         self.num_workers = int(loader.num_workers)
         ctx = loader.multiprocessing_context
         if ctx is None:
@@ -818,7 +833,13 @@ class WorkerPool:
         _pools.add(self)
         self._channels = [_Channel() for _ in range(self.num_workers)]
         # forkserver workers watch this pipe for the main process's end (see _Parent): (read, write) ends.
-        self._alive = os.pipe() if self.start_method == "forkserver" else None
+        self._alive = os.pipe() if self.start_method == "forkserver" and zygote is None else None
+        self._zygote = zygote
+        self._base_seed = base_seed
+        if zygote is not None:  # its workers get their task pipes when they start
+            self.index_queues = [None] * self.num_workers
+            self.workers = [_ZygoteWorker(zygote) for _ in range(self.num_workers)]
+            return
         try:
             for wid in range(self.num_workers):
                 iq = ctx.Queue()
@@ -872,6 +893,9 @@ class WorkerPool:
     def _start_worker(self, wid: int) -> None:
         """Starts worker `wid` with a result pipe of its own, made just before it starts so that no worker
         started earlier holds its write end: the main process then reads end-of-file when it dies."""
+        if self._zygote is not None:
+            self._fork_from_zygote(wid)
+            return
         conn, writer = self._ctx.Pipe(duplex=False)
         try:
             reader = os.dup(conn.fileno())
@@ -897,6 +921,23 @@ class WorkerPool:
                 channel.alive.close()
                 channel.alive = None
         self.results.append(reader)
+
+    def _fork_from_zygote(self, wid: int) -> None:
+        """Has the zygote fork worker `wid`, with a task pipe and a result pipe of its own."""
+        task_r, task_w = os.pipe()
+        result_r, result_w = os.pipe()
+        try:
+            self.workers[wid].pid = self._zygote.fork(
+                (self.ring_path, self.slot_bytes, self.slots, wid, self.num_workers, self._base_seed), task_r, result_w)
+        except BaseException:
+            os.close(task_w)
+            os.close(result_r)
+            raise
+        finally:
+            os.close(task_r)  # the worker's own now
+            os.close(result_w)
+        self.index_queues[wid] = _TaskWriter(task_w)
+        self.results.append(result_r)
 
     def _pending(self) -> bool:
         """Whether a worker's message is waiting to be read."""
@@ -993,7 +1034,8 @@ class WorkerPool:
             return
         for iq in self.index_queues:
             try:
-                iq.put(None)
+                if iq is not None:
+                    iq.put(None)
             except Exception:
                 pass
         # A worker waiting for room in its result pipe ends as soon as its read end is closed.
@@ -1014,8 +1056,9 @@ class WorkerPool:
                 w.join(timeout=1.0)
         for q in self.index_queues:
             try:
-                q.cancel_join_thread()
-                q.close()
+                if q is not None:
+                    q.cancel_join_thread()
+                    q.close()
             except Exception:
                 pass
         self._unlink()
@@ -1030,6 +1073,328 @@ class WorkerPool:
 def shutdown_all() -> None:
     for pool in list(_pools):
         pool.shutdown()
+    close_zygotes()
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zygotes: the dataset sent once to workers that are spawned anew each epoch
+# ----------------------------------------------------------------------------------------------------------------
+#
+# With spawn or forkserver and persistent_workers=False, torch starts fresh interpreters at every epoch and sends
+# each of them the dataset (pickled per worker, unpickled in each). A zygote is one process, started the same
+# way, that receives the dataset once and forks each epoch's workers from its copy: every worker still starts
+# as a fresh process with a pristine copy of the dataset as it was pickled (worker_init_fn and seeding run in
+# it as in torch's), but no interpreter starts, nothing is unpickled again, and the workers share the zygote's
+# pages. The dataset is pickled again at each epoch only to be compared: a loader whose dataset (or
+# collate_fn, worker_init_fn) pickles differently gets a new zygote, so a change made between epochs reaches
+# the workers as it does in torch.
+
+
+class _TaskWriter:
+    """The main process's end of a zygote worker's task pipe, with the part of a queue the pool uses. Tasks are
+    pickled by the caller and written by a thread of this writer's own, so the main thread never waits for a
+    busy worker to read (and a worker waiting to write its answer never waits on the main thread in turn)."""
+
+    _STOP = object()
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._feed, name="stoker-tasks", daemon=True).start()
+
+    def put(self, task) -> None:
+        self._queue.put(bytes(ForkingPickler.dumps(task)))
+
+    def cancel_join_thread(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._queue.put(self._STOP)
+
+    def _feed(self) -> None:
+        try:
+            while True:
+                data = self._queue.get()
+                if data is self._STOP:
+                    return
+                for part in (_HEADER.pack(len(data)), data):
+                    view = memoryview(part)
+                    while len(view):
+                        view = view[os.write(self._fd, view):]
+        except OSError:
+            pass  # the worker is gone
+        finally:
+            os.close(self._fd)
+
+
+class _TaskReader:
+    """A zygote worker's end of its task pipe, read as a worker reads its queue: get(timeout) raises
+    queue.Empty when no task came in time, EOFError once the main process has closed the pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def get(self, timeout: float):
+        if not select.select([self._fd], [], [], timeout)[0]:
+            raise queue.Empty
+        return pickle.loads(_read_message(self._fd))
+
+
+def _zygote_main(dataset, auto, collate, init_fn, iterable, control, alive) -> None:
+    """The zygote's loop: forks a worker for each request of the main process, reaps them and reports their
+    exits; ends when the main process asks, closes the control pipe, or is gone (its liveness pipe)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    me = os.getpid()
+    children: set[int] = set()
+    # A dataset whose unpickling started CUDA cannot be forked from (CUDA does not survive a fork): the main
+    # process then spawns workers per epoch instead.
+    cuda = getattr(torch, "cuda", None)
+    try:
+        control.send(("ready", bool(cuda is not None and cuda.is_initialized())))
+    except OSError:
+        return
+    while True:
+        ready = select.select([control, alive], [], [], _POLL_S)[0]
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            children.discard(pid)
+            with contextlib.suppress(OSError):
+                control.send(("exited", pid, os.waitstatus_to_exitcode(status)))
+        if alive in ready:
+            return
+        if control not in ready:
+            continue
+        try:
+            msg = control.recv()
+            if msg[0] == "kill":
+                if msg[1] in children:
+                    os.kill(msg[1], signal.SIGTERM)
+                continue
+            if msg[0] != "fork":
+                return
+            task_fd = _reduction.recv_handle(control)
+            result_fd = _reduction.recv_handle(control)
+        except (EOFError, OSError):
+            return
+        ring_path, slot_bytes, slots, wid, num_workers, base_seed = msg[1]
+        with _frozen_for_fork("fork"):
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                control.close()
+                alive.close()
+                channel = _Channel()
+                channel.conn = _mp_connection.Connection(result_fd, readable=False)
+                _worker_loop(dataset, auto, collate, _TaskReader(task_fd), channel, ring_path, slot_bytes, slots, wid,
+                             num_workers, base_seed, init_fn, me, iterable)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(task_fd)
+        os.close(result_fd)
+        children.add(pid)
+        try:
+            control.send(("forked", pid))
+        except OSError:
+            return
+
+
+def _zygote_key(loader, collate, iterable) -> bytes | None:
+    """A digest of what the zygote's workers get once (dataset, collate_fn, worker_init_fn and the batching
+    of an IterableDataset), or None when it does not pickle (the pool then spawns its workers as torch does).
+    The pickle streams into the hash: no copy of a large dataset is made to compare it."""
+    import hashlib
+
+    class _Hash:
+        def __init__(self) -> None:
+            self.h = hashlib.sha256()  # the fastest of hashlib's on the machines measured (SHA extensions)
+
+        def write(self, data) -> None:
+            self.h.update(data)
+
+    sink = _Hash()
+    try:
+        pickle.Pickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(
+            (loader.dataset, loader._auto_collation, collate, loader.worker_init_fn, iterable))
+    except Exception:
+        return None
+    return sink.h.digest()
+
+
+_zygotes: weakref.WeakSet = weakref.WeakSet()
+
+
+class Zygote:
+    """The main process's side of a zygote (see above): start, fork a worker, learn how workers ended, close."""
+
+    def __init__(self, ctx, key: bytes, loader, collate, iterable) -> None:
+        self.key = key
+        self.pid = os.getpid()  # the process that owns it
+        self.exits: dict[int, int] = {}  # worker pid -> exit code, as the zygote reported them
+        self._closed = False
+        self._control, child = ctx.Pipe(duplex=True)
+        alive_r, self._alive = os.pipe()  # the zygote ends when the write end, kept here, closes
+        alive = _mp_connection.Connection(alive_r, writable=False)
+        self.process = ctx.Process(target=_zygote_main, args=(
+            loader.dataset, loader._auto_collation, collate, loader.worker_init_fn, iterable, child, alive),
+            daemon=True)
+        try:
+            self.process.start()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            child.close()
+            alive.close()
+        _zygotes.add(self)
+
+    def __reduce__(self):
+        return _no_zygote, ()  # a copied or pickled loader starts a zygote of its own when it needs one
+
+    def ready(self) -> bool:
+        """Waits for the zygote's first word: False if it cannot fork workers (it then ends)."""
+        while True:
+            msg = self._receive(_POLL_S)
+            if msg is not None:
+                if msg[0] == "ready" and not msg[1]:
+                    return True
+                break
+            if self.process.exitcode is not None:
+                break
+        self.close()
+        return False
+
+    @classmethod
+    def for_loader(cls, loader, collate, iterable) -> Zygote | None:
+        """The loader's zygote for this epoch: the one it has if what it holds pickles the same, else a new one;
+        None when the dataset does not pickle for the comparison."""
+        ctx = loader.multiprocessing_context
+        ctx = multiprocessing.get_context(ctx) if isinstance(ctx, str) or ctx is None else ctx
+        iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None  # as WorkerPool has it
+        key = _zygote_key(loader, collate, iterable)
+        old = getattr(loader, "_stoker_zygote", None)
+        if old is not None and (old.key != key or not old.alive()):
+            old.close()
+            old = None
+        if key is None or getattr(loader, "_stoker_zygote_refused", None) == key:
+            return None
+        if old is None:
+            old = cls(ctx, key, loader, collate, iterable)
+            if not old.ready():  # CUDA started in it, or it could not start: spawned per epoch, as torch does
+                loader._stoker_zygote_refused = key
+                loader._stoker_zygote = None
+                return None
+            loader._stoker_zygote = old
+            weakref.finalize(loader, old.close)
+        return old
+
+    def alive(self) -> bool:
+        return not self._closed and self.pid == os.getpid() and self.process.exitcode is None
+
+    def _receive(self, timeout: float):
+        """The next message that is not an exit report (exit reports are recorded), or None after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self._control.poll(max(0.0, deadline - time.monotonic())):
+                    return None
+                msg = self._control.recv()
+            except (EOFError, OSError):
+                return None
+            if msg[0] != "exited":
+                return msg
+            self.exits[msg[1]] = msg[2]
+
+    def fork(self, args: tuple, task_fd: int, result_fd: int) -> int:
+        """Has the zygote fork a worker over these pipe ends (duplicated into it); its pid."""
+        try:
+            self._control.send(("fork", args))
+            _reduction.send_handle(self._control, task_fd, self.process.pid)
+            _reduction.send_handle(self._control, result_fd, self.process.pid)
+        except OSError as exc:
+            raise RuntimeError(f"the DataLoader's zygote process (pid {self.process.pid}) is gone: {exc}") from None
+        while True:
+            msg = self._receive(_POLL_S)
+            if msg is not None:
+                return msg[1]
+            if self.process.exitcode is not None:
+                raise RuntimeError(f"the DataLoader's zygote process (pid {self.process.pid}) exited "
+                                   f"unexpectedly (exit code {self.process.exitcode})")
+
+    def exitcode(self, pid: int, wait: float = 0.0):
+        """How worker `pid` ended (as Process.exitcode), or None while it runs; waits up to `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while pid not in self.exits:
+            if self.process.exitcode is not None:
+                return self.exits.get(pid, -signal.SIGKILL)  # the zygote died: its workers cannot outlive it
+            left = deadline - time.monotonic()
+            if self._receive(max(0.0, left)) is None and left <= 0:
+                return None
+        return self.exits[pid]
+
+    def kill(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            self._control.send(("kill", pid))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.pid != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            self._control.send(("stop",))
+        with contextlib.suppress(OSError):
+            os.close(self._alive)
+        proc = getattr(self, "process", None)
+        if proc is not None and proc.pid is not None:
+            proc.join(timeout=_EXIT_GRACE_S)
+            if proc.exitcode is None:
+                proc.terminate()
+                proc.join(timeout=1.0)
+        self._control.close()
+
+
+def _no_zygote() -> None:
+    return None
+
+
+class _ZygoteWorker:
+    """A worker forked by a zygote, with the part of multiprocessing.Process the pool uses."""
+
+    def __init__(self, zygote: Zygote) -> None:
+        self.zygote = zygote
+        self.pid: int | None = None
+
+    @property
+    def exitcode(self):
+        return None if self.pid is None else self.zygote.exitcode(self.pid)
+
+    def is_alive(self) -> bool:
+        return self.pid is not None and self.exitcode is None
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.pid is not None:
+            self.zygote.exitcode(self.pid, wait=3600.0 if timeout is None else timeout)
+
+    def terminate(self) -> None:
+        if self.pid is not None:
+            self.zygote.kill(self.pid)
+
+
+def close_zygotes() -> None:
+    for zygote in list(_zygotes):
+        zygote.close()
 
 
 class IterablePosition:
