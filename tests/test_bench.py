@@ -49,8 +49,8 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
         by_workload.setdefault(rec["workload"], []).append(rec)
     # Every section of the runner left records (or said why it was skipped), and the progress went to stderr.
     # (the GPU section, where it runs, has four workloads: two batch sizes, the training loop, normalising)
-    # (and the first-batch section a second: a later epoch of spawned workers)
-    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped) + (3 if gpu else 0) + 1
+    # (and the first-batch and memory sections a second each: spawned workers)
+    assert len(by_workload) == len(_bench.SECTIONS) - len(skipped) + (3 if gpu else 0) + 2
     assert f"[{len(_bench.SECTIONS)}/{len(_bench.SECTIONS)}]" in proc.stderr
     assert "M samples/s" in proc.stdout
 
@@ -93,6 +93,10 @@ def test_quick_run_writes_every_section_as_records(tmp_path):
     for r in pss.values():
         assert r["peak_pss_mib"] >= r["idle_pss_mib"] > 0 and r["processes_at_peak"] >= 1
     assert pss["torch num_workers=2"]["ratio_to_torch"] == pytest.approx(1.0)
+    spawned = {r["loader"]: r for r in by_workload["peak PSS, num_workers=2, spawn"]}
+    assert set(spawned) == {"torch num_workers=2, spawn", "stoker num_workers=2, spawn"}
+    assert spawned["torch num_workers=2, spawn"]["ratio_to_torch"] == pytest.approx(1.0)
+    assert all(r["peak_pss_mib"] >= r["idle_pss_mib"] > 0 for r in spawned.values())
 
     memory = by_workload["peak RSS"]
     assert [r["loader"].split()[0] for r in memory] == ["torch", "stoker"]

@@ -536,6 +536,10 @@ def _pss_child(kind: str, n: int, epochs: int) -> None:
         loader = TorchDataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
     elif kind == "stoker":
         loader = stoker.DataLoader(crop, batch_size=256, shuffle=True, num_workers=2)
+    elif kind == "torch-spawn":
+        loader = TorchDataLoader(crop, batch_size=256, shuffle=True, num_workers=2, multiprocessing_context="spawn")
+    elif kind == "stoker-spawn":
+        loader = stoker.DataLoader(crop, batch_size=256, shuffle=True, num_workers=2, multiprocessing_context="spawn")
     elif kind == "torchdata":
         loader = _torchdata_nodes_loader(crop, 256, 2, "process")
     elif kind == "grain":
@@ -651,16 +655,24 @@ def bench_pss(opts: Options) -> list[dict]:
         else:
             print(f"  ({kind} is not installed or does not import ({why}): its column is skipped)", file=opts.out,
                   flush=True)
+    records = _pss_rows(opts, "peak PSS, num_workers=2", names, kinds, n, "torch")
+    # Spawned workers, which receive the dataset pickled (torch: each worker its own copy, every epoch).
+    print("  spawned workers (multiprocessing_context='spawn', not persistent):", file=opts.out, flush=True)
+    spawned = {"torch-spawn": "torch num_workers=2, spawn", "stoker-spawn": "stoker num_workers=2, spawn"}
+    return records + _pss_rows(opts, "peak PSS, num_workers=2, spawn", spawned, list(spawned), n, "torch-spawn")
+
+
+def _pss_rows(opts: Options, workload: str, names: dict, kinds: list, n: int, base_kind: str) -> list[dict]:
     measured = {}
     for kind in kinds:
         opts.progress(f"{kind} in a fresh process")
         measured[kind] = _measure_pss(kind, n, 2)
-    base = measured["torch"]
+    base = measured[base_kind]
     records = []
     for kind, m in measured.items():
         growth = m["peak_pss_mib"] - m["idle_pss_mib"]
         base_growth = base["peak_pss_mib"] - base["idle_pss_mib"]
-        rec = {"workload": "peak PSS, num_workers=2", "loader": names[kind], **m, "loading_pss_mib": growth,
+        rec = {"workload": workload, "loader": names[kind], **m, "loading_pss_mib": growth,
                "ratio_to_torch": m["peak_pss_mib"] / base["peak_pss_mib"],
                "loading_ratio_to_torch": growth / base_growth if base_growth > 0 else None}
         records.append(rec)
