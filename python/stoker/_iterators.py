@@ -8,6 +8,7 @@ import copy
 import functools
 import itertools
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -484,9 +485,11 @@ class ProcessIterator(_Iterator):
         created = pool is None
         if created:
             zygote = None
-            if start_method_of(loader) in ("spawn", "forkserver"):
+            if start_method_of(loader) in ("spawn", "forkserver") and sys.platform.startswith("linux"):
                 # Spawned workers are forked from one process that received the dataset once (see Zygote): no
-                # new interpreter, nor unpickling, per worker and epoch, and the workers share its pages.
+                # new interpreter, nor unpickling, per worker and epoch, and the workers share its pages. Linux
+                # only: elsewhere (macOS above all) forking a process that has started system frameworks is not
+                # safe, which is why spawn is the default there.
                 zygote = Zygote.for_loader(loader, collate, iterable)
             pool = WorkerPool(loader, collate, self._base_seed, iterable, zygote)
             if persistent:
