@@ -1141,11 +1141,16 @@ class _TaskReader:
         return pickle.loads(_read_message(self._fd))
 
 
-def _zygote_main(dataset, auto, collate, init_fn, iterable, control, alive) -> None:
-    """The zygote's loop: forks a worker for each request of the main process, reaps them and reports their
-    exits; ends when the main process asks, closes the control pipe, or is gone (its liveness pipe)."""
+def _zygote_main(source, control, alive) -> None:
+    """The zygote's loop: reads what its workers get (the dataset, ...) from `source`, then forks a worker for
+    each request of the main process, reaps them and reports their exits; ends when the main process asks,
+    closes the control pipe, or is gone (its liveness pipe)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    fd = os.dup(source.fileno())
+    source.close()
+    with os.fdopen(fd, "rb", buffering=1 << 20) as f:
+        dataset, auto, collate, init_fn, iterable = pickle.load(f)
     me = os.getpid()
     children: set[int] = set()
     # A dataset whose unpickling started CUDA cannot be forked from (CUDA does not survive a fork): the main
@@ -1245,18 +1250,28 @@ class Zygote:
         self._control, child = ctx.Pipe(duplex=True)
         alive_r, self._alive = os.pipe()  # the zygote ends when the write end, kept here, closes
         alive = _mp_connection.Connection(alive_r, writable=False)
-        self.process = ctx.Process(target=_zygote_main, args=(
-            loader.dataset, loader._auto_collation, collate, loader.worker_init_fn, iterable, child, alive),
-            daemon=True)
+        # What the workers get goes through a pipe of its own, pickled straight into it: a process start would
+        # pickle it into one buffer first (a second copy of the dataset in this process, for a moment).
+        source_r, source_w = os.pipe()
+        source = _mp_connection.Connection(source_r, writable=False)
+        self.process = ctx.Process(target=_zygote_main, args=(source, child, alive), daemon=True)
         try:
             self.process.start()
         except BaseException:
+            os.close(source_w)
             self.close()
             raise
         finally:
             child.close()
             alive.close()
+            source.close()
         _zygotes.add(self)
+        try:
+            with os.fdopen(source_w, "wb", buffering=1 << 20) as f:
+                ForkingPickler(f, pickle.HIGHEST_PROTOCOL).dump(
+                    (loader.dataset, loader._auto_collation, collate, loader.worker_init_fn, iterable))
+        except Exception:
+            pass  # the zygote is gone, or this does not pickle this way: ready() says so
 
     def __reduce__(self):
         return _no_zygote, ()  # a copied or pickled loader starts a zygote of its own when it needs one
