@@ -393,6 +393,13 @@ def test_timeout_raises_like_torch():
     assert time.monotonic() - start < 2.9  # the worker still sleeping is not waited for
 
 
+def _wait_gone(pids, seconds: float) -> None:
+    """Waits up to `seconds` for the processes to end (they may be another process's children)."""
+    deadline = time.monotonic() + seconds
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _alive(pids):
     out = []
     for pid in pids:
@@ -416,9 +423,7 @@ def test_break_and_del_stop_the_workers():
     pids = [w.pid for w in it._workers]
     assert len(_alive(pids)) == 2
     del it
-    deadline = time.monotonic() + 10
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_gone(pids, 10)
     assert not _alive(pids)
 
 
@@ -513,9 +518,7 @@ def test_interpreter_exit_with_live_workers_is_prompt():
     assert proc.returncode == 0, proc.stderr
     assert time.monotonic() - start < 30
     pids = [int(p) for p in proc.stdout.split()]
-    deadline = time.monotonic() + 10
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_gone(pids, 10)
     assert not _alive(pids)
 
 
@@ -536,9 +539,7 @@ def test_orphaned_workers_exit(context):
     pid_line, ring_path = proc.stdout.splitlines()
     pids = [int(p) for p in pid_line.split()]
     assert len(pids) == 2
-    deadline = time.monotonic() + 15
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone(pids, 15)
     assert not _alive(pids)
     assert not os.path.exists(ring_path)  # the orphans removed it
 
@@ -579,9 +580,7 @@ def test_orphaned_workers_waiting_to_send_exit():
     """)
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 2
-    deadline = time.monotonic() + 15
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone(pids, 15)
     assert not _alive(pids)
 
 

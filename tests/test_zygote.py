@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from helpers import TorchDataLoader, assert_batches_equal
-from test_workers import Counting, Identity, Killer, _alive, _run_script
+from test_workers import Counting, Identity, Killer, _alive, _run_script, _wait_gone
 from torch.utils.data import Dataset, get_worker_info
 
 import stoker
@@ -171,9 +171,7 @@ def test_the_zygote_and_its_workers_end_with_the_main_process():
     """)
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 3
-    deadline = time.monotonic() + 15
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone(pids, 15)
     assert not _alive(pids)
 
 

@@ -599,8 +599,12 @@ def _worker_loop(dataset, auto, collate, index_queue, channel, ring_path, slot_b
                num_workers, base_seed, init_fn, parent, iterable)
     except _Disconnected:
         if parent.gone():  # orphaned, maybe before the main process could remove the ring's file
-            with contextlib.suppress(OSError):
-                os.unlink(ring_path)
+            _remove(ring_path)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, slots, worker_id,
@@ -640,15 +644,13 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
         except queue.Empty:
             if parent.gone():
                 # Orphaned: the main process is gone, maybe before it could remove the ring's file.
-                with contextlib.suppress(OSError):
-                    os.unlink(ring_path)
+                _remove(ring_path)
                 return
             continue
         except (EOFError, OSError):
             # The task pipe is closed: the main process shut the pool down, or is gone, maybe before it could
             # remove the ring's file (its name is this pool's alone: removing it twice is harmless).
-            with contextlib.suppress(OSError):
-                os.unlink(ring_path)
+            _remove(ring_path)
             return
         except KeyboardInterrupt:
             return
@@ -784,12 +786,15 @@ _pools: weakref.WeakSet = weakref.WeakSet()
 _counter = itertools.count()
 
 
-def start_method_of(loader) -> str:
-    """The start method of the loader's worker processes (its multiprocessing_context, or the default)."""
+def _context_of(loader):
+    """The multiprocessing context of the loader's worker processes (its multiprocessing_context, a start
+    method's name or a context, or the default)."""
     ctx = loader.multiprocessing_context
-    if ctx is None:
-        return multiprocessing.get_context().get_start_method()
-    return multiprocessing.get_context(ctx).get_start_method() if isinstance(ctx, str) else ctx.get_start_method()
+    return multiprocessing.get_context(ctx) if ctx is None or isinstance(ctx, str) else ctx
+
+
+def start_method_of(loader) -> str:
+    return _context_of(loader).get_start_method()
 
 
 class WorkerPool:
@@ -797,11 +802,7 @@ class WorkerPool:
 
     def __init__(self, loader, collate, base_seed: int, iterable: bool = False, zygote: Zygote | None = None) -> None:
         self.num_workers = int(loader.num_workers)
-        ctx = loader.multiprocessing_context
-        if ctx is None:
-            ctx = multiprocessing.get_context()
-        elif isinstance(ctx, str):
-            ctx = multiprocessing.get_context(ctx)
+        ctx = _context_of(loader)
         self.start_method = ctx.get_start_method()
         # An IterableDataset is iterated by each worker, cut into (batch_size, drop_last) batches there.
         self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
@@ -815,7 +816,6 @@ class WorkerPool:
         finally:
             os.close(fd)
         self.ring = _native.core.SlotRing(self.ring_path, self.slot_bytes, self.slots)
-        self._ctx = ctx
         # Per started worker, the descriptor of its result pipe's read end (None once closed). Plain descriptors,
         # closed only by shutdown: a Connection object's own finaliser could close one a second time when the
         # pool is collected in a cycle with it.
@@ -896,11 +896,8 @@ class WorkerPool:
         if self._zygote is not None:
             self._fork_from_zygote(wid)
             return
-        conn, writer = self._ctx.Pipe(duplex=False)
-        try:
-            reader = os.dup(conn.fileno())
-        finally:
-            conn.close()
+        reader, write_end = os.pipe()
+        writer = _mp_connection.Connection(write_end, readable=False)  # a Connection travels to a spawned worker
         channel = self._channels[wid]
         channel.conn = writer
         # A forked worker inherits the read ends of the result pipes (its own included) and lets them go, so
@@ -1021,10 +1018,7 @@ class WorkerPool:
             return msg
 
     def _unlink(self) -> None:
-        try:
-            os.unlink(self.ring_path)
-        except OSError:
-            pass
+        _remove(self.ring_path)
 
     def shutdown(self) -> None:
         if self._closed:
@@ -1219,21 +1213,15 @@ def _zygote_key(loader, collate, iterable) -> bytes | None:
     of an IterableDataset), or None when it does not pickle (the pool then spawns its workers as torch does).
     The pickle streams into the hash: no copy of a large dataset is made to compare it."""
     import hashlib
+    import types
 
-    class _Hash:
-        def __init__(self) -> None:
-            self.h = hashlib.sha256()  # the fastest of hashlib's on the machines measured (SHA extensions)
-
-        def write(self, data) -> None:
-            self.h.update(data)
-
-    sink = _Hash()
+    digest = hashlib.sha256()  # the fastest of hashlib's on the machines measured (SHA extensions)
     try:
-        pickle.Pickler(sink, protocol=pickle.HIGHEST_PROTOCOL).dump(
+        pickle.Pickler(types.SimpleNamespace(write=digest.update), protocol=pickle.HIGHEST_PROTOCOL).dump(
             (loader.dataset, loader._auto_collation, collate, loader.worker_init_fn, iterable))
     except Exception:
         return None
-    return sink.h.digest()
+    return digest.digest()
 
 
 _zygotes: weakref.WeakSet = weakref.WeakSet()
@@ -1293,8 +1281,7 @@ class Zygote:
     def for_loader(cls, loader, collate, iterable) -> Zygote | None:
         """The loader's zygote for this epoch: the one it has if what it holds pickles the same, else a new one;
         None when the dataset does not pickle for the comparison."""
-        ctx = loader.multiprocessing_context
-        ctx = multiprocessing.get_context(ctx) if isinstance(ctx, str) or ctx is None else ctx
+        ctx = _context_of(loader)
         iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None  # as WorkerPool has it
         key = _zygote_key(loader, collate, iterable)
         old = getattr(loader, "_stoker_zygote", None)

@@ -55,20 +55,16 @@ void write_segment(const T* __restrict from, int64_t n, const Outputs& o, int32_
   }
 }
 
-void write_tokens(const TokenSource& src, const Segment& s, const Outputs& o, int32_t seg, bool shift) {
-  const int64_t start = src.offsets[s.doc] + s.offset;
-  switch (src.dtype.code) {
+// The tokens at `from` (of the source's dtype) as segment `seg`: see write_segment.
+void write_tokens(DType dtype, const char* from, int64_t n, const Outputs& o, int32_t seg, bool shift) {
+  switch (dtype.code) {
     case DTypeCode::UInt:
-      if (src.dtype.bits == 16)
-        return write_segment(static_cast<const uint16_t*>(src.tokens) + start, s.length, o, seg, shift);
-      if (src.dtype.bits == 32)
-        return write_segment(static_cast<const uint32_t*>(src.tokens) + start, s.length, o, seg, shift);
+      if (dtype.bits == 16) return write_segment(reinterpret_cast<const uint16_t*>(from), n, o, seg, shift);
+      if (dtype.bits == 32) return write_segment(reinterpret_cast<const uint32_t*>(from), n, o, seg, shift);
       break;
     case DTypeCode::Int:
-      if (src.dtype.bits == 32)
-        return write_segment(static_cast<const int32_t*>(src.tokens) + start, s.length, o, seg, shift);
-      if (src.dtype.bits == 64)
-        return write_segment(static_cast<const int64_t*>(src.tokens) + start, s.length, o, seg, shift);
+      if (dtype.bits == 32) return write_segment(reinterpret_cast<const int32_t*>(from), n, o, seg, shift);
+      if (dtype.bits == 64) return write_segment(reinterpret_cast<const int64_t*>(from), n, o, seg, shift);
       break;
     default:
       break;
@@ -196,10 +192,13 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   Prefetcher prefetch(ranges);
   size_t read = 0;  // token bytes of the segments written so far and of the one being written
   prefetch.run_to(kPrefetchAhead);
+  auto range = ranges.begin();  // the tokens of the next segment, in the order the loop below meets them
   int64_t flat = 0;  // position in the flattened batch
   int32_t seg = 0;
   cu[0] = 0;
-  auto at_flat = [&]() { return Outputs{ids + flat, labels + flat, pos + flat, sidx + flat, docs ? docs + flat : nullptr}; };
+  auto at_flat = [&]() {
+    return Outputs{ids + flat, labels + flat, pos + flat, sidx + flat, docs ? docs + flat : nullptr};
+  };
   auto close_segment = [&](int64_t len) {
     flat += len;
     b.max_length = std::max(b.max_length, len);
@@ -212,10 +211,11 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
     const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
     for (int64_t k = first; k < last; ++k) {
       const Segment& s = plan.segments[k];
-      read += static_cast<size_t>(s.length) * token_bytes;
+      const TokenRange& tokens = *range++;
+      read += tokens.bytes;
       prefetch.run_to(read + kPrefetchAhead);
       const Outputs o = at_flat();
-      write_tokens(source, s, o, seg, shift_labels);
+      write_tokens(source.dtype, tokens.data, s.length, o, seg, shift_labels);
       if (docs) std::fill(o.docs, o.docs + s.length, s.doc);
       close_segment(s.length);
     }
