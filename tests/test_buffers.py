@@ -393,3 +393,50 @@ def test_fork_while_native_threads_use_the_pool():
     proc = subprocess.run([sys.executable, "-c", _FORK_WHILE_BUSY], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "hung=0 failed=0" in proc.stdout
+
+
+_FORK_THEN_DROP = r"""
+import gc, os, sys
+import numpy as np
+import stoker
+
+data = np.arange(40000, dtype=np.float32).reshape(-1, 4)
+loader = stoker.DataLoader(data, batch_size=8, shuffle=True, num_workers=2)
+it = iter(loader)
+first = next(it)
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        next(it)
+        code = 3  # the copied iterator's threads are not in the child: it must say so
+    except RuntimeError as e:
+        code = 0 if "(a fork)" in str(e) else 4
+    del it  # dropping the copy must not join, or wait on, the parent's threads
+    gc.collect()
+    again = sum(len(b) for b in loader)  # a new iterator in the child loads with threads of its own
+    os._exit(code if again == len(data) else 5)
+import time
+deadline = time.monotonic() + 60
+while True:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    if time.monotonic() > deadline:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        print("child hung")
+        sys.exit(1)
+    time.sleep(0.01)
+rest = sum(len(b) for b in it)
+print(f"child {os.waitstatus_to_exitcode(status)} parent {len(first) + rest}")
+"""
+
+
+def test_a_forked_child_drops_an_inherited_iterator_without_waiting():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _FORK_THEN_DROP], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == "child 0 parent 10000", proc.stdout + proc.stderr

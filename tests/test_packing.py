@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same, roundtrip
+from helpers import assert_same, native_thread_count, roundtrip
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1519,21 +1519,79 @@ def test_state_counts_batches_received_not_built(k):
     assert len(head) + len(rest) == len(loader)
 
 
-def test_abandoned_iterator_stops_its_threads():
+def _join_plan_ahead():
     import threading
 
+    for t in threading.enumerate():
+        if t.name == "stoker_plan_ahead":
+            t.join(timeout=10)
+            assert not t.is_alive()
+
+
+def test_abandoned_iterator_stops_its_threads():
     docs = _docs_for_threads()
+    list(stoker.PackedLoader(docs, L, 4, seed=5))
+    _join_plan_ahead()
+    before = native_thread_count()
     loader = stoker.PackedLoader(docs, L, 4, seed=5, num_threads=2, prefetch=4)
     it = iter(loader)
     next(it)
+    if before is not None:
+        assert native_thread_count() >= before + 2  # the builders
     it.close()
     it.close()  # idempotent
     del it
     list(loader)  # the loader goes on: a new epoch
-    for t in threading.enumerate():
-        if t.name.startswith("stoker_packing"):
-            t.join(timeout=5)
-            assert not t.is_alive()
+    _join_plan_ahead()
+    if before is not None:
+        assert native_thread_count() == before
+
+
+_FORK_CHILD = r"""
+import os, sys
+import numpy as np
+import stoker
+
+docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([5, 9, 17, 3] * 60)])
+loader = stoker.PackedLoader(docs, 16, 4, seed=1, num_threads=2, prefetch=4)
+expected_next = [b["input_ids"].clone() for b in stoker.PackedLoader(docs, 16, 4, seed=1)]
+it = iter(loader)
+first = next(it)
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        next(it)
+        code = 3  # the copied iterator has no threads: it must say so, not wait for them
+    except RuntimeError as e:
+        code = 0 if "(a fork)" in str(e) else 4
+    del it  # must not join threads that are not there
+    # the loader works on in the child: epoch 1 (planned ahead by a thread of the parent) is planned again
+    # here and built by new threads
+    reference = stoker.PackedLoader(docs, 16, 4, seed=1)
+    reference.set_epoch(1)
+    again, expected = list(loader), list(reference)
+    if len(again) != len(expected) or not all((a["input_ids"] == b["input_ids"]).all()
+                                              for a, b in zip(again, expected)):
+        code = 5
+    os._exit(code)
+_, status = os.waitpid(pid, 0)
+rest = list(it)
+assert len(rest) + 1 == len(expected_next)
+assert all((b["input_ids"] == e).all() for b, e in zip(rest, expected_next[1:]))
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_neither_uses_nor_joins_the_parents_builders(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_CHILD)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "child 0", out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("kwargs", [dict(num_threads=-1), dict(prefetch=0), dict(num_threads=1.5)])

@@ -104,6 +104,28 @@ class IndexStream:
         drop_last: bool,
     ) -> int: ...
 
+class PackPipeline:
+    def __init__(
+        self,
+        plan: PackPlan,
+        source: object,
+        rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+        batch_size: typing.SupportsInt | typing.SupportsIndex,
+        pad_id: typing.SupportsInt | typing.SupportsIndex,
+        doc_ids: bool,
+        shift_labels: bool,
+        start_batch: typing.SupportsInt | typing.SupportsIndex,
+        num_batches: typing.SupportsInt | typing.SupportsIndex,
+        pool: BufferPool,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        depth: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    @property
+    def delivered(self) -> int: ...
+    def next(self) -> object:
+        """The next batch as materialize_packed returns it, or None after the last"""
+    def stop(self) -> None: ...
+
 class PackPlan:
     @property
     def num_rows(self) -> int: ...
@@ -189,7 +211,7 @@ def materialize_packed(
     doc_ids: bool,
     shift_labels: bool,
     pool: BufferPool,
-) -> tuple[dict[typing.Any, typing.Any], int]: ...
+) -> tuple[typing.Any, ...]: ...
 
 def normalize_u8(
     device: typing.SupportsInt | typing.SupportsIndex,

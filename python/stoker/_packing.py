@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import atexit
-import collections
 import operator
 import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -245,12 +244,14 @@ class PackedLoader:
     rows. A batch of padding only (a per-rank mean loss of 0/0) needs a rank with fewer than
     ``1 / batch_size`` of the most rows; :meth:`stats` counts padding rows and the rows and tokens cut.
 
-    By default each batch is built when it is asked for (about 0.1 ms for 8 rows of 4096 tokens on one
-    core). With ``num_threads > 0`` that many threads build up to ``prefetch`` batches (default 4) ahead of
-    the one you take, natively and without the GIL, which pays when batches are large and your loop does
-    work between them (32 rows of 8192 tokens with 4 ms of work per step, 2 cores: 4.6 ms per step against
-    5.5 on demand); for small batches and an idle loop the hand-over costs more than it saves. The state
-    counts the batches you have received, not those built ahead.
+    By default each batch is built when it is asked for (about 15 us for 8 rows of 4096 uint16 tokens from
+    a memory-mapped file, on one core of a 2-core VM). With ``num_threads > 0`` that many native threads
+    build up to ``prefetch`` batches (default 4) ahead of the one you take, without the GIL, which pays when
+    batches are large and your loop does work between them (32 rows of 8192 tokens with 4 ms of work per
+    step, 2 cores: 4.1 ms per step against 4.35 on demand); for small batches and an idle loop building on
+    demand is faster (the block just freed is reused while it is still in cache). The state counts the
+    batches you have received, not those built ahead. Either way, when an epoch starts, the next epoch's
+    plan is built on a thread of its own, so its first batch does not wait for packing.
 
     With ``device="cuda"`` batches are built into page-locked memory and arrive on that GPU, copied on a
     stream of stoker's own ``device_prefetch`` batches (default 2) ahead of use, as with
@@ -293,7 +294,9 @@ class PackedLoader:
         self.generator, self.rank, self.world_size = generator, rank, world_size
         self._epoch = 0
         self._seed: int | None = None
-        self._plan_cache: _EpochPlan | None = None
+        self._plans: dict[tuple, _EpochPlan] = {}  # the newest plans asked for, oldest first
+        self._ahead: _PlanAhead | None = None  # the next epoch's plan, being built
+        self._stats_key: tuple | None = None  # the plan stats() describes: the newest one asked for
         self._cursor: Cursor | None = None  # the newest iterator's position
         self._resume: tuple[int, int] | None = None
 
@@ -313,24 +316,36 @@ class PackedLoader:
                 self._seed = int(drawn) & _SEED_MASK
         return self._seed
 
-    def _plan(self, epoch: int) -> _EpochPlan:
-        """This rank's plan of ``epoch`` and the rows it serves (cached for the newest epoch asked for)."""
-        seed = self._resolve_seed()
+    def _plan_key(self, epoch: int) -> tuple:
+        """What an epoch's plan is a pure function of (besides the documents)."""
         rank, world = self._shard()
-        key = (seed, epoch, rank, world)
-        if self._plan_cache is not None and self._plan_cache.key == key:
-            return self._plan_cache
-        n = len(self.documents)
-        if self.shuffle and n > 0:
-            order = core.IndexStream(n, n, False, True, seed, epoch).batch(0)
-        else:
-            order = np.arange(n, dtype=np.int64)
-        args = (self.documents._source, order, self.seq_len, self.window or 0, _LONG_DOCS[self.long_docs])
-        plan = core.plan_packing(*args, self.shuffle, seed, epoch, rank, world)
-        # every rank plans every shard (about as long as planning the dataset once) to learn their row counts
-        counts = core.packing_shard_rows(*args, world) if world > 1 else np.array([plan.num_rows], np.int64)
-        self._plan_cache = _EpochPlan(key, plan, counts, _shard_rows(plan.num_rows, counts, self.drop_last))
-        return self._plan_cache
+        return (self._resolve_seed(), epoch, rank, world, self.seq_len, self.window, self.long_docs, self.shuffle,
+                self.drop_last, len(self.documents))
+
+    def _plan(self, epoch: int) -> _EpochPlan:
+        """This rank's plan of ``epoch`` and the rows it serves: from the cache (the newest two asked for), from
+        the plan built ahead in the background, or built here."""
+        key = self._plan_key(epoch)
+        self._stats_key = key
+        ep = self._plans.get(key)
+        if ep is None:
+            if self._ahead is not None and self._ahead.key == key:
+                ep, self._ahead = self._ahead.take(), None
+            if ep is None:
+                ep = _make_plan(self.documents._source, key)
+            self._plans[key] = ep
+            while len(self._plans) > 2:
+                del self._plans[next(iter(self._plans))]
+        return ep
+
+    def _plan_ahead(self, epoch: int) -> None:
+        """Starts building ``epoch``'s plan on a thread of its own (the planner runs without the GIL), so that
+        the next epoch's first batch does not wait for its packing: an epoch's plan depends only on the
+        settings, (seed, epoch) and the shard, so building it early changes nothing that is served."""
+        key = self._plan_key(epoch)
+        if key in self._plans or (self._ahead is not None and self._ahead.key == key):
+            return
+        self._ahead = _PlanAhead(self.documents._source, key)
 
     def _num_batches(self, rows: int) -> int:
         return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
@@ -355,7 +370,9 @@ class PackedLoader:
         epoch), ``padding_rows`` (rows of padding only among them, to match the rank with the most rows),
         and ``rows_cut``/``tokens_cut`` (with ``drop_last``: planned rows and their tokens not served, to
         match the rank with the fewest rows and to drop the last partial batch)."""
-        ep = self._plan_cache if self._plan_cache is not None else self._plan(self._epoch)
+        ep = self._plans.get(self._stats_key) if self._stats_key is not None else None
+        if ep is None:
+            ep = self._plan(self._epoch)
         plan = ep.plan
         out = plan.stats()
         out["epoch"] = ep.key[1]
@@ -385,6 +402,7 @@ class PackedLoader:
         cursor = Cursor(epoch, start)
         self._cursor = cursor
         ep = self._plan(epoch)
+        self._plan_ahead(epoch + 1)
         it = _PackedIterator(self, ep.plan, ep.rows, cursor)
         if self._device is None:
             return it
@@ -446,10 +464,47 @@ _PADDING_ROW = -1  # a row id the materialiser writes as a row of padding only
 
 
 class _EpochPlan(NamedTuple):
-    key: tuple[int, int, int, int]  # (seed, epoch, rank, world_size)
+    key: tuple  # PackedLoader._plan_key: (seed, epoch, rank, world_size, then the settings)
     plan: Any  # this rank's core.PackPlan
     counts: np.ndarray  # the row count of every rank's plan
     rows: np.ndarray  # the plan rows this rank serves, in order, _PADDING_ROW for a row of padding
+
+
+def _make_plan(source, key: tuple) -> _EpochPlan:
+    seed, epoch, rank, world, seq_len, window, long_docs, shuffle, drop_last, n = key
+    if shuffle and n > 0:
+        order = core.IndexStream(n, n, False, True, seed, epoch).batch(0)
+    else:
+        order = np.arange(n, dtype=np.int64)
+    args = (source, order, seq_len, window or 0, _LONG_DOCS[long_docs])
+    plan = core.plan_packing(*args, shuffle, seed, epoch, rank, world)
+    # every rank plans every shard (about as long as planning the dataset once) to learn their row counts
+    counts = core.packing_shard_rows(*args, world) if world > 1 else np.array([plan.num_rows], np.int64)
+    return _EpochPlan(key, plan, counts, _shard_rows(plan.num_rows, counts, drop_last))
+
+
+class _PlanAhead:
+    """An epoch's plan built on a thread of its own. Taken once; a plan that failed, or whose thread did not
+    survive a fork, is built again by the caller (so an error is raised where the plan is asked for)."""
+
+    def __init__(self, source, key: tuple) -> None:
+        self.key = key
+        self._pid = os.getpid()
+        self._result: _EpochPlan | None = None
+        self._thread = threading.Thread(target=self._run, args=(source,), name="stoker_plan_ahead")
+        self._thread.start()
+
+    def _run(self, source) -> None:
+        try:
+            self._result = _make_plan(source, self.key)
+        except BaseException:  # built again, and raised, where it is asked for
+            self._result = None
+
+    def take(self) -> _EpochPlan | None:
+        if os.getpid() != self._pid:
+            return None
+        self._thread.join()
+        return self._result
 
 
 def _shard_rows(own: int, counts: np.ndarray, drop_last: bool) -> np.ndarray:
@@ -472,21 +527,23 @@ def _shard_rows(own: int, counts: np.ndarray, drop_last: bool) -> np.ndarray:
 
 
 class _PackedIterator:
-    """One epoch of packed batches; with threads, the next `prefetch` batches are built ahead (any batch of
-    the plan can be built on its own, so they are built in parallel and handed over in order)."""
+    """One epoch of packed batches, built on demand, or with threads by a native pipeline that builds the
+    next `prefetch` batches ahead (any batch of the plan can be built on its own, so they are built in
+    parallel and handed over in order)."""
 
     def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: Cursor) -> None:
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
         self._next_batch = cursor.served
-        self._pending: collections.deque = collections.deque()  # futures of the batches after _next_batch
-        self._executor = None
-        if loader.num_threads > 0 and self._next_batch < self._num_batches:
-            self._executor = ThreadPoolExecutor(loader.num_threads, "stoker_packing")
-            _live_packed.add(self)
-        self._submitted = self._next_batch
         pinned = _cuda.pinned_pool_for(loader._device, False)
         self._pool = POOL if pinned is None else pinned  # page-locked when batches go to a GPU
+        self._pipe = None
+        self._pid = os.getpid()
+        if loader.num_threads > 0 and self._next_batch < self._num_batches:
+            self._pipe = core.PackPipeline(plan, loader.documents._source, rows, loader.batch_size, loader.pad_id,
+                                           loader.return_doc_ids, loader.shift_labels, self._next_batch,
+                                           self._num_batches, self._pool, loader.num_threads, loader.prefetch)
+            _live_packed.add(self)
 
     def __iter__(self):
         return self
@@ -507,27 +564,37 @@ class _PackedIterator:
             self._cursor.finished = True
             self.close()
             raise StopIteration
-        if self._executor is not None:
-            while self._submitted < self._num_batches and len(self._pending) < self._loader.prefetch:
-                self._pending.append(self._executor.submit(self._build, self._submitted))
-                self._submitted += 1
-            capsules, max_length = self._pending.popleft().result()
+        if self._pipe is not None:
+            if self._pid != os.getpid():
+                raise RuntimeError(
+                    f"this stoker iterator was created in process {self._pid}; its packing threads do not exist "
+                    f"in process {os.getpid()} (a fork). Create a new iterator (iter(loader)) in this process.")
+            try:
+                built = self._pipe.next()
+            except BaseException:
+                self.close()  # from here on batches are built on demand: this one raises again if asked again
+                raise
+            if built is None:
+                raise RuntimeError(f"the packing threads stopped before batch {b} of {self._num_batches}")
         else:
-            capsules, max_length = self._build(b)
-        self._next_batch += 1
+            built = self._build(b)
+        self._next_batch = b + 1
         self._cursor.served += 1
-        batch = {k: from_dlpack(v) for k, v in capsules.items()}
-        cu = batch["cu_seqlens"]
+        ids, labels, positions, cu, seq_idx, doc_ids, max_length = built
+        cu = from_dlpack(cu)
+        batch = {"input_ids": from_dlpack(ids), "labels": from_dlpack(labels), "position_ids": from_dlpack(positions),
+                 "cu_seqlens": cu, "seq_idx": from_dlpack(seq_idx)}
+        if doc_ids is not None:
+            batch["doc_ids"] = from_dlpack(doc_ids)
         batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
-        batch["max_length_q"] = batch["max_length_k"] = int(max_length)
+        batch["max_length_q"] = batch["max_length_k"] = max_length
         return batch
 
     def close(self) -> None:
         """Stops building ahead (batches built and not taken are dropped); idempotent."""
-        executor, self._executor = self._executor, None
-        self._pending.clear()
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None and self._pid == os.getpid():  # in a forked child there are no threads to stop
+            pipe.stop()
 
     def __del__(self) -> None:
         self.close()

@@ -1,6 +1,7 @@
 #include "stoker/bindings/bindings.h"
 #include "stoker/common/check.h"
 #include "stoker/packing/materialize.h"
+#include "stoker/packing/pipeline.h"
 #include "stoker/packing/plan.h"
 
 namespace stoker::bindings {
@@ -59,6 +60,37 @@ std::vector<int64_t> order_of(const PyTokenSource& source, const Int64Array& ord
     STOKER_CHECK_AS(IndexError, d >= 0 && d < source.view.num_docs, "document ", d, " out of range");
   return ord;
 }
+
+// A packed batch as Python takes it: capsules of input_ids, labels, position_ids, cu_seqlens, seq_idx and
+// doc_ids (None unless asked for), then the longest segment.
+py::tuple batch_to_python(PackedBatch& b) {
+  auto* base = static_cast<uint8_t*>(b.block->data);
+  const DType i64{DTypeCode::Int, 64}, i32{DTypeCode::Int, 32};
+  const std::vector<int64_t> grid{b.rows, b.seq_len};
+  py::object docs = py::none();
+  if (b.has_doc_ids) docs = to_capsule(export_dlpack(b.block, base + b.doc_ids, i64, grid));
+  return py::make_tuple(to_capsule(export_dlpack(b.block, base + b.input_ids, i64, grid)),
+                        to_capsule(export_dlpack(b.block, base + b.labels, i64, grid)),
+                        to_capsule(export_dlpack(b.block, base + b.position_ids, i64, grid)),
+                        to_capsule(export_dlpack(b.block, base + b.cu_seqlens, i32, {b.num_segments + 1})),
+                        to_capsule(export_dlpack(b.block, base + b.seq_idx, i32, grid)), docs, b.max_length);
+}
+
+// The pipeline with what its threads read kept alive: the plan (shared), and the token source's arrays
+// (Python objects, released only after the threads are joined).
+struct PyPackPipeline {
+  py::object source;
+  std::unique_ptr<PackPipeline> pipeline;
+
+  ~PyPackPipeline() {
+    if (pipeline && !pipeline->owned_here()) {
+      (void)pipeline.release();  // a forked child: leaked, never destroyed (see PackPipeline::owned_here)
+    } else if (pipeline) {
+      py::gil_scoped_release release;  // joining waits for a batch being built, which needs no GIL
+      pipeline.reset();
+    }
+  }
+};
 
 }  // namespace
 
@@ -132,20 +164,46 @@ void register_packing(py::module_& m) {
           b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
                           shift_labels, *pool);
         }
-        auto* base = static_cast<uint8_t*>(b.block->data);
-        const DType i64{DTypeCode::Int, 64}, i32{DTypeCode::Int, 32};
-        const std::vector<int64_t> grid{b.rows, b.seq_len};
-        py::dict out;
-        out["input_ids"] = to_capsule(export_dlpack(b.block, base + b.input_ids, i64, grid));
-        out["labels"] = to_capsule(export_dlpack(b.block, base + b.labels, i64, grid));
-        out["position_ids"] = to_capsule(export_dlpack(b.block, base + b.position_ids, i64, grid));
-        out["cu_seqlens"] = to_capsule(export_dlpack(b.block, base + b.cu_seqlens, i32, {b.num_segments + 1}));
-        out["seq_idx"] = to_capsule(export_dlpack(b.block, base + b.seq_idx, i32, grid));
-        if (b.has_doc_ids) out["doc_ids"] = to_capsule(export_dlpack(b.block, base + b.doc_ids, i64, grid));
-        return py::make_tuple(out, b.max_length);
+        return batch_to_python(b);
       },
       py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
       py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"));
+
+  py::class_<PyPackPipeline>(m, "PackPipeline")
+      .def(py::init([](std::shared_ptr<PackPlan> plan, py::object source, Int64Array rows, int64_t batch_size,
+                       int64_t pad_id, bool doc_ids, bool shift_labels, int64_t start_batch, int64_t num_batches,
+                       std::shared_ptr<BufferPool> pool, int num_threads, int depth) {
+             STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
+             const auto& src = source.cast<const PyTokenSource&>();
+             auto p = std::make_unique<PyPackPipeline>();
+             p->source = source;
+             p->pipeline = std::make_unique<PackPipeline>(
+                 std::move(plan), src.view, std::vector<int64_t>(rows.data(), rows.data() + rows.size()),
+                 PackBatchSpec{batch_size, pad_id, doc_ids, shift_labels}, start_batch, num_batches, std::move(pool),
+                 num_threads, depth);
+             return p;
+           }),
+           py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("batch_size"), py::arg("pad_id"),
+           py::arg("doc_ids"), py::arg("shift_labels"), py::arg("start_batch"), py::arg("num_batches"),
+           py::arg("pool"), py::arg("num_threads"), py::arg("depth"))
+      .def("next", [](PyPackPipeline& p) -> py::object {
+             STOKER_CHECK(p.pipeline, "the packing pipeline was stopped");
+             PackedBatch b;
+             bool more;
+             {
+               py::gil_scoped_release release;
+               more = p.pipeline->next(&b);
+             }
+             if (!more) return py::none();
+             return batch_to_python(b);
+           },
+           "The next batch as materialize_packed returns it, or None after the last")
+      .def_property_readonly("delivered", [](const PyPackPipeline& p) { return p.pipeline ? p.pipeline->delivered() : 0; })
+      .def("stop", [](PyPackPipeline& p) {
+             if (!p.pipeline) return;
+             py::gil_scoped_release release;
+             p.pipeline->stop();
+           });
 }
 
 }  // namespace stoker::bindings

@@ -44,6 +44,11 @@ py::list to_tensors(const ArraySource& source, GatheredBatch& batch) {
 struct PyArrayPipeline {
   std::shared_ptr<const ArraySource> source;
   std::unique_ptr<ArrayPipeline> pipeline;
+
+  ~PyArrayPipeline() {
+    // A forked child leaks it (see ArrayPipeline::owned_here): destroying it there could wait forever.
+    if (pipeline && !pipeline->owned_here()) (void)pipeline.release();
+  }
 };
 
 }  // namespace

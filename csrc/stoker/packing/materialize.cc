@@ -13,6 +13,19 @@ constexpr int64_t kIgnore = -100;
 
 size_t align64(size_t x) { return (x + 63) & ~size_t{63}; }
 
+// The writing loop below is compiled twice on x86-64 (GCC, Clang): for the baseline ISA the wheel targets and
+// for AVX2, picked once at run time. Widening uint16/int32 tokens to int64 and the four output streams take
+// half the instructions with 256-bit stores (measured on a 2-core EPYC VM: ~18% less time per batch). The
+// helpers are forced inline so that each copy of the loop gets them compiled for its own ISA.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define STOKER_PACK_AVX2 1
+#endif
+#if defined(__GNUC__) || defined(__clang__)
+#define STOKER_FORCE_INLINE inline __attribute__((always_inline))
+#else
+#define STOKER_FORCE_INLINE inline
+#endif
+
 // The outputs of one batch, each at the batch's flat position of the segment being written.
 struct Outputs {
   int64_t* __restrict ids;
@@ -27,7 +40,7 @@ struct Outputs {
 // stream moving together instead of reading the ids back for the labels and walking the segment four times.
 // Segments are never empty.
 template <typename T>
-void write_segment(const T* __restrict from, int64_t n, const Outputs& o, int32_t seg, bool shift) {
+STOKER_FORCE_INLINE void write_segment(const T* __restrict from, int64_t n, const Outputs& o, int32_t seg, bool shift) {
   int64_t* __restrict ids = o.ids;
   int64_t* __restrict labels = o.labels;
   int64_t* __restrict pos = o.pos;
@@ -55,25 +68,34 @@ void write_segment(const T* __restrict from, int64_t n, const Outputs& o, int32_
   }
 }
 
-// The tokens at `from` (of the source's dtype) as segment `seg`: see write_segment.
-void write_tokens(DType dtype, const char* from, int64_t n, const Outputs& o, int32_t seg, bool shift) {
-  switch (dtype.code) {
-    case DTypeCode::UInt:
-      if (dtype.bits == 16) return write_segment(reinterpret_cast<const uint16_t*>(from), n, o, seg, shift);
-      if (dtype.bits == 32) return write_segment(reinterpret_cast<const uint32_t*>(from), n, o, seg, shift);
-      break;
-    case DTypeCode::Int:
-      if (dtype.bits == 32) return write_segment(reinterpret_cast<const int32_t*>(from), n, o, seg, shift);
-      if (dtype.bits == 64) return write_segment(reinterpret_cast<const int64_t*>(from), n, o, seg, shift);
-      break;
-    default:
-      break;
-  }
+// The token types a source may hold (checked before anything is written).
+enum class TokenType { U16, U32, I32, I64 };
+
+TokenType token_type(DType dtype) {
+  if (dtype.code == DTypeCode::UInt && dtype.bits == 16) return TokenType::U16;
+  if (dtype.code == DTypeCode::UInt && dtype.bits == 32) return TokenType::U32;
+  if (dtype.code == DTypeCode::Int && dtype.bits == 32) return TokenType::I32;
+  if (dtype.code == DTypeCode::Int && dtype.bits == 64) return TokenType::I64;
   throw TypeError("token arrays must be uint16, int32, uint32 or int64");
 }
 
+// The tokens at `from` (of type `type`) as segment `seg`: see write_segment.
+STOKER_FORCE_INLINE void write_tokens(TokenType type, const char* from, int64_t n, const Outputs& o, int32_t seg,
+                                      bool shift) {
+  switch (type) {
+    case TokenType::U16:
+      return write_segment(reinterpret_cast<const uint16_t*>(from), n, o, seg, shift);
+    case TokenType::U32:
+      return write_segment(reinterpret_cast<const uint32_t*>(from), n, o, seg, shift);
+    case TokenType::I32:
+      return write_segment(reinterpret_cast<const int32_t*>(from), n, o, seg, shift);
+    case TokenType::I64:
+      return write_segment(reinterpret_cast<const int64_t*>(from), n, o, seg, shift);
+  }
+}
+
 // A row's padding tail: pad_id, -100, positions 0..n-1 and its own segment number.
-void write_padding(int64_t n, int64_t pad_id, const Outputs& o, int32_t seg) {
+STOKER_FORCE_INLINE void write_padding(int64_t n, int64_t pad_id, const Outputs& o, int32_t seg) {
   int64_t* __restrict ids = o.ids;
   int64_t* __restrict labels = o.labels;
   int64_t* __restrict pos = o.pos;
@@ -103,7 +125,7 @@ class Prefetcher {
   explicit Prefetcher(const std::vector<TokenRange>& ranges) : ranges_(ranges) {}
 
   // Issues prefetches for the token bytes up to `upto` (counted over the ranges in order).
-  void run_to(size_t upto) {
+  STOKER_FORCE_INLINE void run_to(size_t upto) {
     while (issued_ < upto && range_ < ranges_.size()) {
       const TokenRange& r = ranges_[range_];
       const uintptr_t first = reinterpret_cast<uintptr_t>(r.data) & ~uintptr_t{63};
@@ -124,6 +146,89 @@ class Prefetcher {
   size_t issued_ = 0;   // bytes prefetched so far (whole lines)
 };
 
+// What the writing loop needs: the batch's rows and their token ranges (checked), and where to write.
+struct BatchJob {
+  const PackPlan* plan;
+  const int64_t* row_ids;
+  int64_t rows;
+  const std::vector<TokenRange>* ranges;  // the tokens of every segment, in the order the rows meet them
+  TokenType type;
+  int64_t pad_id;
+  bool shift_labels;
+  int64_t* ids;
+  int64_t* labels;
+  int64_t* pos;
+  int32_t* sidx;
+  int32_t* cu;
+  int64_t* docs;  // null unless doc_ids were asked for
+};
+
+// Writes every row of the job; returns the longest segment.
+STOKER_FORCE_INLINE int64_t write_batch_body(const BatchJob& job) {
+  const PackPlan& plan = *job.plan;
+  const int64_t L = plan.seq_len;
+  int64_t* const ids = job.ids;
+  int64_t* const labels = job.labels;
+  int64_t* const pos = job.pos;
+  int32_t* const sidx = job.sidx;
+  int32_t* const cu = job.cu;
+  int64_t* const docs = job.docs;
+  Prefetcher prefetch(*job.ranges);
+  size_t read = 0;  // token bytes of the segments written so far and of the one being written
+  prefetch.run_to(kPrefetchAhead);
+  auto range = job.ranges->begin();
+  int64_t flat = 0;  // position in the flattened batch
+  int32_t seg = 0;
+  int64_t max_length = 0;
+  cu[0] = 0;
+  auto at_flat = [&]() {
+    return Outputs{ids + flat, labels + flat, pos + flat, sidx + flat, docs ? docs + flat : nullptr};
+  };
+  auto close_segment = [&](int64_t len) {
+    flat += len;
+    max_length = std::max(max_length, len);
+    cu[++seg] = static_cast<int32_t>(flat);
+  };
+  for (int64_t i = 0; i < job.rows; ++i) {
+    const int64_t r = job.row_ids[i];
+    const int64_t row_end = flat + L;
+    const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
+    const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
+    for (int64_t k = first; k < last; ++k) {
+      const Segment& s = plan.segments[k];
+      const TokenRange& tokens = *range++;
+      read += tokens.bytes;
+      prefetch.run_to(read + kPrefetchAhead);
+      const Outputs o = at_flat();
+      write_tokens(job.type, tokens.data, s.length, o, seg, job.shift_labels);
+      if (docs) std::fill(o.docs, o.docs + s.length, s.doc);
+      close_segment(s.length);
+    }
+    if (flat < row_end) {
+      const int64_t pad = row_end - flat;
+      const Outputs o = at_flat();
+      write_padding(pad, job.pad_id, o, seg);
+      if (docs) std::fill(o.docs, o.docs + pad, int64_t{-1});
+      close_segment(pad);
+    }
+  }
+  return max_length;
+}
+
+int64_t write_batch_baseline(const BatchJob& job) { return write_batch_body(job); }
+
+#ifdef STOKER_PACK_AVX2
+__attribute__((target("avx2"))) int64_t write_batch_avx2(const BatchJob& job) { return write_batch_body(job); }
+#endif
+
+int64_t write_batch(const BatchJob& job) {
+#ifdef STOKER_PACK_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  if (avx2) return write_batch_avx2(job);
+#endif
+  return write_batch_baseline(job);
+}
+
 }  // namespace
 
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
@@ -134,6 +239,7 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
                     "row ", row_ids[i], " out of range [0, ", plan.num_rows(), ") (or ", kPaddingRow,
                     " for a padding row)");
   const int64_t L = plan.seq_len;
+  const TokenType type = token_type(source.dtype);
   PackedBatch b;
   b.rows = rows;
   b.seq_len = L;
@@ -141,6 +247,10 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   // What the batch reads, checked against the documents before anything is written.
   const size_t token_bytes = static_cast<size_t>(source.dtype.bits / 8);
   std::vector<TokenRange> ranges;
+  size_t planned = 0;
+  for (int64_t i = 0; i < rows; ++i)
+    if (row_ids[i] != kPaddingRow) planned += static_cast<size_t>(plan.row_start[row_ids[i] + 1] - plan.row_start[row_ids[i]]);
+  ranges.reserve(planned);
   int64_t segments = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
@@ -189,44 +299,8 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   auto* cu = reinterpret_cast<int32_t*>(base + b.cu_seqlens);
   auto* docs = doc_ids ? reinterpret_cast<int64_t*>(base + b.doc_ids) : nullptr;
 
-  Prefetcher prefetch(ranges);
-  size_t read = 0;  // token bytes of the segments written so far and of the one being written
-  prefetch.run_to(kPrefetchAhead);
-  auto range = ranges.begin();  // the tokens of the next segment, in the order the loop below meets them
-  int64_t flat = 0;  // position in the flattened batch
-  int32_t seg = 0;
-  cu[0] = 0;
-  auto at_flat = [&]() {
-    return Outputs{ids + flat, labels + flat, pos + flat, sidx + flat, docs ? docs + flat : nullptr};
-  };
-  auto close_segment = [&](int64_t len) {
-    flat += len;
-    b.max_length = std::max(b.max_length, len);
-    cu[++seg] = static_cast<int32_t>(flat);
-  };
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t r = row_ids[i];
-    const int64_t row_end = flat + L;
-    const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
-    const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
-    for (int64_t k = first; k < last; ++k) {
-      const Segment& s = plan.segments[k];
-      const TokenRange& tokens = *range++;
-      read += tokens.bytes;
-      prefetch.run_to(read + kPrefetchAhead);
-      const Outputs o = at_flat();
-      write_tokens(source.dtype, tokens.data, s.length, o, seg, shift_labels);
-      if (docs) std::fill(o.docs, o.docs + s.length, s.doc);
-      close_segment(s.length);
-    }
-    if (flat < row_end) {
-      const int64_t pad = row_end - flat;
-      const Outputs o = at_flat();
-      write_padding(pad, pad_id, o, seg);
-      if (docs) std::fill(o.docs, o.docs + pad, int64_t{-1});
-      close_segment(pad);
-    }
-  }
+  b.max_length = write_batch({&plan, row_ids, rows, &ranges, type, pad_id, shift_labels, ids, labels, pos, sidx,
+                              cu, docs});
   return b;
 }
 

@@ -1,5 +1,7 @@
 #include "stoker/pipeline/array_pipeline.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "stoker/common/check.h"
@@ -13,7 +15,8 @@ ArrayPipeline::ArrayPipeline(std::shared_ptr<const ArraySource> source, std::sha
       pool_(std::move(pool)),
       stream_(std::move(stream)),
       start_batch_(start_batch),
-      depth_(std::max(1, depth)) {
+      depth_(std::max(1, depth)),
+      owner_(getpid()) {
   STOKER_CHECK_AS(ValueError, !stream_ || (start_batch >= 0 && start_batch <= stream_->num_batches()),
                   "start batch ", start_batch, " out of range [0, ", stream_ ? stream_->num_batches() : 0,
                   "]");
@@ -24,7 +27,10 @@ ArrayPipeline::ArrayPipeline(std::shared_ptr<const ArraySource> source, std::sha
 
 ArrayPipeline::~ArrayPipeline() { stop(); }
 
+bool ArrayPipeline::owned_here() const { return getpid() == owner_; }
+
 void ArrayPipeline::stop() {
+  if (!owned_here()) return;  // a forked child: there are no threads to stop
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;

@@ -1,6 +1,8 @@
 // The array pipeline: index stream -> gather into a pooled block, on native threads, delivered in order.
 #pragma once
 
+#include <sys/types.h>
+
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -48,8 +50,11 @@ class ArrayPipeline {
   bool next(GatheredBatch* out);
   /// Number of batches delivered so far.
   int64_t delivered() const;
-  /// Stops the threads and joins them (idempotent).
+  /// Stops the threads and joins them (idempotent; nothing to do in a forked child).
   void stop();
+  /// Whether this process started the threads. A forked child must leak the pipeline, not destroy it: the
+  /// threads are not there to join, and its copies of their mutex and condition variables may be taken.
+  bool owned_here() const;
 
  private:
   void work();
@@ -61,6 +66,7 @@ class ArrayPipeline {
   std::optional<IndexStream> stream_;
   int64_t start_batch_;
   int64_t depth_;
+  pid_t owner_;  // the process that started the threads
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
