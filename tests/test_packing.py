@@ -555,6 +555,33 @@ def test_stats_of_the_epoch_set():
     assert loader.stats()["epoch"] == 5
 
 
+def test_stats_describe_the_epoch_served_not_the_one_planned_ahead():
+    docs, _ = positional(small_lengths(2, 40))
+    loader = stoker.PackedLoader(docs, L, 4, seed=0, window=3)
+    for epoch in range(3):
+        batches = list(loader)  # iter() starts planning the next epoch in the background
+        assert loader.stats()["epoch"] == epoch
+        assert loader.stats()["rows"] == sum(b["input_ids"].shape[0] for b in batches)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_plans_built_ahead_change_nothing_served(window):
+    docs, _ = positional(small_lengths(3, 60))
+    loader = stoker.PackedLoader(docs, L, 4, seed=2, window=window)
+
+    def fresh(epoch):
+        other = stoker.PackedLoader(docs, L, 4, seed=2, window=window)
+        other.set_epoch(epoch)
+        return list(other)
+
+    assert_same(list(loader), fresh(0))
+    assert_same(list(loader), fresh(1))  # planned ahead while epoch 0 was served
+    loader.set_epoch(5)  # not the epoch planned ahead (2)
+    assert_same(list(loader), fresh(5))
+    assert len(loader) == len(fresh(6))  # len() takes the plan built ahead for epoch 6
+    assert_same(list(loader), fresh(6))
+
+
 @pytest.mark.parametrize("docs", [[], [[], []]])
 def test_empty_epoch(docs):
     loader = stoker.PackedLoader(docs, 8, 2, seed=0)

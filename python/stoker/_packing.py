@@ -296,7 +296,6 @@ class PackedLoader:
         self._seed: int | None = None
         self._plans: dict[tuple, _EpochPlan] = {}  # the newest plans asked for, oldest first
         self._ahead: _PlanAhead | None = None  # the next epoch's plan, being built
-        self._stats_key: tuple | None = None  # the plan stats() describes: the newest one asked for
         self._cursor: Cursor | None = None  # the newest iterator's position
         self._resume: tuple[int, int] | None = None
 
@@ -326,7 +325,6 @@ class PackedLoader:
         """This rank's plan of ``epoch`` and the rows it serves: from the cache (the newest two asked for), from
         the plan built ahead in the background, or built here."""
         key = self._plan_key(epoch)
-        self._stats_key = key
         ep = self._plans.get(key)
         if ep is None:
             if self._ahead is not None and self._ahead.key == key:
@@ -363,16 +361,15 @@ class PackedLoader:
         self._cursor = None
 
     def stats(self) -> dict[str, Any]:
-        """Packing figures of this rank in the newest epoch planned: its documents, tokens, rows (of its plan),
+        """Packing figures of this rank in the epoch of the newest iterator (before any, or after set_epoch or
+        load_state_dict: the epoch the next iterator serves): its documents, tokens, rows (of its plan),
         ``efficiency`` (tokens over rows x seq_len), documents split or dropped, tokens dropped (by
         ``long_docs``), and the largest delay in rows a document waited in the window; then what it serves:
         ``shard_rows`` (the planned rows of every rank, rank by rank), ``rows_served`` (rows it yields this
         epoch), ``padding_rows`` (rows of padding only among them, to match the rank with the most rows),
         and ``rows_cut``/``tokens_cut`` (with ``drop_last``: planned rows and their tokens not served, to
         match the rank with the fewest rows and to drop the last partial batch)."""
-        ep = self._plans.get(self._stats_key) if self._stats_key is not None else None
-        if ep is None:
-            ep = self._plan(self._epoch)
+        ep = self._plan(self._cursor.epoch if self._cursor is not None else self._epoch)
         plan = ep.plan
         out = plan.stats()
         out["epoch"] = ep.key[1]
