@@ -139,6 +139,10 @@ class PackPlan:
         last: typing.SupportsInt | typing.SupportsIndex,
     ) -> int: ...
 
+class RowHelper:
+    def __init__(self) -> None: ...
+    def stop(self) -> None: ...
+
 class SlotLease:
     @property
     def slot(self) -> int: ...
@@ -211,6 +215,7 @@ def materialize_packed(
     doc_ids: bool,
     shift_labels: bool,
     pool: BufferPool,
+    helper: RowHelper = None,
 ) -> tuple[typing.Any, ...]: ...
 
 def normalize_u8(

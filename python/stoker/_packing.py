@@ -244,14 +244,18 @@ class PackedLoader:
     rows. A batch of padding only (a per-rank mean loss of 0/0) needs a rank with fewer than
     ``1 / batch_size`` of the most rows; :meth:`stats` counts padding rows and the rows and tokens cut.
 
-    By default each batch is built when it is asked for (about 15 us for 8 rows of 4096 uint16 tokens from
-    a memory-mapped file, on one core of a 2-core VM). With ``num_threads > 0`` that many native threads
-    build up to ``prefetch`` batches (default 4) ahead of the one you take, without the GIL, which pays when
-    batches are large and your loop does work between them (32 rows of 8192 tokens with 4 ms of work per
-    step, 2 cores: 4.1 ms per step against 4.35 on demand); for small batches and an idle loop building on
-    demand is faster (the block just freed is reused while it is still in cache). The state counts the
-    batches you have received, not those built ahead. Either way, when an epoch starts, the next epoch's
-    plan is built on a thread of its own, so its first batch does not wait for packing.
+    By default each batch is built when it is asked for, by the calling thread writing rows from the front
+    and a helper thread writing them from the back (``helper_thread=False``, or a process allowed one CPU
+    only: the calling thread alone); 8 rows of 4096 uint16 tokens from a memory-mapped file take about 11 us
+    so, 16 us alone, on a 2-core VM. The helper polls for the next batch for 0.1 ms after each, then sleeps.
+    With ``num_threads > 0`` that many native threads build up to ``prefetch`` batches (default 4) ahead of
+    the one you take, without the GIL, which pays when batches are large and your loop does work between
+    them (32 rows of 8192 tokens with 4 ms of work per step, 2 cores: 4.1 ms per step against 4.35 on
+    demand); for small batches and an idle loop building on demand is faster (the block just freed is
+    reused while it is still in cache). The state counts the batches you have received, not those built
+    ahead. Either way, when an epoch starts, the next epoch's plan is built on a thread of its own (batches
+    are then written without the helper, whose core it takes), so the next epoch's first batch does not
+    wait for packing.
 
     With ``device="cuda"`` batches are built into page-locked memory and arrive on that GPU, copied on a
     stream of stoker's own ``device_prefetch`` batches (default 2) ahead of use, as with
@@ -263,7 +267,8 @@ class PackedLoader:
                  seed: int | None = None, window: int | None = None, long_docs: str = "split",
                  pad_id: int = 0, drop_last: bool = False, return_doc_ids: bool = False, generator=None,
                  rank: int | None = None, world_size: int | None = None, num_threads: int = 0,
-                 prefetch: int = 4, shift_labels: bool = False, device=None, device_prefetch: int = 2) -> None:
+                 prefetch: int = 4, shift_labels: bool = False, device=None, device_prefetch: int = 2,
+                 helper_thread: bool = True) -> None:
         self.documents = documents if isinstance(documents, TokenDataset) else TokenDataset(documents)
         for name, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -284,6 +289,7 @@ class PackedLoader:
         check_count("num_threads", num_threads, 0)
         check_count("prefetch", prefetch, 1)
         self.num_threads, self.prefetch = num_threads, prefetch
+        self.helper_thread = bool(helper_thread)
         check_count("device_prefetch", device_prefetch, 1)
         self._device = _cuda.resolve_device(device)  # None: batches stay on the CPU
         self.device, self.device_prefetch = device, device_prefetch
@@ -488,6 +494,7 @@ class _PlanAhead:
         self.key = key
         self._pid = os.getpid()
         self._result: _EpochPlan | None = None
+        self.running = True  # read without a lock: a stale True only costs a batch built without the helper
         self._thread = threading.Thread(target=self._run, args=(source,), name="stoker_plan_ahead")
         self._thread.start()
 
@@ -496,6 +503,8 @@ class _PlanAhead:
             self._result = _make_plan(source, self.key)
         except BaseException:  # built again, and raised, where it is asked for
             self._result = None
+        finally:
+            self.running = False
 
     def take(self) -> _EpochPlan | None:
         if os.getpid() != self._pid:
@@ -535,7 +544,12 @@ class _PackedIterator:
         pinned = _cuda.pinned_pool_for(loader._device, False)
         self._pool = POOL if pinned is None else pinned  # page-locked when batches go to a GPU
         self._pipe = None
+        self._helper = None  # with batches built on demand: the thread writing rows from the other end
         self._pid = os.getpid()
+        if loader.num_threads == 0 and loader.helper_thread and self._next_batch < self._num_batches \
+                and _usable_cpus() > 1:
+            self._helper = core.RowHelper()
+            _live_packed.add(self)
         if loader.num_threads > 0 and self._next_batch < self._num_batches:
             self._pipe = core.PackPipeline(plan, loader.documents._source, rows, loader.batch_size, loader.pad_id,
                                            loader.return_doc_ids, loader.shift_labels, self._next_batch,
@@ -552,8 +566,14 @@ class _PackedIterator:
         loader = self._loader
         bs = loader.batch_size
         rows = self._rows[b * bs:(b + 1) * bs]
+        helper = self._helper
+        ahead = loader._ahead
+        if (ahead is not None and ahead.running) or self._pid != os.getpid():
+            # While the next epoch is planned, the planner has the other core: a helper sharing it would be
+            # preempted in the middle of a row, which this thread would then wait for.
+            helper = None
         return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                       loader.return_doc_ids, loader.shift_labels, self._pool)
+                                       loader.return_doc_ids, loader.shift_labels, self._pool, helper)
 
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch
@@ -590,14 +610,25 @@ class _PackedIterator:
     def close(self) -> None:
         """Stops building ahead (batches built and not taken are dropped); idempotent."""
         pipe, self._pipe = self._pipe, None
-        if pipe is not None and self._pid == os.getpid():  # in a forked child there are no threads to stop
-            pipe.stop()
+        helper, self._helper = self._helper, None
+        if self._pid == os.getpid():  # in a forked child there are no threads to stop
+            if pipe is not None:
+                pipe.stop()
+            if helper is not None:
+                helper.stop()
 
     def __del__(self) -> None:
         self.close()
 
 
 _live_packed: weakref.WeakSet = weakref.WeakSet()
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @atexit.register

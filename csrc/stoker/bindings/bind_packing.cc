@@ -3,6 +3,7 @@
 #include "stoker/packing/materialize.h"
 #include "stoker/packing/pipeline.h"
 #include "stoker/packing/plan.h"
+#include "stoker/packing/row_helper.h"
 
 namespace stoker::bindings {
 namespace {
@@ -78,6 +79,20 @@ py::tuple batch_to_python(PackedBatch& b) {
 
 // The pipeline with what its threads read kept alive: the plan (shared), and the token source's arrays
 // (Python objects, released only after the threads are joined).
+// The helper, leaked in a forked child (see RowHelper::owned_here).
+struct PyRowHelper {
+  std::unique_ptr<RowHelper> helper = std::make_unique<RowHelper>();
+
+  ~PyRowHelper() {
+    if (!helper->owned_here()) {
+      (void)helper.release();
+      return;
+    }
+    py::gil_scoped_release release;  // joining waits at most for a poll to end
+    helper.reset();
+  }
+};
+
 struct PyPackPipeline {
   py::object source;
   std::unique_ptr<PackPipeline> pipeline;
@@ -155,19 +170,27 @@ void register_packing(py::module_& m) {
       py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
       py::arg("world_size"));
 
+  py::class_<PyRowHelper>(m, "RowHelper")
+      .def(py::init<>())
+      .def("stop", [](PyRowHelper& h) {
+        py::gil_scoped_release release;
+        h.helper->stop();
+      });
+
   m.def("materialize_packed", [](const PackPlan& plan, const PyTokenSource& source, Int64Array rows,
-                                 int64_t pad_id, bool doc_ids, bool shift_labels, std::shared_ptr<BufferPool> pool) {
+                                 int64_t pad_id, bool doc_ids, bool shift_labels, std::shared_ptr<BufferPool> pool,
+                                 PyRowHelper* helper) {
         STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
         PackedBatch b;
         {
           py::gil_scoped_release release;
           b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
-                          shift_labels, *pool);
+                          shift_labels, *pool, helper != nullptr ? helper->helper.get() : nullptr);
         }
         return batch_to_python(b);
       },
       py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
-      py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"));
+      py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"), py::arg("helper") = nullptr);
 
   py::class_<PyPackPipeline>(m, "PackPipeline")
       .def(py::init([](std::shared_ptr<PackPlan> plan, py::object source, Int64Array rows, int64_t batch_size,

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 #include "stoker/common/check.h"
+#include "stoker/packing/row_helper.h"
 
 namespace stoker {
 namespace {
@@ -108,26 +110,65 @@ STOKER_FORCE_INLINE void write_padding(int64_t n, int64_t pad_id, const Outputs&
   }
 }
 
-// Token reads are what a packed batch waits on: its segments start at random places of a large (often
-// memory-mapped) token array, so each one begins with cache misses that writing the outputs cannot hide.
-// Prefetching the bytes of the segments ahead, kPrefetchAhead bytes in front of the segment being written,
-// keeps several of those misses in flight at once (measured on a 2-core EPYC VM: a batch of 8 rows of 4096
-// uint16 tokens over a 240 MB token array, 2.4x faster than without).
-constexpr size_t kPrefetchAhead = 16 << 10;
-
 struct TokenRange {
   const char* data;
   size_t bytes;
 };
 
+
+// Where each row of a batch starts among the batch's token ranges and segments (rows are written on their
+// own, possibly by two threads: see RowHelper).
+struct RowStart {
+  int64_t range;    // index of its first token range
+  int32_t segment;  // number of its first segment in the batch
+};
+
+// What the writing needs: the batch's rows and their token ranges (checked), and where to write.
+struct BatchJob {
+  const PackPlan* plan;
+  const int64_t* row_ids;
+  int64_t rows;
+  const TokenRange* ranges;  // the tokens of every segment, in the order the rows meet them
+  const RowStart* starts;    // rows + 1 entries
+  int64_t* row_max;          // the longest segment of each row, written by the row's writer
+  TokenType type;
+  int64_t pad_id;
+  bool shift_labels;
+  int64_t* ids;
+  int64_t* labels;
+  int64_t* pos;
+  int32_t* sidx;
+  int32_t* cu;
+  int64_t* docs;  // null unless doc_ids were asked for
+};
+
+// Token reads are what a packed batch waits on: its segments start at random places of a large (often
+// memory-mapped) token array, so each one begins with cache misses that writing the outputs cannot hide.
+// Each writing thread prefetches the token bytes kPrefetchAhead in front of what it has written, through
+// the rows in the order it takes them, which keeps several of those misses in flight at once (measured on
+// a 2-core EPYC VM: a batch of 8 rows of 4096 uint16 tokens over a 240 MB token array, 2.4x faster than
+// without; prefetching whole rows ahead at once was slower than this steady stream).
+constexpr size_t kPrefetchAhead = 16 << 10;
+
 class Prefetcher {
  public:
-  explicit Prefetcher(const std::vector<TokenRange>& ranges) : ranges_(ranges) {}
+  // Starts at row `row`, then goes on to row + step, row + 2 step, ... while they are in the batch.
+  Prefetcher(const BatchJob& job, int64_t row, int64_t step)
+      : job_(job), step_(step), row_(row), range_(job.starts[row].range) {}
 
-  // Issues prefetches for the token bytes up to `upto` (counted over the ranges in order).
-  STOKER_FORCE_INLINE void run_to(size_t upto) {
-    while (issued_ < upto && range_ < ranges_.size()) {
-      const TokenRange& r = ranges_[range_];
+  // Issues prefetches for `written` bytes (of this thread's rows, in order) plus kPrefetchAhead.
+  STOKER_FORCE_INLINE void run_to(size_t written) {
+    const size_t upto = written + kPrefetchAhead;
+    while (issued_ < upto) {
+      while (range_ == job_.starts[row_ + 1].range) {  // this row's ranges are done: the next row's
+        row_ += step_;
+        if (row_ < 0 || row_ >= job_.rows) {
+          issued_ = SIZE_MAX;
+          return;
+        }
+        range_ = job_.starts[row_].range;
+      }
+      const TokenRange& r = job_.ranges[range_];
       const uintptr_t first = reinterpret_cast<uintptr_t>(r.data) & ~uintptr_t{63};
       const uintptr_t end = reinterpret_cast<uintptr_t>(r.data) + r.bytes;
       for (uintptr_t line = first + line_; line < end && issued_ < upto; line += 64, line_ += 64, issued_ += 64)
@@ -140,99 +181,109 @@ class Prefetcher {
   }
 
  private:
-  const std::vector<TokenRange>& ranges_;
-  size_t range_ = 0;   // the range being prefetched
-  uintptr_t line_ = 0;  // its next line, from its first
+  const BatchJob& job_;
+  int64_t step_;
+  int64_t row_;       // the row being prefetched
+  int64_t range_;     // its range being prefetched
+  uintptr_t line_ = 0;  // that range's next line, from its first
   size_t issued_ = 0;   // bytes prefetched so far (whole lines)
 };
 
-// What the writing loop needs: the batch's rows and their token ranges (checked), and where to write.
-struct BatchJob {
-  const PackPlan* plan;
-  const int64_t* row_ids;
-  int64_t rows;
-  const std::vector<TokenRange>* ranges;  // the tokens of every segment, in the order the rows meet them
-  TokenType type;
-  int64_t pad_id;
-  bool shift_labels;
-  int64_t* ids;
-  int64_t* labels;
-  int64_t* pos;
-  int32_t* sidx;
-  int32_t* cu;
-  int64_t* docs;  // null unless doc_ids were asked for
+// One writing thread's state through a batch: its prefetch stream and the token bytes it has written.
+struct Writer {
+  Prefetcher prefetch;
+  size_t written = 0;
 };
 
-// Writes every row of the job; returns the longest segment.
-STOKER_FORCE_INLINE int64_t write_batch_body(const BatchJob& job) {
+// Writes row i of the job: its segments, its padding tail, their cu_seqlens ends and its longest segment.
+STOKER_FORCE_INLINE void write_row_body(const BatchJob& job, int64_t i, Writer& w) {
   const PackPlan& plan = *job.plan;
   const int64_t L = plan.seq_len;
-  int64_t* const ids = job.ids;
-  int64_t* const labels = job.labels;
-  int64_t* const pos = job.pos;
-  int32_t* const sidx = job.sidx;
-  int32_t* const cu = job.cu;
-  int64_t* const docs = job.docs;
-  Prefetcher prefetch(*job.ranges);
-  size_t read = 0;  // token bytes of the segments written so far and of the one being written
-  prefetch.run_to(kPrefetchAhead);
-  auto range = job.ranges->begin();
-  int64_t flat = 0;  // position in the flattened batch
-  int32_t seg = 0;
+  const int64_t r = job.row_ids[i];
+  int64_t flat = i * L;  // position in the flattened batch
+  const int64_t row_end = flat + L;
+  int32_t seg = job.starts[i].segment;
+  const TokenRange* range = job.ranges + job.starts[i].range;
   int64_t max_length = 0;
-  cu[0] = 0;
   auto at_flat = [&]() {
-    return Outputs{ids + flat, labels + flat, pos + flat, sidx + flat, docs ? docs + flat : nullptr};
+    return Outputs{job.ids + flat, job.labels + flat, job.pos + flat, job.sidx + flat,
+                   job.docs ? job.docs + flat : nullptr};
   };
   auto close_segment = [&](int64_t len) {
     flat += len;
     max_length = std::max(max_length, len);
-    cu[++seg] = static_cast<int32_t>(flat);
+    job.cu[++seg] = static_cast<int32_t>(flat);
   };
-  for (int64_t i = 0; i < job.rows; ++i) {
-    const int64_t r = job.row_ids[i];
-    const int64_t row_end = flat + L;
-    const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
-    const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
-    for (int64_t k = first; k < last; ++k) {
-      const Segment& s = plan.segments[k];
-      const TokenRange& tokens = *range++;
-      read += tokens.bytes;
-      prefetch.run_to(read + kPrefetchAhead);
-      const Outputs o = at_flat();
-      write_tokens(job.type, tokens.data, s.length, o, seg, job.shift_labels);
-      if (docs) std::fill(o.docs, o.docs + s.length, s.doc);
-      close_segment(s.length);
-    }
-    if (flat < row_end) {
-      const int64_t pad = row_end - flat;
-      const Outputs o = at_flat();
-      write_padding(pad, job.pad_id, o, seg);
-      if (docs) std::fill(o.docs, o.docs + pad, int64_t{-1});
-      close_segment(pad);
-    }
+  const int64_t first = r == kPaddingRow ? 0 : plan.row_start[r];
+  const int64_t last = r == kPaddingRow ? 0 : plan.row_start[r + 1];
+  for (int64_t k = first; k < last; ++k) {
+    const Segment& s = plan.segments[k];
+    const TokenRange& tokens = *range++;
+    w.written += tokens.bytes;
+    w.prefetch.run_to(w.written);
+    const Outputs o = at_flat();
+    write_tokens(job.type, tokens.data, s.length, o, seg, job.shift_labels);
+    if (job.docs) std::fill(o.docs, o.docs + s.length, s.doc);
+    close_segment(s.length);
   }
-  return max_length;
+  if (flat < row_end) {
+    const int64_t pad = row_end - flat;
+    const Outputs o = at_flat();
+    write_padding(pad, job.pad_id, o, seg);
+    if (job.docs) std::fill(o.docs, o.docs + pad, int64_t{-1});
+    close_segment(pad);
+  }
+  job.row_max[i] = max_length;
 }
 
-int64_t write_batch_baseline(const BatchJob& job) { return write_batch_body(job); }
+void write_row_baseline(const BatchJob& job, int64_t i, Writer& w) { write_row_body(job, i, w); }
 
 #ifdef STOKER_PACK_AVX2
-__attribute__((target("avx2"))) int64_t write_batch_avx2(const BatchJob& job) { return write_batch_body(job); }
+__attribute__((target("avx2"))) void write_row_avx2(const BatchJob& job, int64_t i, Writer& w) {
+  write_row_body(job, i, w);
+}
 #endif
 
-int64_t write_batch(const BatchJob& job) {
+using WriteRow = void (*)(const BatchJob&, int64_t, Writer&);
+
+WriteRow row_writer() {
 #ifdef STOKER_PACK_AVX2
   static const bool avx2 = __builtin_cpu_supports("avx2");
-  if (avx2) return write_batch_avx2(job);
+  if (avx2) return write_row_avx2;
 #endif
-  return write_batch_baseline(job);
+  return write_row_baseline;
+}
+
+// Writes every row, the helper (when there is one) taking rows from the back; returns the longest segment.
+int64_t write_batch(const BatchJob& job, RowHelper* helper) {
+  const WriteRow write = row_writer();
+  job.cu[0] = 0;
+  if (helper != nullptr) {
+    struct Ctx {
+      const BatchJob* job;
+      WriteRow write;
+      std::optional<Writer> writers[2];  // from the front, from the back: each touched by its thread only
+    } ctx{&job, write, {}};
+    auto run = [](void* c, int64_t i, bool first, bool from_back) {
+      auto* x = static_cast<Ctx*>(c);
+      std::optional<Writer>& w = x->writers[from_back ? 1 : 0];
+      if (first) w.emplace(Writer{Prefetcher(*x->job, i, from_back ? -1 : 1)});
+      x->write(*x->job, i, *w);
+    };
+    helper->run(job.rows, run, &ctx);
+  } else {
+    Writer w{Prefetcher(job, 0, 1)};
+    for (int64_t i = 0; i < job.rows; ++i) write(job, i, w);
+  }
+  int64_t max_length = 0;
+  for (int64_t i = 0; i < job.rows; ++i) max_length = std::max(max_length, job.row_max[i]);
+  return max_length;
 }
 
 }  // namespace
 
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool) {
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool, RowHelper* helper) {
   STOKER_CHECK_AS(ValueError, rows > 0, "a packed batch needs at least one row");
   for (int64_t i = 0; i < rows; ++i)
     STOKER_CHECK_AS(IndexError, row_ids[i] == kPaddingRow || (row_ids[i] >= 0 && row_ids[i] < plan.num_rows()),
@@ -251,9 +302,11 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   for (int64_t i = 0; i < rows; ++i)
     if (row_ids[i] != kPaddingRow) planned += static_cast<size_t>(plan.row_start[row_ids[i] + 1] - plan.row_start[row_ids[i]]);
   ranges.reserve(planned);
+  std::vector<RowStart> starts(static_cast<size_t>(rows) + 1);
   int64_t segments = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
+    starts[static_cast<size_t>(i)] = {static_cast<int64_t>(ranges.size()), static_cast<int32_t>(segments)};
     if (r == kPaddingRow) {
       ++segments;
       continue;
@@ -271,6 +324,7 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
     }
     segments += plan.row_start[r + 1] - plan.row_start[r] + (used < L ? 1 : 0);
   }
+  starts[static_cast<size_t>(rows)] = {static_cast<int64_t>(ranges.size()), static_cast<int32_t>(segments)};
   b.num_segments = segments;
   const size_t cells = static_cast<size_t>(rows * L);
   size_t at = 0;
@@ -299,8 +353,10 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   auto* cu = reinterpret_cast<int32_t*>(base + b.cu_seqlens);
   auto* docs = doc_ids ? reinterpret_cast<int64_t*>(base + b.doc_ids) : nullptr;
 
-  b.max_length = write_batch({&plan, row_ids, rows, &ranges, type, pad_id, shift_labels, ids, labels, pos, sidx,
-                              cu, docs});
+  std::vector<int64_t> row_max(static_cast<size_t>(rows), 0);
+  b.max_length = write_batch({&plan, row_ids, rows, ranges.data(), starts.data(), row_max.data(), type, pad_id,
+                              shift_labels, ids, labels, pos, sidx, cu, docs},
+                             helper);
   return b;
 }
 

@@ -40,10 +40,14 @@ struct PackedBatch {
 /// A row id that materialises as a row of padding only (one padding segment of L tokens).
 inline constexpr int64_t kPaddingRow = -1;
 
+class RowHelper;
+
 /// Writes the rows `row_ids[0..rows)` of `plan` (or kPaddingRow), in that order, into a block from `pool`.
 /// With shift_labels, labels[t] = input_ids[t + 1] within a segment (Megatron-style, no shift left to the
-/// loss); otherwise labels[t] = input_ids[t] (HF-style, the loss shifts).
+/// loss); otherwise labels[t] = input_ids[t] (HF-style, the loss shifts). With a helper, its thread writes
+/// rows from the back while the calling thread writes them from the front.
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool);
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool,
+                        RowHelper* helper = nullptr);
 
 }  // namespace stoker

@@ -1,0 +1,112 @@
+#include "stoker/packing/row_helper.h"
+
+#include <sched.h>
+#include <unistd.h>
+
+#include <chrono>
+
+namespace stoker {
+namespace {
+
+constexpr auto kPollFor = std::chrono::microseconds(100);  // how long the helper polls before sleeping
+constexpr int64_t kMaxRows = 0xFFFF;
+
+inline uint32_t generation_of(uint64_t c) { return static_cast<uint32_t>(c >> 32); }
+inline int64_t front_of(uint64_t c) { return static_cast<int64_t>((c >> 16) & 0xFFFF); }
+inline int64_t back_of(uint64_t c) { return static_cast<int64_t>(c & 0xFFFF); }
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+}  // namespace
+
+RowHelper::RowHelper() : owner_(getpid()) { thread_ = std::thread([this] { work(); }); }
+
+RowHelper::~RowHelper() { stop(); }
+
+bool RowHelper::owned_here() const { return getpid() == owner_; }
+
+void RowHelper::stop() {
+  if (!owned_here() || !thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_.store(true);
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void RowHelper::run(int64_t n, RowFn fn, void* ctx) {
+  if (n <= 0) return;
+  if (n > kMaxRows || stop_.load() || !owned_here() || busy_.exchange(true)) {
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i, i == 0, false);
+    return;
+  }
+  fn_ = fn;
+  ctx_ = ctx;
+  done_.store(0);
+  const uint64_t gen = ++generation_;
+  claim_.store((gen << 32) | static_cast<uint64_t>(n));  // front 0, back n; seq_cst: ordered before the check
+  if (sleeping_.load()) {
+    std::lock_guard<std::mutex> lock(mu_);
+    cv_.notify_one();
+  }
+  bool first = true;
+  for (;;) {
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    const int64_t front = front_of(c);
+    if (front >= back_of(c)) break;
+    if (!claim_.compare_exchange_weak(c, c + (uint64_t{1} << 16), std::memory_order_acq_rel)) continue;
+    fn(ctx, front, first, false);
+    first = false;
+    done_.fetch_add(1, std::memory_order_release);
+  }
+  // The helper writes at most the row it took last.
+  for (unsigned spins = 0; done_.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins < 4096)
+      cpu_relax();
+    else
+      sched_yield();  // it was descheduled: let it run here if it must
+  }
+  busy_.store(false);
+}
+
+void RowHelper::work() {
+  uint32_t seen = 0;
+  for (;;) {
+    auto until = std::chrono::steady_clock::now() + kPollFor;
+    unsigned spins = 0;
+    while (generation_of(claim_.load(std::memory_order_acquire)) == seen && !stop_.load(std::memory_order_relaxed)) {
+      cpu_relax();
+      if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= until) {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleeping_.store(true);  // seq_cst: run() either sees it or this sees the new generation
+        cv_.wait(lock, [&] { return stop_.load() || generation_of(claim_.load()) != seen; });
+        sleeping_.store(false);
+        break;
+      }
+    }
+    if (stop_.load()) return;
+    const uint32_t gen = generation_of(claim_.load(std::memory_order_acquire));
+    seen = gen;
+    bool first = true;
+    for (;;) {
+      uint64_t c = claim_.load(std::memory_order_acquire);
+      if (generation_of(c) != gen) break;
+      const int64_t back = back_of(c);
+      if (front_of(c) >= back) break;
+      if (!claim_.compare_exchange_weak(c, c - 1, std::memory_order_acq_rel)) continue;
+      // Row back - 1 is ours and not written, so the batch is not finished and fn_/ctx_ are its own.
+      fn_(ctx_, back - 1, first, true);
+      first = false;
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+}
+
+}  // namespace stoker
