@@ -440,3 +440,38 @@ def test_a_forked_child_drops_an_inherited_iterator_without_waiting():
     proc = subprocess.run([sys.executable, "-c", _FORK_THEN_DROP], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "child 0 parent 10000", proc.stdout + proc.stderr
+
+
+def test_a_full_cache_makes_room_for_the_sizes_in_use():
+    from stoker._native import core, from_dlpack
+
+    pool = core.BufferPool(1 << 20)
+    old = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(4)]  # four 256 KiB blocks: a full cache
+    del old
+    assert pool.stats()["cached_bytes"] == 1 << 20
+    before = pool.stats()
+    for _ in range(10):  # a new shape: its blocks are cached (evicting old ones) and come back
+        t = from_dlpack(pool.empty([100 << 10], 1, 8))
+        t.fill_(7)
+        del t
+    after = pool.stats()
+    assert after["reuses"] - before["reuses"] == 9
+    assert after["allocations"] - before["allocations"] == 1
+    assert after["cached_bytes"] <= 1 << 20 and after["outstanding"] == 0
+    # a block larger than the whole cache is never cached, and evicts nothing
+    cached = after["cached_bytes"]
+    del_me = from_dlpack(pool.empty([2 << 20], 1, 8))
+    del del_me
+    assert pool.stats()["cached_bytes"] == cached
+
+
+def test_a_block_is_freed_when_its_own_size_fills_the_cache():
+    from stoker._native import core, from_dlpack
+
+    pool = core.BufferPool(1 << 20)
+    blocks = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(5)]
+    del blocks  # four fill the cache; the fifth is freed
+    stats = pool.stats()
+    assert stats["cached_bytes"] == 1 << 20 and stats["outstanding"] == 0
+    blocks = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(4)]
+    assert pool.stats()["reuses"] - stats["reuses"] == 4

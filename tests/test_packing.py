@@ -1640,30 +1640,57 @@ def test_a_forked_child_neither_uses_nor_joins_the_parents_threads(tmp_path, num
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The helper takes part in batches of at least 8192 tokens (2 rows or more): rows of 1024 tokens here.
+HL = 1024
+
+
+def _helper_docs(dtype, seed, n=400):
+    lengths = lognormal_lengths(np.random.default_rng(seed), n, 260, hi=3 * HL)
+    return stoker.TokenDataset([(np.arange(k) % 50_000 + i).astype(dtype) for i, k in enumerate(lengths)])
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.uint32, np.int64])
 @pytest.mark.parametrize("window", [None, 7])
-@pytest.mark.parametrize("batch_size", [1, 2, 5, 16])
+@pytest.mark.parametrize("batch_size", [2, 8, 9, 33])
 @pytest.mark.parametrize("options", [{}, dict(shift_labels=True), dict(return_doc_ids=True, pad_id=-7),
                                      dict(long_docs="truncate", drop_last=True)])
 def test_the_helper_thread_writes_the_same_batches(dtype, window, batch_size, options):
-    rng = np.random.default_rng(batch_size)
-    lengths = lognormal_lengths(rng, 300, 14, hi=3 * L)
-    docs = stoker.TokenDataset([(np.arange(n) % 50_000 + i).astype(dtype) for i, n in enumerate(lengths)])
-    make = lambda helper: stoker.PackedLoader(docs, L, batch_size, seed=4, window=window, helper_thread=helper,
-                                              **options)
+    docs = _helper_docs(dtype, batch_size, n=1500 if batch_size < 33 else 4000)
+    make = lambda helper: stoker.PackedLoader(docs, HL if batch_size > 2 else 4 * HL, batch_size, seed=4,
+                                              window=window, helper_thread=helper, **options)
     helped, alone = make(True), make(False)
-    for _ in range(2):
+    # No plan built ahead: while one is built, batches are written without the helper.
+    helped._plan_ahead = lambda epoch: None
+    helped_rows, epochs, deadline = 0, 0, time.monotonic() + 10
+    # A new helper thread can start on the core of the thread building the batches and yields it until the
+    # scheduler moves it (milliseconds on a 2-core VM, longer than an epoch here): epochs go on until it took
+    # part in one, each compared value by value.
+    while epochs < 2 or (helped_rows == 0 and time.monotonic() < deadline):
+        alone.set_epoch(epochs)
+        helped.set_epoch(epochs)
         expected = list(alone)
-        got = list(helped)
-        assert len(got) == len(expected) > 3
+        it = iter(helped)
+        got = [next(it) for _ in range(len(it))]
+        if it._helper is None:  # where the process may use one CPU only
+            helped_rows = -1
+        else:
+            helped_rows += it._helper.rows_written
+        assert list(it) == []
+        assert len(got) == len(expected) >= 3
         assert_same(got, expected)
+        epochs += 1
+    assert helped_rows != 0
 
 
 def test_sharded_ranks_with_padding_rows_are_the_same_with_the_helper():
-    docs, _ = positional(small_lengths(5, 90))
+    docs = _helper_docs(np.int32, 3, n=300)
+    padding = 0
     for rank in range(3):
-        make = lambda helper: stoker.PackedLoader(docs, L, 4, seed=1, rank=rank, world_size=3, helper_thread=helper)
-        assert_same(list(make(True)), list(make(False)))
+        make = lambda helper: stoker.PackedLoader(docs, HL, 8, seed=1, rank=rank, world_size=3, helper_thread=helper)
+        loader = make(True)
+        assert_same(list(loader), list(make(False)))
+        padding += loader.stats()["padding_rows"]
+    assert padding > 0
 
 
 def test_a_batch_of_more_rows_than_the_helper_takes_is_written_alone():

@@ -912,7 +912,7 @@ def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[d
 
         def timed(make_iter) -> float:
             times = []
-            for _ in range(rounds):
+            for _ in range(max(rounds, 7)):  # an epoch takes ~0.1 s: more of them steady the median
                 start = time.perf_counter()
                 for _batch in make_iter():
                     pass
@@ -921,21 +921,25 @@ def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[d
 
         bound = timed(lambda: _numpy_write(tokens, seq_len, batch, total))
         cases = []
-        for window in (None, 1000):
-            loader = stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window)
+        for window, helper in ((None, True), (1000, True), (None, False)):
+            loader = stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window, helper_thread=helper)
             rate = timed(lambda loader=loader: loader)
-            cases.append((f"stoker PackedLoader window={window}", rate, loader.stats()))
-        start = time.perf_counter()
-        plan = _numpy_packing(lengths, seq_len)
-        for _batch in _numpy_batches(tokens, offsets, plan, seq_len, batch):
-            pass
-        numpy_rate = total / (time.perf_counter() - start)
+            name = f"stoker PackedLoader window={window}" + ("" if helper else ", 1 thread")
+            cases.append((name, rate, loader.stats()))
+        numpy_times = []
+        for _ in range(3 if scale >= 0.5 else 1):  # ~1.3 s each: the median of three steadies the ratios
+            start = time.perf_counter()
+            plan = _numpy_packing(lengths, seq_len)
+            for _batch in _numpy_batches(tokens, offsets, plan, seq_len, batch):
+                pass
+            numpy_times.append(time.perf_counter() - start)
+        numpy_rate = total / statistics.median(numpy_times)
         cases.append(("numpy BFD packing (reference)", numpy_rate,
                       {"rows": len(plan), "efficiency": total / (len(plan) * seq_len)}))
         for name, rate, stats in [("numpy writing the outputs only", bound, None)] + cases:
             rec = {"workload": "packing", "loader": name, "tokens_per_s": rate,
                    "ratio_to_numpy_write": rate / bound, "ratio_to_numpy_packing": rate / numpy_rate}
-            line = f"  {name:<36} {rate / 1e6:9.1f} M tokens/s   x{rate / bound:5.2f} of the write bound"
+            line = f"  {name:<42} {rate / 1e6:9.1f} M tokens/s   x{rate / bound:5.2f} of the write bound"
             if stats is not None:
                 rec["rows"], rec["efficiency"] = stats["rows"], stats["efficiency"]
                 line += f"   x{rate / numpy_rate:6.1f} numpy packing   {stats['rows']} rows, " \

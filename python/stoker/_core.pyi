@@ -141,6 +141,9 @@ class PackPlan:
 
 class RowHelper:
     def __init__(self) -> None: ...
+    @property
+    def rows_written(self) -> int:
+        """Rows the helper thread has written so far"""
     def stop(self) -> None: ...
 
 class SlotLease:
@@ -206,6 +209,9 @@ def cuda_primary_context(device: typing.SupportsInt | typing.SupportsIndex) -> i
 
 def cuda_status() -> dict[typing.Any, typing.Any]:
     """The CUDA driver as stoker found it (loaded once, at the first query); never raises."""
+
+def current_cpu() -> int:
+    """The core the calling thread runs on (-1 where unknown)"""
 
 def materialize_packed(
     plan: PackPlan,

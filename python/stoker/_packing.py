@@ -245,9 +245,11 @@ class PackedLoader:
     ``1 / batch_size`` of the most rows; :meth:`stats` counts padding rows and the rows and tokens cut.
 
     By default each batch is built when it is asked for, by the calling thread writing rows from the front
-    and a helper thread writing them from the back (``helper_thread=False``, or a process allowed one CPU
-    only: the calling thread alone); 8 rows of 4096 uint16 tokens from a memory-mapped file take about 11 us
-    so, 16 us alone, on a 2-core VM. The helper polls for the next batch for 0.1 ms after each, then sleeps.
+    and a helper thread writing them from the back (``helper_thread=False``, a process allowed one CPU only,
+    or a batch of fewer than 8192 tokens: the calling thread alone); 8 rows of 4096 uint16 tokens from a
+    memory-mapped file take about 11 us so, 16 us alone, on a 2-core VM. After a batch the helper polls for
+    the next for 0.1 ms, then naps on timers for up to 50 ms, then sleeps; a batch that finds it away starts
+    alone (so in a training loop whose steps take milliseconds it seldom takes part, and costs nothing).
     With ``num_threads > 0`` that many native threads build up to ``prefetch`` batches (default 4) ahead of
     the one you take, without the GIL, which pays when batches are large and your loop does work between
     them (32 rows of 8192 tokens with 4 ms of work per step, 2 cores: 4.1 ms per step against 4.35 on
@@ -494,11 +496,13 @@ class _PlanAhead:
         self.key = key
         self._pid = os.getpid()
         self._result: _EpochPlan | None = None
+        self._avoid = core.current_cpu()  # the core of the thread that will build the batches
         self.running = True  # read without a lock: a stale True only costs a batch built without the helper
         self._thread = threading.Thread(target=self._run, args=(source,), name="stoker_plan_ahead")
         self._thread.start()
 
     def _run(self, source) -> None:
+        _leave_core(self._avoid)
         try:
             self._result = _make_plan(source, self.key)
         except BaseException:  # built again, and raised, where it is asked for
@@ -543,9 +547,12 @@ class _PackedIterator:
         self._next_batch = cursor.served
         pinned = _cuda.pinned_pool_for(loader._device, False)
         self._pool = POOL if pinned is None else pinned  # page-locked when batches go to a GPU
+        self._source = loader.documents._source
+        self._options = (loader.pad_id, loader.return_doc_ids, loader.shift_labels, self._pool)
         self._pipe = None
         self._helper = None  # with batches built on demand: the thread writing rows from the other end
         self._pid = os.getpid()
+        self._forked = False  # set in a forked child (its copy has neither the helper nor the builders)
         if loader.num_threads == 0 and loader.helper_thread and self._next_batch < self._num_batches \
                 and _usable_cpus() > 1:
             self._helper = core.RowHelper()
@@ -563,17 +570,15 @@ class _PackedIterator:
         return self._num_batches
 
     def _build(self, b: int):
-        loader = self._loader
-        bs = loader.batch_size
-        rows = self._rows[b * bs:(b + 1) * bs]
+        bs = self._loader.batch_size
         helper = self._helper
-        ahead = loader._ahead
-        if (ahead is not None and ahead.running) or self._pid != os.getpid():
+        ahead = self._loader._ahead
+        if helper is not None and ((ahead is not None and ahead.running) or self._forked):
             # While the next epoch is planned, the planner has the other core: a helper sharing it would be
             # preempted in the middle of a row, which this thread would then wait for.
             helper = None
-        return core.materialize_packed(self._plan, loader.documents._source, rows, loader.pad_id,
-                                       loader.return_doc_ids, loader.shift_labels, self._pool, helper)
+        return core.materialize_packed(self._plan, self._source, self._rows[b * bs:(b + 1) * bs], *self._options,
+                                       helper)
 
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch
@@ -582,7 +587,7 @@ class _PackedIterator:
             self.close()
             raise StopIteration
         if self._pipe is not None:
-            if self._pid != os.getpid():
+            if self._forked:
                 raise RuntimeError(
                     f"this stoker iterator was created in process {self._pid}; its packing threads do not exist "
                     f"in process {os.getpid()} (a fork). Create a new iterator (iter(loader)) in this process.")
@@ -611,7 +616,7 @@ class _PackedIterator:
         """Stops building ahead (batches built and not taken are dropped); idempotent."""
         pipe, self._pipe = self._pipe, None
         helper, self._helper = self._helper, None
-        if self._pid == os.getpid():  # in a forked child there are no threads to stop
+        if not self._forked:  # in a forked child there are no threads to stop
             if pipe is not None:
                 pipe.stop()
             if helper is not None:
@@ -624,11 +629,31 @@ class _PackedIterator:
 _live_packed: weakref.WeakSet = weakref.WeakSet()
 
 
+def _leave_core(cpu: int) -> None:
+    """Moves the calling thread off core `cpu` where it may use others (Linux): a thread started by another is
+    often queued on its core, and on a 2-core VM shared it for tens of milliseconds while the other idled."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        if cpu in allowed and len(allowed) > 1:
+            os.sched_setaffinity(0, allowed - {cpu})
+    except (AttributeError, OSError):  # not on Linux
+        pass
+
+
 def _usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _mark_forked() -> None:
+    for it in list(_live_packed):
+        it._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_mark_forked)
 
 
 @atexit.register

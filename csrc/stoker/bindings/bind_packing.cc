@@ -1,3 +1,5 @@
+#include <sched.h>
+
 #include "stoker/bindings/bindings.h"
 #include "stoker/common/check.h"
 #include "stoker/packing/materialize.h"
@@ -170,8 +172,18 @@ void register_packing(py::module_& m) {
       py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
       py::arg("world_size"));
 
+  m.def("current_cpu", [] {
+#ifdef __linux__
+    return sched_getcpu();
+#else
+    return -1;
+#endif
+  }, "The core the calling thread runs on (-1 where unknown)");
+
   py::class_<PyRowHelper>(m, "RowHelper")
       .def(py::init<>())
+      .def_property_readonly("rows_written", [](const PyRowHelper& h) { return h.helper->rows_written(); },
+                             "Rows the helper thread has written so far")
       .def("stop", [](PyRowHelper& h) {
         py::gil_scoped_release release;
         h.helper->stop();

@@ -258,7 +258,9 @@ WriteRow row_writer() {
 int64_t write_batch(const BatchJob& job, RowHelper* helper) {
   const WriteRow write = row_writer();
   job.cu[0] = 0;
-  if (helper != nullptr) {
+  // A batch of a few thousand tokens is written in about the time handing half of it over takes.
+  constexpr int64_t kHelpFrom = 8192;  // tokens
+  if (helper != nullptr && job.rows >= 2 && job.rows * job.plan->seq_len >= kHelpFrom) {
     struct Ctx {
       const BatchJob* job;
       WriteRow write;

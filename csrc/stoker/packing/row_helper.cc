@@ -1,14 +1,21 @@
 #include "stoker/packing/row_helper.h"
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 
 namespace stoker {
 namespace {
 
-constexpr auto kPollFor = std::chrono::microseconds(100);  // how long the helper polls before sleeping
+// After a batch the helper polls for the next for kPollFor, naps (kFirstNap doubling up to kLongestNap) until
+// kNapFor has passed, then sleeps until woken.
+constexpr auto kPollFor = std::chrono::microseconds(100);
+constexpr auto kFirstNap = std::chrono::microseconds(50);
+constexpr auto kLongestNap = std::chrono::microseconds(1000);
+constexpr auto kNapFor = std::chrono::milliseconds(50);
 constexpr int64_t kMaxRows = 0xFFFF;
 
 inline uint32_t generation_of(uint64_t c) { return static_cast<uint32_t>(c >> 32); }
@@ -23,9 +30,22 @@ inline void cpu_relax() {
 #endif
 }
 
+int current_cpu() {
+#ifdef __linux__
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
 }  // namespace
 
-RowHelper::RowHelper() : owner_(getpid()) { thread_ = std::thread([this] { work(); }); }
+RowHelper::RowHelper() : owner_(getpid()) {
+#ifdef __linux__
+  if (sched_getaffinity(0, sizeof(process_cpus_), &process_cpus_) != 0) CPU_ZERO(&process_cpus_);
+#endif
+  thread_ = std::thread([this] { work(); });
+}
 
 RowHelper::~RowHelper() { stop(); }
 
@@ -41,12 +61,25 @@ void RowHelper::stop() {
   thread_.join();
 }
 
+void RowHelper::leave_the_callers_core() {
+#ifdef __linux__
+  const int caller = caller_cpu_.load(std::memory_order_relaxed);
+  if (caller < 0 || caller >= CPU_SETSIZE || sched_getcpu() != caller) return;
+  // Every core this process may use but the caller's (those of the process, not this thread's narrowed set).
+  cpu_set_t others = process_cpus_;
+  CPU_CLR(caller, &others);
+  if (CPU_COUNT(&others) == 0) return;
+  pthread_setaffinity_np(pthread_self(), sizeof(others), &others);  // moves this thread at once
+#endif
+}
+
 void RowHelper::run(int64_t n, RowFn fn, void* ctx) {
   if (n <= 0) return;
   if (n > kMaxRows || stop_.load() || !owned_here() || busy_.exchange(true)) {
     for (int64_t i = 0; i < n; ++i) fn(ctx, i, i == 0, false);
     return;
   }
+  caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
   fn_ = fn;
   ctx_ = ctx;
   done_.store(0);
@@ -76,22 +109,36 @@ void RowHelper::run(int64_t n, RowFn fn, void* ctx) {
   busy_.store(false);
 }
 
+void RowHelper::wait_for_batch(uint32_t seen) {
+  auto fresh = [&] { return generation_of(claim_.load(std::memory_order_acquire)) != seen || stop_.load(); };
+  // Polling yields the core at every turn: a woken thread can be queued on the core of the thread that woke
+  // it, and must then not keep that thread from running.
+  const auto start = std::chrono::steady_clock::now();
+  while (std::chrono::steady_clock::now() - start < kPollFor) {
+    if (fresh()) return;
+    sched_yield();
+  }
+  // Then short sleeps, longer and longer: a timer wakes a thread on its own core, where a wake-up from the
+  // building thread could queue it behind that thread for milliseconds (seen on a 2-core VM).
+  auto nap = kFirstNap;
+  while (std::chrono::steady_clock::now() - start < kNapFor) {
+    std::this_thread::sleep_for(nap);
+    if (fresh()) return;
+    nap = std::min(nap * 2, kLongestNap);
+  }
+  // Idle for long: sleep until a batch comes (run() wakes it).
+  std::unique_lock<std::mutex> lock(mu_);
+  sleeping_.store(true);  // seq_cst: run() either sees it or this sees the new generation
+  cv_.wait(lock, fresh);
+  sleeping_.store(false);
+}
+
 void RowHelper::work() {
   uint32_t seen = 0;
   for (;;) {
-    auto until = std::chrono::steady_clock::now() + kPollFor;
-    unsigned spins = 0;
-    while (generation_of(claim_.load(std::memory_order_acquire)) == seen && !stop_.load(std::memory_order_relaxed)) {
-      cpu_relax();
-      if ((++spins & 63) == 0 && std::chrono::steady_clock::now() >= until) {
-        std::unique_lock<std::mutex> lock(mu_);
-        sleeping_.store(true);  // seq_cst: run() either sees it or this sees the new generation
-        cv_.wait(lock, [&] { return stop_.load() || generation_of(claim_.load()) != seen; });
-        sleeping_.store(false);
-        break;
-      }
-    }
+    wait_for_batch(seen);
     if (stop_.load()) return;
+    leave_the_callers_core();
     const uint32_t gen = generation_of(claim_.load(std::memory_order_acquire));
     seen = gen;
     bool first = true;
@@ -104,6 +151,7 @@ void RowHelper::work() {
       // Row back - 1 is ours and not written, so the batch is not finished and fn_/ctx_ are its own.
       fn_(ctx_, back - 1, first, true);
       first = false;
+      rows_written_.fetch_add(1, std::memory_order_relaxed);
       done_.fetch_add(1, std::memory_order_release);
     }
   }

@@ -84,18 +84,34 @@ struct BufferPool::State {
       std::free(p);
   }
 
+  // Caches a returned block. When the cache is full, blocks of other sizes make room (the sizes in use now
+  // are those being returned: a cache filled with an earlier shape's blocks would otherwise never serve the
+  // new shape); a block is freed when blocks of its own size already fill the cache.
   void give_back(void* p, size_t bytes) {
+    std::vector<std::pair<void*, size_t>> freed;  // evicted blocks, and this one when it is not cached
     {
       std::lock_guard<std::mutex> lock(mu);
       --stats.outstanding;
-      if (static_cast<size_t>(stats.cached_bytes) + bytes <= max_cached) {
-        free[bytes].push_back(p);
+      auto& same = free[bytes];
+      if ((same.size() + 1) * bytes <= max_cached) {
+        for (auto it = free.begin(); it != free.end() && static_cast<size_t>(stats.cached_bytes) + bytes > max_cached;
+             ++it) {
+          if (it->first == bytes) continue;
+          while (!it->second.empty() && static_cast<size_t>(stats.cached_bytes) + bytes > max_cached) {
+            freed.emplace_back(it->second.back(), it->first);
+            it->second.pop_back();
+            stats.cached_bytes -= static_cast<int64_t>(it->first);
+          }
+        }
+        same.push_back(p);
         stats.cached_bytes += static_cast<int64_t>(bytes);
-        return;
+      } else {
+        freed.emplace_back(p, bytes);
       }
-      if (pin) stats.pinned_bytes -= static_cast<int64_t>(bytes);
+      if (pin)
+        for (const auto& f : freed) stats.pinned_bytes -= static_cast<int64_t>(f.second);
     }
-    release(p);
+    for (const auto& f : freed) release(f.first);  // outside the lock: unpinning can take milliseconds
   }
 };
 

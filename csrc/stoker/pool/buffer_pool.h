@@ -29,7 +29,8 @@ struct PoolStats {
 };
 
 /// A thread-safe pool of 64-byte aligned blocks, kept per exact size. Returned blocks are cached while the
-/// cache holds at most `max_cached_bytes`; past that they are freed.
+/// cache holds at most `max_cached_bytes`: past that, cached blocks of other sizes are freed to make room,
+/// and a returned block is freed only when blocks of its own size fill the cache.
 class BufferPool {
  public:
   /// Plain blocks (aligned_alloc), sizes rounded up to 64 bytes.
