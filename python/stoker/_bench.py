@@ -910,30 +910,39 @@ def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[d
         ds = stoker.TokenDataset.open(os.path.join(tmp, "docs"))
         tokens, offsets = ds.tokens, ds.offsets
 
-        def timed(make_iter) -> float:
-            times = []
-            for _ in range(max(rounds, 7)):  # an epoch takes ~0.1 s: more of them steady the median
-                start = time.perf_counter()
-                for _batch in make_iter():
-                    pass
-                times.append(time.perf_counter() - start)
-            return total / statistics.median(times)
-
-        bound = timed(lambda: _numpy_write(tokens, seq_len, batch, total))
-        cases = []
-        for window, helper in ((None, True), (1000, True), (None, False)):
-            loader = stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window, helper_thread=helper)
-            rate = timed(lambda loader=loader: loader)
-            name = f"stoker PackedLoader window={window}" + ("" if helper else ", 1 thread")
-            cases.append((name, rate, loader.stats()))
-        numpy_times = []
-        for _ in range(3 if scale >= 0.5 else 1):  # ~1.3 s each: the median of three steadies the ratios
-            start = time.perf_counter()
+        def numpy_epoch():
             plan = _numpy_packing(lengths, seq_len)
             for _batch in _numpy_batches(tokens, offsets, plan, seq_len, batch):
                 pass
-            numpy_times.append(time.perf_counter() - start)
-        numpy_rate = total / statistics.median(numpy_times)
+            return plan
+
+        def one_epoch(make_iter):
+            for _batch in make_iter():
+                pass
+
+        loaders = {(window, helper): stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window,
+                                                         helper_thread=helper)
+                   for window, helper in ((None, True), (1000, True), (None, False))}
+        runs = {key: (lambda loader=loader: one_epoch(lambda: loader)) for key, loader in loaders.items()}
+        runs["write"] = lambda: one_epoch(lambda: _numpy_write(tokens, seq_len, batch, total))
+        times: dict = {key: [] for key in runs}
+        times["numpy"] = []
+        # Rounds interleave the cases (an epoch takes ~0.1 s, so each gets 7 rounds; the numpy packer, ~1.3 s,
+        # three): this machine's speed drifts over seconds, and every case should see the same drift.
+        epochs = max(rounds, 7)
+        for r in range(epochs):
+            for key, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[key].append(time.perf_counter() - start)
+            if r % 3 == 0 and (scale >= 0.5 or r == 0):
+                start = time.perf_counter()
+                plan = numpy_epoch()
+                times["numpy"].append(time.perf_counter() - start)
+        rate = {key: total / statistics.median(ts) for key, ts in times.items()}
+        bound, numpy_rate = rate["write"], rate["numpy"]
+        cases = [(f"stoker PackedLoader window={window}" + ("" if helper else ", 1 thread"), rate[(window, helper)],
+                  loader.stats()) for (window, helper), loader in loaders.items()]
         cases.append(("numpy BFD packing (reference)", numpy_rate,
                       {"rows": len(plan), "efficiency": total / (len(plan) * seq_len)}))
         for name, rate, stats in [("numpy writing the outputs only", bound, None)] + cases:

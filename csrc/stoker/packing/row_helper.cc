@@ -134,6 +134,9 @@ void RowHelper::wait_for_batch(uint32_t seen) {
 }
 
 void RowHelper::work() {
+#ifdef __linux__
+  pthread_setname_np(pthread_self(), "stoker_rows");  // as ps and top show it
+#endif
   uint32_t seen = 0;
   for (;;) {
     wait_for_batch(seen);
