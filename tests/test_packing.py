@@ -1591,7 +1591,13 @@ import stoker
 docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([5, 9, 17, 3] * 60)])
 threads = int(sys.argv[1])
 loader = stoker.PackedLoader(docs, 16, 4, seed=1, num_threads=threads, prefetch=4)
-expected_next = [b["input_ids"].clone() for b in stoker.PackedLoader(docs, 16, 4, seed=1, helper_thread=False)]
+if not threads:
+    # batches of 8192 tokens or more, and no plan built ahead: the helper has begun the second batch when
+    # the process forks
+    docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([500, 900, 1700, 300] * 60)])
+    loader = stoker.PackedLoader(docs, 4096, 4, seed=1)
+    loader._plan_ahead = lambda epoch: None
+expected_next = [b["input_ids"].clone() for b in stoker.PackedLoader(docs, loader.seq_len, 4, seed=1, helper_thread=False)]
 it = iter(loader)
 first = next(it)
 pid = os.fork()
@@ -1607,7 +1613,7 @@ if pid == 0:
     del it  # must not join threads that are not there
     # the loader works on in the child: epoch 1 (planned ahead by a thread of the parent) is planned again
     # here and built by new threads
-    reference = stoker.PackedLoader(docs, 16, 4, seed=1)
+    reference = stoker.PackedLoader(docs, loader.seq_len, 4, seed=1, helper_thread=False)
     reference.set_epoch(1)
     again, expected = list(loader), list(reference)
     if len(again) != len(expected) or not all((a["input_ids"] == b["input_ids"]).all()
@@ -1691,6 +1697,47 @@ def test_sharded_ranks_with_padding_rows_are_the_same_with_the_helper():
         assert_same(list(loader), list(make(False)))
         padding += loader.stats()["padding_rows"]
     assert padding > 0
+
+
+def test_batches_kept_while_the_helper_writes_the_next_are_intact():
+    docs = _helper_docs(np.int32, 5, n=2000)
+    loader = stoker.PackedLoader(docs, HL, 8, seed=2)
+    loader._plan_ahead = lambda epoch: None
+    expected = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+                for b in stoker.PackedLoader(docs, HL, 8, seed=2, helper_thread=False)]
+    kept = list(loader)  # every batch held while the next ones are written
+    assert_same(kept, expected)
+    for b in kept:
+        b["input_ids"].fill_(-1)  # the caller's to write: nothing the loader does later sees it
+    assert_same(list(stoker.PackedLoader(docs, HL, 8, seed=2)), expected)
+
+
+def test_a_batch_begun_ahead_and_not_asked_for_is_finished_and_dropped():
+    from stoker._native import POOL, core, from_dlpack
+
+    docs = _helper_docs(np.uint16, 6, n=1500)
+    loader = stoker.PackedLoader(docs, HL, 8, seed=3)
+    plan, source = loader._plan(0).plan, docs._source
+    rows = loader._plan(0).rows
+    helper = core.RowHelper()
+    outstanding = POOL.stats()["outstanding"]
+
+    def tensors(built):
+        return [from_dlpack(c) for c in built[:5]]
+
+    alone = lambda r: tensors(core.materialize_packed(plan, source, r, 0, False, False, POOL))
+    a, b, c = rows[0:8], rows[8:16], rows[16:24]
+    first = tensors(core.materialize_packed(plan, source, a, 0, False, False, POOL, helper, b))
+    assert POOL.stats()["outstanding"] == outstanding + 1 + 1  # this batch, and b's begun by the helper
+    other = tensors(core.materialize_packed(plan, source, c, 0, False, False, POOL, helper, None))  # not b
+    assert POOL.stats()["outstanding"] == outstanding + 2  # b was written out and its block given back
+    for got, want in ((first, alone(a)), (other, alone(c))):
+        assert all(torch.equal(x, y) for x, y in zip(got, want))
+    again = tensors(core.materialize_packed(plan, source, b, 0, False, False, POOL, helper, a))
+    assert all(torch.equal(x, y) for x, y in zip(again, alone(b)))
+    helper.stop()  # drops a's copy begun ahead
+    del first, other, again, got, want
+    assert POOL.stats()["outstanding"] == outstanding
 
 
 def test_a_batch_of_more_rows_than_the_helper_takes_is_written_alone():

@@ -144,7 +144,8 @@ class RowHelper:
     @property
     def rows_written(self) -> int:
         """Rows the helper thread has written so far"""
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Drops the batch begun ahead (written to the end first) and stops the thread"""
 
 class SlotLease:
     @property
@@ -215,13 +216,14 @@ def current_cpu() -> int:
 
 def materialize_packed(
     plan: PackPlan,
-    source: TokenSource,
+    source: object,
     rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
     pad_id: typing.SupportsInt | typing.SupportsIndex,
     doc_ids: bool,
     shift_labels: bool,
     pool: BufferPool,
     helper: RowHelper = None,
+    next_rows: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None = None,
 ) -> tuple[typing.Any, ...]: ...
 
 def normalize_u8(

@@ -1,5 +1,8 @@
 #include <sched.h>
 
+#include <mutex>
+#include <optional>
+
 #include "stoker/bindings/bindings.h"
 #include "stoker/common/check.h"
 #include "stoker/packing/materialize.h"
@@ -81,17 +84,37 @@ py::tuple batch_to_python(PackedBatch& b) {
 
 // The pipeline with what its threads read kept alive: the plan (shared), and the token source's arrays
 // (Python objects, released only after the threads are joined).
-// The helper, leaked in a forked child (see RowHelper::owned_here).
+// The helper, leaked in a forked child (see RowHelper::owned_here), with the next batch it may have begun
+// and the Python objects that batch reads (kept until it is finished or dropped).
 struct PyRowHelper {
   std::unique_ptr<RowHelper> helper = std::make_unique<RowHelper>();
+  std::mutex mu;  // one batch at a time, should two threads share an iterator
+  PreparedBatchPtr pending;
+  py::object pending_keep;  // (plan, source) of the pending batch
+
+  // Finishes (and drops) the pending batch; the GIL released.
+  void drop_pending() {
+    PreparedBatchPtr p = std::move(pending);
+    p.reset();
+  }
+
+  void stop() {
+    {
+      py::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(mu);
+      drop_pending();
+      helper->stop();
+    }
+    pending_keep = py::object();
+  }
 
   ~PyRowHelper() {
     if (!helper->owned_here()) {
       (void)helper.release();
+      (void)pending.release();
       return;
     }
-    py::gil_scoped_release release;  // joining waits at most for a poll to end
-    helper.reset();
+    stop();
   }
 };
 
@@ -184,25 +207,46 @@ void register_packing(py::module_& m) {
       .def(py::init<>())
       .def_property_readonly("rows_written", [](const PyRowHelper& h) { return h.helper->rows_written(); },
                              "Rows the helper thread has written so far")
-      .def("stop", [](PyRowHelper& h) {
-        py::gil_scoped_release release;
-        h.helper->stop();
-      });
+      .def("stop", &PyRowHelper::stop, "Drops the batch begun ahead (written to the end first) and stops the thread");
 
-  m.def("materialize_packed", [](const PackPlan& plan, const PyTokenSource& source, Int64Array rows,
+  m.def("materialize_packed", [](std::shared_ptr<PackPlan> plan, py::object source_obj, Int64Array rows,
                                  int64_t pad_id, bool doc_ids, bool shift_labels, std::shared_ptr<BufferPool> pool,
-                                 PyRowHelper* helper) {
+                                 PyRowHelper* helper, std::optional<Int64Array> next_rows) {
         STOKER_CHECK_AS(ValueError, rows.ndim() == 1, "rows must be 1-D");
+        STOKER_CHECK_AS(ValueError, !next_rows || next_rows->ndim() == 1, "next_rows must be 1-D");
+        const auto& source = source_obj.cast<const PyTokenSource&>();
+        const auto n = static_cast<int64_t>(rows.size());
         PackedBatch b;
+        bool begun_next = false;
         {
           py::gil_scoped_release release;
-          b = materialize(plan, source.view, rows.data(), static_cast<int64_t>(rows.size()), pad_id, doc_ids,
-                          shift_labels, *pool, helper != nullptr ? helper->helper.get() : nullptr);
+          std::unique_lock<std::mutex> lock;
+          if (helper != nullptr) lock = std::unique_lock<std::mutex>(helper->mu);
+          RowHelper* h = helper != nullptr ? helper->helper.get() : nullptr;
+          PreparedBatchPtr ready = helper != nullptr ? std::move(helper->pending) : PreparedBatchPtr();
+          if (ready && prepared_for(*ready, *plan, rows.data(), n, pad_id, doc_ids, shift_labels, *pool)) {
+            b = finish_packed(std::move(ready), h);  // begun by the helper while the caller was away
+          } else {
+            ready.reset();  // another batch was asked for: the one begun is written out and dropped
+            b = materialize(*plan, source.view, rows.data(), n, pad_id, doc_ids, shift_labels, *pool, h);
+          }
+          if (h != nullptr && next_rows && next_rows->size() > 0) {
+            // The next batch is begun now, the helper writing it from the back while Python takes this one
+            // over; its errors are raised when it is asked for (prepared again then).
+            try {
+              helper->pending = prepare_packed(*plan, source.view, next_rows->data(),
+                                               static_cast<int64_t>(next_rows->size()), pad_id, doc_ids,
+                                               shift_labels, *pool, h);
+              begun_next = true;
+            } catch (const std::exception&) {
+            }
+          }
         }
+        if (helper != nullptr) helper->pending_keep = begun_next ? py::make_tuple(py::cast(plan), source_obj) : py::object();
         return batch_to_python(b);
       },
-      py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"),
-      py::arg("doc_ids"), py::arg("shift_labels"), py::arg("pool"), py::arg("helper") = nullptr);
+      py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"), py::arg("doc_ids"),
+      py::arg("shift_labels"), py::arg("pool"), py::arg("helper") = nullptr, py::arg("next_rows") = py::none());
 
   py::class_<PyPackPipeline>(m, "PackPipeline")
       .def(py::init([](std::shared_ptr<PackPlan> plan, py::object source, Int64Array rows, int64_t batch_size,

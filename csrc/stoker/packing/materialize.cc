@@ -254,38 +254,53 @@ WriteRow row_writer() {
   return write_row_baseline;
 }
 
-// Writes every row, the helper (when there is one) taking rows from the back; returns the longest segment.
-int64_t write_batch(const BatchJob& job, RowHelper* helper) {
-  const WriteRow write = row_writer();
-  job.cu[0] = 0;
-  // A batch of a few thousand tokens is written in about the time handing half of it over takes.
-  constexpr int64_t kHelpFrom = 8192;  // tokens
-  if (helper != nullptr && job.rows >= 2 && job.rows * job.plan->seq_len >= kHelpFrom) {
-    struct Ctx {
-      const BatchJob* job;
-      WriteRow write;
-      std::optional<Writer> writers[2];  // from the front, from the back: each touched by its thread only
-    } ctx{&job, write, {}};
-    auto run = [](void* c, int64_t i, bool first, bool from_back) {
-      auto* x = static_cast<Ctx*>(c);
-      std::optional<Writer>& w = x->writers[from_back ? 1 : 0];
-      if (first) w.emplace(Writer{Prefetcher(*x->job, i, from_back ? -1 : 1)});
-      x->write(*x->job, i, *w);
-    };
-    helper->run(job.rows, run, &ctx);
-  } else {
-    Writer w{Prefetcher(job, 0, 1)};
-    for (int64_t i = 0; i < job.rows; ++i) write(job, i, w);
-  }
-  int64_t max_length = 0;
-  for (int64_t i = 0; i < job.rows; ++i) max_length = std::max(max_length, job.row_max[i]);
-  return max_length;
-}
+// A batch of a few thousand tokens is written in about the time handing half of it over takes.
+constexpr int64_t kHelpFrom = 8192;  // tokens
 
 }  // namespace
 
-PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
-                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool, RowHelper* helper) {
+// A batch checked, laid out in its block and ready to be written, perhaps already begun by a helper. Heap
+// allocated and never moved: its job and writers point into it.
+class PreparedBatch {
+ public:
+  PackedBatch out;
+  std::vector<int64_t> row_ids;
+  std::vector<TokenRange> ranges;
+  std::vector<RowStart> starts;
+  std::vector<int64_t> row_max;
+  BatchJob job{};
+  WriteRow write = nullptr;
+  std::optional<Writer> writers[2];  // from the front, from the back: each touched by its thread only
+  const PackPlan* plan = nullptr;
+  int64_t pad_id = 0;
+  bool doc_ids = false, shift_labels = false;
+  const BufferPool* pool = nullptr;
+  RowHelper* helper = nullptr;  // the helper that began it
+  bool finished = false;
+
+  bool helpable() const { return job.rows >= 2 && job.rows * job.plan->seq_len >= kHelpFrom; }
+
+  static void write_row(void* self, int64_t i, bool first, bool from_back) {
+    auto* p = static_cast<PreparedBatch*>(self);
+    std::optional<Writer>& w = p->writers[from_back ? 1 : 0];
+    if (first) w.emplace(Writer{Prefetcher(p->job, i, from_back ? -1 : 1)});
+    p->write(p->job, i, *w);
+  }
+};
+
+void PreparedDeleter::operator()(PreparedBatch* p) const {
+  if (p->helper != nullptr && !p->finished) {
+    // Begun by a helper and never asked for: its rows are written to the end before the block goes (the
+    // helper may be writing one now). In a forked child the helper is not there: leaked, never freed.
+    if (!p->helper->owned_here()) return;
+    p->helper->finish(p->job.rows, &PreparedBatch::write_row, p, true);
+  }
+  delete p;
+}
+
+PreparedBatchPtr prepare_packed(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids,
+                                int64_t rows, int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool,
+                                RowHelper* begin_on) {
   STOKER_CHECK_AS(ValueError, rows > 0, "a packed batch needs at least one row");
   for (int64_t i = 0; i < rows; ++i)
     STOKER_CHECK_AS(IndexError, row_ids[i] == kPaddingRow || (row_ids[i] >= 0 && row_ids[i] < plan.num_rows()),
@@ -293,18 +308,20 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
                     " for a padding row)");
   const int64_t L = plan.seq_len;
   const TokenType type = token_type(source.dtype);
-  PackedBatch b;
+  PreparedBatchPtr p(new PreparedBatch);
+  PackedBatch& b = p->out;
   b.rows = rows;
   b.seq_len = L;
   b.has_doc_ids = doc_ids;
   // What the batch reads, checked against the documents before anything is written.
   const size_t token_bytes = static_cast<size_t>(source.dtype.bits / 8);
-  std::vector<TokenRange> ranges;
+  std::vector<TokenRange>& ranges = p->ranges;
   size_t planned = 0;
   for (int64_t i = 0; i < rows; ++i)
     if (row_ids[i] != kPaddingRow) planned += static_cast<size_t>(plan.row_start[row_ids[i] + 1] - plan.row_start[row_ids[i]]);
   ranges.reserve(planned);
-  std::vector<RowStart> starts(static_cast<size_t>(rows) + 1);
+  std::vector<RowStart>& starts = p->starts;
+  starts.resize(static_cast<size_t>(rows) + 1);
   int64_t segments = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = row_ids[i];
@@ -355,11 +372,48 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
   auto* cu = reinterpret_cast<int32_t*>(base + b.cu_seqlens);
   auto* docs = doc_ids ? reinterpret_cast<int64_t*>(base + b.doc_ids) : nullptr;
 
-  std::vector<int64_t> row_max(static_cast<size_t>(rows), 0);
-  b.max_length = write_batch({&plan, row_ids, rows, ranges.data(), starts.data(), row_max.data(), type, pad_id,
-                              shift_labels, ids, labels, pos, sidx, cu, docs},
-                             helper);
+  p->row_ids.assign(row_ids, row_ids + rows);
+  p->row_max.assign(static_cast<size_t>(rows), 0);
+  p->job = BatchJob{&plan, p->row_ids.data(), rows, ranges.data(), starts.data(), p->row_max.data(), type, pad_id,
+                    shift_labels, ids, labels, pos, sidx, cu, docs};
+  p->write = row_writer();
+  p->plan = &plan;
+  p->pad_id = pad_id;
+  p->doc_ids = doc_ids;
+  p->shift_labels = shift_labels;
+  p->pool = &pool;
+  cu[0] = 0;
+  if (begin_on != nullptr && p->helpable() && begin_on->begin(rows, &PreparedBatch::write_row, p.get()))
+    p->helper = begin_on;
+  return p;
+}
+
+bool prepared_for(const PreparedBatch& p, const PackPlan& plan, const int64_t* row_ids, int64_t rows,
+                  int64_t pad_id, bool doc_ids, bool shift_labels, const BufferPool& pool) {
+  return p.plan == &plan && p.pool == &pool && p.pad_id == pad_id && p.doc_ids == doc_ids &&
+         p.shift_labels == shift_labels && static_cast<int64_t>(p.row_ids.size()) == rows &&
+         std::equal(p.row_ids.begin(), p.row_ids.end(), row_ids);
+}
+
+PackedBatch finish_packed(PreparedBatchPtr p, RowHelper* helper) {
+  const int64_t n = p->job.rows;
+  if (p->helper != nullptr) {
+    p->helper->finish(n, &PreparedBatch::write_row, p.get(), true);
+  } else if (helper != nullptr && p->helpable()) {
+    helper->run(n, &PreparedBatch::write_row, p.get());
+  } else {
+    for (int64_t i = 0; i < n; ++i) PreparedBatch::write_row(p.get(), i, i == 0, false);
+  }
+  p->finished = true;
+  PackedBatch b = std::move(p->out);
+  for (int64_t m : p->row_max) b.max_length = std::max(b.max_length, m);
   return b;
+}
+
+PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
+                        int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool, RowHelper* helper) {
+  return finish_packed(prepare_packed(plan, source, row_ids, rows, pad_id, doc_ids, shift_labels, pool, nullptr),
+                       helper);
 }
 
 }  // namespace stoker

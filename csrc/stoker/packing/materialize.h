@@ -41,6 +41,7 @@ struct PackedBatch {
 inline constexpr int64_t kPaddingRow = -1;
 
 class RowHelper;
+class PreparedBatch;
 
 /// Writes the rows `row_ids[0..rows)` of `plan` (or kPaddingRow), in that order, into a block from `pool`.
 /// With shift_labels, labels[t] = input_ids[t + 1] within a segment (Megatron-style, no shift left to the
@@ -49,5 +50,25 @@ class RowHelper;
 PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids, int64_t rows,
                         int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool,
                         RowHelper* helper = nullptr);
+
+/// materialize() in two steps, so that a helper can start on the next batch while the caller does other
+/// work: prepare_packed checks the batch, lays it out and takes its block (with `begin_on`, that helper starts
+/// writing its rows from the back at once); finish_packed writes what is left (the calling thread from the
+/// front, `helper` beside it when the batch was not begun) and returns the batch. The plan, the token memory
+/// and the pool must outlive the prepared batch; dropping one begun and not finished writes it to the end
+/// first (a forked child leaks it instead).
+class PreparedBatch;
+struct PreparedDeleter {
+  void operator()(PreparedBatch* p) const;
+};
+using PreparedBatchPtr = std::unique_ptr<PreparedBatch, PreparedDeleter>;
+
+PreparedBatchPtr prepare_packed(const PackPlan& plan, const TokenSource& source, const int64_t* row_ids,
+                                int64_t rows, int64_t pad_id, bool doc_ids, bool shift_labels, BufferPool& pool,
+                                RowHelper* begin_on);
+/// Whether `p` was prepared with these arguments (the same plan, rows, options and pool).
+bool prepared_for(const PreparedBatch& p, const PackPlan& plan, const int64_t* row_ids, int64_t rows,
+                  int64_t pad_id, bool doc_ids, bool shift_labels, const BufferPool& pool);
+PackedBatch finish_packed(PreparedBatchPtr p, RowHelper* helper);
 
 }  // namespace stoker

@@ -73,12 +73,8 @@ void RowHelper::leave_the_callers_core() {
 #endif
 }
 
-void RowHelper::run(int64_t n, RowFn fn, void* ctx) {
-  if (n <= 0) return;
-  if (n > kMaxRows || stop_.load() || !owned_here() || busy_.exchange(true)) {
-    for (int64_t i = 0; i < n; ++i) fn(ctx, i, i == 0, false);
-    return;
-  }
+bool RowHelper::begin(int64_t n, RowFn fn, void* ctx) {
+  if (n <= 0 || n > kMaxRows || stop_.load() || !owned_here() || busy_.exchange(true)) return false;
   caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
   fn_ = fn;
   ctx_ = ctx;
@@ -89,6 +85,15 @@ void RowHelper::run(int64_t n, RowFn fn, void* ctx) {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_one();
   }
+  return true;
+}
+
+void RowHelper::finish(int64_t n, RowFn fn, void* ctx, bool begun) {
+  if (!begun) {
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i, i == 0, false);
+    return;
+  }
+  caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
   bool first = true;
   for (;;) {
     uint64_t c = claim_.load(std::memory_order_acquire);

@@ -37,7 +37,14 @@ class RowHelper {
   RowHelper(const RowHelper&) = delete;
   RowHelper& operator=(const RowHelper&) = delete;
 
-  void run(int64_t n, RowFn fn, void* ctx);
+  /// Writes rows 0..n-1 through fn: begin() then finish().
+  void run(int64_t n, RowFn fn, void* ctx) { finish(n, fn, ctx, begin(n, fn, ctx)); }
+  /// Hands rows 0..n-1 to the helper, which starts on them from the back at once; false when it cannot take
+  /// them (busy, stopped, a forked child, more than 65535 rows), and then finish() writes every row.
+  bool begin(int64_t n, RowFn fn, void* ctx);
+  /// Writes the rows of begin() from the front on the calling thread and returns once every row is written;
+  /// fn and ctx must stay valid until then. Between begin() and finish() the helper takes no other batch.
+  void finish(int64_t n, RowFn fn, void* ctx, bool begun);
   /// Stops and joins the thread (idempotent); run() then writes every row on the calling thread.
   void stop();
   /// Whether this process started the thread (a forked child must leak the helper, not destroy it).
