@@ -1594,10 +1594,12 @@ loader = stoker.PackedLoader(docs, 16, 4, seed=1, num_threads=threads, prefetch=
 if not threads:
     # batches of 8192 tokens or more, and no plan built ahead: the helper has begun the second batch when
     # the process forks
-    docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([500, 900, 1700, 300] * 60)])
+    docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i
+                                for i, n in enumerate([500, 900, 1700, 300] * 60)])
     loader = stoker.PackedLoader(docs, 4096, 4, seed=1)
     loader._plan_ahead = lambda epoch: None
-expected_next = [b["input_ids"].clone() for b in stoker.PackedLoader(docs, loader.seq_len, 4, seed=1, helper_thread=False)]
+alone = stoker.PackedLoader(docs, loader.seq_len, 4, seed=1, helper_thread=False)
+expected_next = [b["input_ids"].clone() for b in alone]
 it = iter(loader)
 first = next(it)
 pid = os.fork()

@@ -242,7 +242,8 @@ void register_packing(py::module_& m) {
             }
           }
         }
-        if (helper != nullptr) helper->pending_keep = begun_next ? py::make_tuple(py::cast(plan), source_obj) : py::object();
+        if (helper != nullptr)
+          helper->pending_keep = begun_next ? py::make_tuple(py::cast(plan), source_obj) : py::object();
         return batch_to_python(b);
       },
       py::arg("plan"), py::arg("source"), py::arg("rows"), py::arg("pad_id"), py::arg("doc_ids"),
@@ -277,7 +278,8 @@ void register_packing(py::module_& m) {
              return batch_to_python(b);
            },
            "The next batch as materialize_packed returns it, or None after the last")
-      .def_property_readonly("delivered", [](const PyPackPipeline& p) { return p.pipeline ? p.pipeline->delivered() : 0; })
+      .def_property_readonly("delivered",
+                             [](const PyPackPipeline& p) { return p.pipeline ? p.pipeline->delivered() : 0; })
       .def("stop", [](PyPackPipeline& p) {
              if (!p.pipeline) return;
              py::gil_scoped_release release;

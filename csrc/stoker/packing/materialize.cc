@@ -318,7 +318,8 @@ PreparedBatchPtr prepare_packed(const PackPlan& plan, const TokenSource& source,
   std::vector<TokenRange>& ranges = p->ranges;
   size_t planned = 0;
   for (int64_t i = 0; i < rows; ++i)
-    if (row_ids[i] != kPaddingRow) planned += static_cast<size_t>(plan.row_start[row_ids[i] + 1] - plan.row_start[row_ids[i]]);
+    if (row_ids[i] != kPaddingRow)
+      planned += static_cast<size_t>(plan.row_start[row_ids[i] + 1] - plan.row_start[row_ids[i]]);
   ranges.reserve(planned);
   std::vector<RowStart>& starts = p->starts;
   starts.resize(static_cast<size_t>(rows) + 1);

@@ -20,9 +20,9 @@ namespace stoker {
 /// After a batch the helper polls for the next one for 0.1 ms (a batch is asked for every ~15 us in a tight
 /// loop), yielding its core at every turn; then it naps on timers for up to 50 ms, then sleeps until a batch
 /// wakes it. (A thread woken by another can be queued behind it on its core for milliseconds: seen on a 2-core
-/// VM, where the helper then joined in only after ~400 batches.) A batch that finds it away starts alone. Another run() at the same time (a second thread building
-/// with the same helper), a batch of more than 65535 rows, or a forked child (where the thread is not there)
-/// write every row on the calling thread.
+/// VM, where the helper then joined in only after ~400 batches.) A batch that finds it away starts alone.
+/// Another batch while one is begun (a second thread building with the same helper), a batch of more than
+/// 65535 rows, or a forked child (where the thread is not there) write every row on the calling thread.
 ///
 /// On Linux the helper keeps off the core of the thread that calls run(): a new or woken thread is often
 /// queued on the core of the thread that started or woke it, and on a 2-core VM stayed there for tens of
