@@ -1588,10 +1588,11 @@ import os, sys
 import numpy as np
 import stoker
 
-docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([5, 9, 17, 3] * 60)])
 threads = int(sys.argv[1])
-loader = stoker.PackedLoader(docs, 16, 4, seed=1, num_threads=threads, prefetch=4)
-if not threads:
+if threads:
+    docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i for i, n in enumerate([5, 9, 17, 3] * 60)])
+    loader = stoker.PackedLoader(docs, 16, 4, seed=1, num_threads=threads, prefetch=4)
+else:
     # batches of 8192 tokens or more, and no plan built ahead: the helper has begun the second batch when
     # the process forks
     docs = stoker.TokenDataset([np.arange(n, dtype=np.int32) + 1000 * i
@@ -1613,8 +1614,8 @@ if pid == 0:
     except RuntimeError as e:
         code = 0 if threads and "(a fork)" in str(e) else 4
     del it  # must not join threads that are not there
-    # the loader works on in the child: epoch 1 (planned ahead by a thread of the parent) is planned again
-    # here and built by new threads
+    # the loader works on in the child: epoch 1 (with builders, planned ahead by a thread of the parent) is
+    # planned again here and built by new threads
     reference = stoker.PackedLoader(docs, loader.seq_len, 4, seed=1, helper_thread=False)
     reference.set_epoch(1)
     again, expected = list(loader), list(reference)

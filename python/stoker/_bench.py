@@ -916,15 +916,15 @@ def packing_bench(scale: float = 1.0, rounds: int = 3, out=sys.stdout) -> list[d
                 pass
             return plan
 
-        def one_epoch(make_iter):
-            for _batch in make_iter():
+        def one_epoch(batches):
+            for _batch in batches:
                 pass
 
         loaders = {(window, helper): stoker.PackedLoader(ds, seq_len, batch, seed=0, window=window,
                                                          helper_thread=helper)
                    for window, helper in ((None, True), (1000, True), (None, False))}
-        runs = {key: (lambda loader=loader: one_epoch(lambda: loader)) for key, loader in loaders.items()}
-        runs["write"] = lambda: one_epoch(lambda: _numpy_write(tokens, seq_len, batch, total))
+        runs = {key: (lambda loader=loader: one_epoch(loader)) for key, loader in loaders.items()}
+        runs["write"] = lambda: one_epoch(_numpy_write(tokens, seq_len, batch, total))
         times: dict = {key: [] for key in runs}
         times["numpy"] = []
         # Rounds interleave the cases (an epoch takes ~0.1 s, so each gets 7 rounds; the numpy packer, ~1.3 s,

@@ -560,9 +560,9 @@ class _PackedIterator:
             self._helper = core.RowHelper()
             _live_packed.add(self)
         if loader.num_threads > 0 and self._next_batch < self._num_batches:
-            self._pipe = core.PackPipeline(plan, loader.documents._source, rows, loader.batch_size, loader.pad_id,
-                                           loader.return_doc_ids, loader.shift_labels, self._next_batch,
-                                           self._num_batches, self._pool, loader.num_threads, loader.prefetch)
+            self._pipe = core.PackPipeline(plan, self._source, rows, loader.batch_size, *self._options[:3],
+                                           self._next_batch, self._num_batches, self._pool, loader.num_threads,
+                                           loader.prefetch)
             _live_packed.add(self)
 
     def __iter__(self):

@@ -1,5 +1,3 @@
-#include <sched.h>
-
 #include <mutex>
 #include <optional>
 
@@ -82,8 +80,6 @@ py::tuple batch_to_python(PackedBatch& b) {
                         to_capsule(export_dlpack(b.block, base + b.seq_idx, i32, grid)), docs, b.max_length);
 }
 
-// The pipeline with what its threads read kept alive: the plan (shared), and the token source's arrays
-// (Python objects, released only after the threads are joined).
 // The helper, leaked in a forked child (see RowHelper::owned_here), with the next batch it may have begun
 // and the Python objects that batch reads (kept until it is finished or dropped).
 struct PyRowHelper {
@@ -92,17 +88,12 @@ struct PyRowHelper {
   PreparedBatchPtr pending;
   py::object pending_keep;  // (plan, source) of the pending batch
 
-  // Finishes (and drops) the pending batch; the GIL released.
-  void drop_pending() {
-    PreparedBatchPtr p = std::move(pending);
-    p.reset();
-  }
-
+  // Finishes and drops the pending batch, stops the thread.
   void stop() {
     {
       py::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(mu);
-      drop_pending();
+      pending.reset();
       helper->stop();
     }
     pending_keep = py::object();
@@ -118,6 +109,8 @@ struct PyRowHelper {
   }
 };
 
+// The pipeline with what its threads read kept alive: the plan (shared), and the token source's arrays
+// (Python objects, released only after the threads are joined).
 struct PyPackPipeline {
   py::object source;
   std::unique_ptr<PackPipeline> pipeline;
@@ -195,13 +188,7 @@ void register_packing(py::module_& m) {
       py::arg("source"), py::arg("order"), py::arg("seq_len"), py::arg("window"), py::arg("long_docs"),
       py::arg("world_size"));
 
-  m.def("current_cpu", [] {
-#ifdef __linux__
-    return sched_getcpu();
-#else
-    return -1;
-#endif
-  }, "The core the calling thread runs on (-1 where unknown)");
+  m.def("current_cpu", &current_cpu, "The core the calling thread runs on (-1 where unknown)");
 
   py::class_<PyRowHelper>(m, "RowHelper")
       .def(py::init<>())

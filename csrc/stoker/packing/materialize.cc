@@ -271,9 +271,6 @@ class PreparedBatch {
   BatchJob job{};
   WriteRow write = nullptr;
   std::optional<Writer> writers[2];  // from the front, from the back: each touched by its thread only
-  const PackPlan* plan = nullptr;
-  int64_t pad_id = 0;
-  bool doc_ids = false, shift_labels = false;
   const BufferPool* pool = nullptr;
   RowHelper* helper = nullptr;  // the helper that began it
   bool finished = false;
@@ -378,10 +375,6 @@ PreparedBatchPtr prepare_packed(const PackPlan& plan, const TokenSource& source,
   p->job = BatchJob{&plan, p->row_ids.data(), rows, ranges.data(), starts.data(), p->row_max.data(), type, pad_id,
                     shift_labels, ids, labels, pos, sidx, cu, docs};
   p->write = row_writer();
-  p->plan = &plan;
-  p->pad_id = pad_id;
-  p->doc_ids = doc_ids;
-  p->shift_labels = shift_labels;
   p->pool = &pool;
   cu[0] = 0;
   if (begin_on != nullptr && p->helpable() && begin_on->begin(rows, &PreparedBatch::write_row, p.get()))
@@ -391,9 +384,9 @@ PreparedBatchPtr prepare_packed(const PackPlan& plan, const TokenSource& source,
 
 bool prepared_for(const PreparedBatch& p, const PackPlan& plan, const int64_t* row_ids, int64_t rows,
                   int64_t pad_id, bool doc_ids, bool shift_labels, const BufferPool& pool) {
-  return p.plan == &plan && p.pool == &pool && p.pad_id == pad_id && p.doc_ids == doc_ids &&
-         p.shift_labels == shift_labels && static_cast<int64_t>(p.row_ids.size()) == rows &&
-         std::equal(p.row_ids.begin(), p.row_ids.end(), row_ids);
+  const BatchJob& job = p.job;
+  return job.plan == &plan && p.pool == &pool && job.pad_id == pad_id && (job.docs != nullptr) == doc_ids &&
+         job.shift_labels == shift_labels && job.rows == rows && std::equal(row_ids, row_ids + rows, job.row_ids);
 }
 
 PackedBatch finish_packed(PreparedBatchPtr p, RowHelper* helper) {

@@ -57,7 +57,6 @@ PackedBatch materialize(const PackPlan& plan, const TokenSource& source, const i
 /// front, `helper` beside it when the batch was not begun) and returns the batch. The plan, the token memory
 /// and the pool must outlive the prepared batch; dropping one begun and not finished writes it to the end
 /// first (a forked child leaks it instead).
-class PreparedBatch;
 struct PreparedDeleter {
   void operator()(PreparedBatch* p) const;
 };

@@ -30,6 +30,8 @@ inline void cpu_relax() {
 #endif
 }
 
+}  // namespace
+
 int current_cpu() {
 #ifdef __linux__
   return sched_getcpu();
@@ -37,8 +39,6 @@ int current_cpu() {
   return -1;
 #endif
 }
-
-}  // namespace
 
 RowHelper::RowHelper() : owner_(getpid()) {
 #ifdef __linux__
@@ -93,7 +93,6 @@ void RowHelper::finish(int64_t n, RowFn fn, void* ctx, bool begun) {
     for (int64_t i = 0; i < n; ++i) fn(ctx, i, i == 0, false);
     return;
   }
-  caller_cpu_.store(current_cpu(), std::memory_order_relaxed);
   bool first = true;
   for (;;) {
     uint64_t c = claim_.load(std::memory_order_acquire);
@@ -131,7 +130,7 @@ void RowHelper::wait_for_batch(uint32_t seen) {
     if (fresh()) return;
     nap = std::min(nap * 2, kLongestNap);
   }
-  // Idle for long: sleep until a batch comes (run() wakes it).
+  // Idle for long: sleep until a batch comes (begin() wakes it).
   std::unique_lock<std::mutex> lock(mu_);
   sleeping_.store(true);  // seq_cst: run() either sees it or this sees the new generation
   cv_.wait(lock, fresh);

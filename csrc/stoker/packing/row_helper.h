@@ -12,6 +12,9 @@
 
 namespace stoker {
 
+/// The core the calling thread runs on (-1 where unknown).
+int current_cpu();
+
 /// One helper thread for batches built on demand. run(n, fn, ctx) calls fn for rows 0..n-1: the caller takes
 /// rows from the front, the helper from the back, and run returns once every row is written. Each core thus
 /// writes about the same half of a reused block batch after batch (it stays in that core's cache; rows taken
