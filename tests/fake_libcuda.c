@@ -6,8 +6,17 @@
  * current signature began (and not above the driver's version), every call but the queries needs cuInit first,
  * and memory, stream and event calls need a retained context current on the calling thread (else
  * CUDA_ERROR_INVALID_CONTEXT, counted as "bad_context"). Host memory is malloc'ed; "device" pointers are host
- * addresses, so a host-to-device copy is a memcpy; an event reports NOT_READY at its first query after a
- * record, then completes.
+ * addresses, so a host-to-device copy is a memcpy.
+ *
+ * Streams run later, as a GPU's do: a copy is queued on its stream and its bytes are read from the source only
+ * when the "device" gets to it, which is when an event recorded after it completes (cuEventSynchronize, or a
+ * cuEventQuery that reports it done), when another stream is made to wait for such an event (the waiting
+ * stream's later work, which the tests read from the host, must see the bytes), or when the stream is
+ * destroyed. So a caller that reuses a source buffer before the copy's event has completed copies the new
+ * bytes, as on a GPU, and a test comparing values sees it. An event reports NOT_READY at its first
+ * STOKER_FAKE_CUDA_LAG (default 1) queries after a record, then completes. Freeing or unregistering host
+ * memory that a queued copy still reads is counted ("freed_in_flight"; the copy is then run first). A kernel
+ * launch runs at once, after the work queued before it on its stream.
  *
  * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
  * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
@@ -18,6 +27,7 @@
  * cuGetProcAddress call.
  */
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,11 +56,11 @@ static int driver_version(void) { return is("old") ? 10020 : 12040; }
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
-       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_COUNT };
+       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_COUNT };
 static const char* counter_names[C_COUNT] = {
   "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
   "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
-  "bad_handle", "set_current", "launch"};
+  "bad_handle", "set_current", "launch", "freed_in_flight"};
 static long counters[C_COUNT];
 static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
 
@@ -86,10 +96,22 @@ static int context_ok(void) {
   } while (0)
 
 #define HANDLE_MAGIC 0x5a5a1234u
-struct handle { unsigned magic; int kind; int pending; };  /* kind 1: stream, 2: event, 3: module, 4+: kernel */
+/* A queued copy: run when its stream gets to it. */
+struct op { struct op* next; CUdeviceptr dst; const void* src; size_t bytes; long seq; };
+/* kind 1: stream, 2: event, 3: module, 4+: kernel. A stream holds its queue (ops numbered from 0; `done` ran);
+ * an event its stream and the number of ops queued there before its record, and its NOT_READY answers left. */
+struct handle {
+  unsigned magic; int kind; int pending;
+  struct op* head; struct op* tail; long queued; long done; struct handle* next_stream; struct handle* prev_stream;
+  struct handle* on; long seq;
+};
+static pthread_mutex_t device_lock = PTHREAD_MUTEX_INITIALIZER;  /* the queues, events and registrations */
+static struct handle legacy = {HANDLE_MAGIC, 1, 0, NULL, NULL, 0, 0, NULL, NULL, NULL, 0};  /* stream 0 */
+static struct handle* streams = &legacy;  /* every live stream, the legacy one first */
+
 static struct handle* new_handle(int kind) {
-  struct handle* h = malloc(sizeof *h);
-  if (h) { h->magic = HANDLE_MAGIC; h->kind = kind; h->pending = 0; }
+  struct handle* h = calloc(1, sizeof *h);
+  if (h) { h->magic = HANDLE_MAGIC; h->kind = kind; }
   return h;
 }
 static int valid(void* p, int kind) {
@@ -97,6 +119,41 @@ static int valid(void* p, int kind) {
   if (h == NULL || h->magic != HANDLE_MAGIC || h->kind != kind) { bump(C_BAD_HANDLE, 1); return 0; }
   return 1;
 }
+static int lag(void) {
+  const char* v = getenv("STOKER_FAKE_CUDA_LAG");
+  return v && *v ? atoi(v) : 1;
+}
+
+/* Runs a stream's queued copies numbered below `seq`. Called with device_lock held. */
+static void run_until(struct handle* q, long seq) {
+  while (q->head && q->head->seq < seq) {
+    struct op* o = q->head;
+    memcpy((void*)(uintptr_t)o->dst, o->src, o->bytes);
+    q->head = o->next;
+    if (!q->head) q->tail = NULL;
+    q->done = o->seq + 1;
+    free(o);
+  }
+}
+
+/* Host memory [p, p + bytes) stops being readable: queued copies from it are counted, then run. */
+static void host_memory_gone(const void* p, size_t bytes) {
+  const char* lo = p;
+  const char* hi = lo + bytes;
+  pthread_mutex_lock(&device_lock);
+  for (struct handle* q = streams; q; q = q->next_stream) {
+    long last = -1;
+    for (struct op* o = q->head; o; o = o->next) {
+      const char* s = o->src;
+      if (o->bytes && s < hi && s + o->bytes > lo) last = o->seq;
+    }
+    if (last >= 0) { bump(C_FREED_IN_FLIGHT, 1); run_until(q, last + 1); }
+  }
+  pthread_mutex_unlock(&device_lock);
+}
+
+/* Registered host ranges (cuMemHostRegister), for cuMemHostUnregister's check. */
+static struct { void* p; size_t bytes; } registered[256];
 
 /* ---- entry points ---- */
 
@@ -211,6 +268,7 @@ EXPORT CUresult cuMemFreeHost(void* p) {
   if (!p) return INVALID_VALUE;
   unsigned char* raw = (unsigned char*)p - PAGE;
   if (((unsigned long long*)raw)[0] != ALLOC_MAGIC) { bump(C_BAD_HANDLE, 1); return INVALID_VALUE; }
+  host_memory_gone(p, ((unsigned long long*)raw)[1]);
   bump(C_HOST_FREE, 1);
   bump(C_HOST_BYTES, -(long)((unsigned long long*)raw)[1]);
   ((unsigned long long*)raw)[0] = 0;
@@ -221,6 +279,10 @@ EXPORT CUresult cuMemFreeHost(void* p) {
 EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
   NEED_CONTEXT();
   if (!p || bytes == 0 || flags > 0xF) return INVALID_VALUE;
+  pthread_mutex_lock(&device_lock);
+  for (size_t i = 0; i < sizeof registered / sizeof registered[0]; ++i)
+    if (!registered[i].p) { registered[i].p = p; registered[i].bytes = bytes; break; }
+  pthread_mutex_unlock(&device_lock);
   bump(C_REGISTER, 1);
   return SUCCESS;
 }
@@ -228,6 +290,13 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
 EXPORT CUresult cuMemHostUnregister(void* p) {
   NEED_CONTEXT();
   if (!p) return INVALID_VALUE;
+  size_t bytes = 0;
+  pthread_mutex_lock(&device_lock);
+  for (size_t i = 0; i < sizeof registered / sizeof registered[0]; ++i)
+    if (registered[i].p == p) { bytes = registered[i].bytes; registered[i].p = NULL; break; }
+  pthread_mutex_unlock(&device_lock);
+  if (bytes == 0) return INVALID_VALUE;  /* CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED, as far as stoker can tell */
+  host_memory_gone(p, bytes);
   bump(C_UNREGISTER, 1);
   return SUCCESS;
 }
@@ -235,7 +304,14 @@ EXPORT CUresult cuMemHostUnregister(void* p) {
 EXPORT CUresult cuStreamCreate(void** s, unsigned flags) {
   NEED_CONTEXT();
   if (flags > 1) return INVALID_VALUE;
-  *s = new_handle(1);
+  struct handle* h = new_handle(1);
+  pthread_mutex_lock(&device_lock);
+  h->next_stream = legacy.next_stream;
+  h->prev_stream = &legacy;
+  if (legacy.next_stream) legacy.next_stream->prev_stream = h;
+  legacy.next_stream = h;
+  pthread_mutex_unlock(&device_lock);
+  *s = h;
   bump(C_STREAM_CREATE, 1);
   return SUCCESS;
 }
@@ -243,18 +319,29 @@ EXPORT CUresult cuStreamCreate(void** s, unsigned flags) {
 EXPORT CUresult cuStreamDestroy_v2(void* s) {
   NEED_CONTEXT();
   if (!valid(s, 1)) return INVALID_HANDLE;
-  ((struct handle*)s)->magic = 0;
-  free(s);
+  struct handle* h = s;
+  pthread_mutex_lock(&device_lock);
+  run_until(h, h->queued);  /* the work queued before a destroy still runs */
+  h->prev_stream->next_stream = h->next_stream;
+  if (h->next_stream) h->next_stream->prev_stream = h->prev_stream;
+  pthread_mutex_unlock(&device_lock);
+  h->magic = 0;
+  free(h);
   bump(C_STREAM_DESTROY, 1);
   return SUCCESS;
 }
 
 /* Stream 0 (the legacy default stream) is a valid stream argument. */
 static int stream_ok(void* s) { return s == NULL || valid(s, 1); }
+static struct handle* queue_of(void* s) { return s ? s : &legacy; }
 
 EXPORT CUresult cuStreamWaitEvent(void* s, void* e, unsigned flags) {
   NEED_CONTEXT();
   if (!stream_ok(s) || !valid(e, 2) || flags != 0) return INVALID_HANDLE;
+  struct handle* ev = e;
+  pthread_mutex_lock(&device_lock);
+  if (ev->on) run_until(ev->on, ev->seq);  /* the waiting stream's later work sees what the event covers */
+  pthread_mutex_unlock(&device_lock);
   bump(C_WAIT, 1);
   return SUCCESS;
 }
@@ -270,7 +357,12 @@ EXPORT CUresult cuEventCreate(void** e, unsigned flags) {
 EXPORT CUresult cuEventRecord(void* e, void* s) {
   NEED_CONTEXT();
   if (!valid(e, 2) || !stream_ok(s)) return INVALID_HANDLE;
-  ((struct handle*)e)->pending = 1;
+  struct handle* ev = e;
+  pthread_mutex_lock(&device_lock);
+  ev->on = queue_of(s);
+  ev->seq = ev->on->queued;
+  ev->pending = lag();
+  pthread_mutex_unlock(&device_lock);
   return SUCCESS;
 }
 
@@ -278,14 +370,26 @@ EXPORT CUresult cuEventQuery(void* e) {
   NEED_CONTEXT();
   if (!valid(e, 2)) return INVALID_HANDLE;
   struct handle* h = e;
-  if (h->pending) { h->pending = 0; return NOT_READY; }
-  return SUCCESS;
+  CUresult r = SUCCESS;
+  pthread_mutex_lock(&device_lock);
+  if (h->pending > 0) {
+    --h->pending;
+    r = NOT_READY;
+  } else if (h->on) {
+    run_until(h->on, h->seq);
+  }
+  pthread_mutex_unlock(&device_lock);
+  return r;
 }
 
 EXPORT CUresult cuEventSynchronize(void* e) {
   NEED_CONTEXT();
   if (!valid(e, 2)) return INVALID_HANDLE;
-  ((struct handle*)e)->pending = 0;
+  struct handle* h = e;
+  pthread_mutex_lock(&device_lock);
+  h->pending = 0;
+  if (h->on) run_until(h->on, h->seq);
+  pthread_mutex_unlock(&device_lock);
   return SUCCESS;
 }
 
@@ -302,7 +406,14 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t by
   NEED_CONTEXT();
   if (!stream_ok(s)) return INVALID_HANDLE;
   if (bytes && (!dst || !src)) return INVALID_VALUE;
-  memcpy((void*)(uintptr_t)dst, src, bytes);
+  struct op* o = malloc(sizeof *o);
+  if (!o) return OUT_OF_MEMORY;
+  struct handle* q = queue_of(s);
+  pthread_mutex_lock(&device_lock);
+  o->next = NULL; o->dst = dst; o->src = src; o->bytes = bytes; o->seq = q->queued++;
+  if (q->tail) q->tail->next = o; else q->head = o;
+  q->tail = o;
+  pthread_mutex_unlock(&device_lock);
   bump(C_COPY, 1);
   return SUCCESS;
 }
@@ -349,6 +460,9 @@ EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, u
   struct handle* h = f;
   if (!h || h->magic != HANDLE_MAGIC || h->kind < 4 || h->kind > 6 || !stream_ok(s)) return INVALID_HANDLE;
   if (!params || extra || gx == 0 || gy != 1 || gz != 1 || bx == 0 || by != 1 || bz != 1 || shared) return INVALID_VALUE;
+  pthread_mutex_lock(&device_lock);
+  run_until(queue_of(s), queue_of(s)->queued);  /* the work queued before the launch on its stream */
+  pthread_mutex_unlock(&device_lock);
   const uint8_t* in = *(const uint8_t**)params[0];
   void* out = *(void**)params[1];
   const struct normalize_params* p = params[2];

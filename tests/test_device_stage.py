@@ -1,7 +1,8 @@
 """The device stage (device= on stoker.DataLoader) without a GPU: stoker's real stream, events and copies run
-against the fake driver (tests/fake_libcuda.c, whose "device memory" is host memory and whose events complete
-one query after they are recorded); only torch's side (its caching allocator, current stream and
-record_stream) is stood in for by CPU tensors. What is checked: batches equal the CPU loader's value by value,
+against the fake driver (tests/fake_libcuda.c, whose "device memory" is host memory, whose copies read their
+source only when their stream runs, as a GPU's do, and whose events complete some queries after they are
+recorded); only torch's side (its caching allocator, current stream and record_stream) is stood in for by CPU
+tensors. What is checked: batches equal the CPU loader's value by value,
 non-tensor members stay as they are, one copy per tensor and one stream wait per batch received, host buffers
 held until their copy's event has completed, page-locked collation, the position that state_dict reports
 (the batches received, not those staged), errors at their turn, and the transform.
@@ -26,13 +27,19 @@ from stoker import _device
 
 class FakeTarget(_device.CudaTarget):
     used = []
+    made = []  # every destination, kept: the fake's copies write them later, when their stream runs
     def __init__(self, device):
         self.device = torch.device("cpu")
         self.stream = core.CudaStream(device.index)
     def side(self):
         return contextlib.nullcontext()
     def empty(self, src):
-        return torch.full(src.shape, 7, dtype=src.dtype) if src.dtype != torch.bool else torch.empty(src.shape, dtype=src.dtype)
+        if src.dtype == torch.bool:
+            dst = torch.empty(src.shape, dtype=src.dtype)
+        else:
+            dst = torch.full(src.shape, 7, dtype=src.dtype)
+        FakeTarget.made.append(dst)
+        return dst
     def consumer(self):
         return "consumer"
     @staticmethod
@@ -56,11 +63,16 @@ def same(a, b):
 
 def epochs(loader, n):
     return [list(loader) for _ in range(n)]
+
+def stream_runs(loader):
+    # What a torch op queued on stoker's stream would see: the copies queued before it done (the stand-in
+    # reads destinations on the host at once, so it runs the stream first).
+    loader._stoker_target[1].stream.record().synchronize()
 """
 
 
-def stage(code: str, fake_driver) -> dict:
-    return run(STAGE + textwrap.dedent(code), library=fake_driver["current"], package=True)
+def stage(code: str, fake_driver, **env) -> dict:
+    return run(STAGE + textwrap.dedent(code), library=fake_driver["current"], package=True, **env)
 
 
 def test_batches_equal_the_cpu_loaders_for_every_dataset_kind(fake_driver):
@@ -209,6 +221,7 @@ def test_the_transform_runs_on_the_staged_batch(fake_driver):
         seen = []
         def transform(batch):
             seen.append(batch[0].device.type)
+            stream_runs(loader)
             return [batch[0].float() / 2]
         loader = stoker.DataLoader(ds, batch_size=4, device="cuda", device_transform=transform)
         out["batches"] = [b[0].tolist() for b in loader]
@@ -285,3 +298,53 @@ def test_one_stream_per_loader_and_a_failing_transform_raises_at_its_turn(fake_d
     assert out["seen"] == [[0.0, 1.0], "bad batch", [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
     assert out["state_at_error"] == 2  # the failed batch's turn is taken, as with a loading error
     assert out["streams"] == 1
+
+
+@pytest.mark.parametrize("lag", ["1", "4"])
+def test_a_consumer_that_keeps_batches_and_sleeps_at_random_never_sees_a_wrong_value(fake_driver, lag):
+    # The fake's copies read their host buffers only when their event completes (after `lag` queries) or the
+    # consumer's stream waits: a host buffer handed back to the pool early would be refilled with a later
+    # batch by the loader's threads (or workers) first, and the batch would arrive with its bytes.
+    out = stage("""
+        import random, time
+        rng = random.Random(5)
+
+        class Py(torch.utils.data.Dataset):
+            def __len__(self): return 90
+            def __getitem__(self, i):
+                return {"x": torch.full((64,), float(i)), "id": torch.tensor(i)}
+
+        rows = torch.arange(300.0).repeat_interleave(256).reshape(300, 256)
+        tensors = torch.utils.data.TensorDataset(rows, torch.arange(300))
+        docs = stoker.TokenDataset([np.arange(i, i + 50 + (i * 37) % 400) for i in range(400)])
+        cases = {
+            "array": (tensors, dict(batch_size=16, shuffle=True, seed=1), stoker.DataLoader),
+            "array_threads": (tensors, dict(batch_size=16, shuffle=True, seed=1, num_workers=2), stoker.DataLoader),
+            "python": (Py(), dict(batch_size=6, shuffle=True, seed=2), stoker.DataLoader),
+            "processes": (Py(), dict(batch_size=6, shuffle=True, seed=2, num_workers=2), stoker.DataLoader),
+            "packed": (docs, dict(seq_len=2048, batch_size=8, seed=3, window=16), stoker.PackedLoader),  # helper on
+        }
+        results = {}
+        for name, (ds, kw, cls) in cases.items():
+            cpu = cls(ds, **kw)
+            expected = [b for _ in range(3) for b in cpu]
+            loader = cls(ds, device="cuda", device_prefetch=3, **kw)
+            got, kept, wrong = [], [], 0
+            for epoch in range(3):
+                for batch in loader:
+                    if not same(expected[len(got)], batch):
+                        wrong += 1
+                    got.append(len(got))
+                    if rng.random() < 0.3:
+                        kept.append((len(got) - 1, batch))
+                    if len(kept) > 6:
+                        kept.pop(rng.randrange(len(kept)))
+                    if rng.random() < 0.2:
+                        time.sleep(rng.random() * 0.003)
+            later = sum(not same(expected[i], b) for i, b in kept)
+            results[name] = [len(got) == len(expected), wrong, later]
+        out["results"] = results
+        out["counts"] = {k: count(k) for k in ("freed_in_flight", "bad_context", "bad_handle")}
+    """, fake_driver, STOKER_FAKE_CUDA_LAG=lag)
+    assert out["results"] == {k: [True, 0, 0] for k in out["results"]}
+    assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}
