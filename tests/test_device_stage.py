@@ -51,6 +51,7 @@ class FakeTarget(_device.CudaTarget):
 
 _device.CudaTarget = FakeTarget
 _cuda.resolve_device = lambda device: None if device in (None, "cpu") else torch.device("cuda", 0)
+torch.cuda.current_device = lambda: 0
 
 def same(a, b):
     if isinstance(a, torch.Tensor):
@@ -64,10 +65,10 @@ def same(a, b):
 def epochs(loader, n):
     return [list(loader) for _ in range(n)]
 
-def stream_runs(loader):
+def stream_runs():
     # What a torch op queued on stoker's stream would see: the copies queued before it done (the stand-in
     # reads destinations on the host at once, so it runs the stream first).
-    loader._stoker_target[1].stream.record().synchronize()
+    _device.target_for(torch.device("cuda", 0)).stream.record().synchronize()
 """
 
 
@@ -221,7 +222,7 @@ def test_the_transform_runs_on_the_staged_batch(fake_driver):
         seen = []
         def transform(batch):
             seen.append(batch[0].device.type)
-            stream_runs(loader)
+            stream_runs()
             return [batch[0].float() / 2]
         loader = stoker.DataLoader(ds, batch_size=4, device="cuda", device_transform=transform)
         out["batches"] = [b[0].tolist() for b in loader]
@@ -230,6 +231,17 @@ def test_the_transform_runs_on_the_staged_batch(fake_driver):
     """, fake_driver)
     assert out["batches"] == [[[0, 0.5], [1, 1.5], [2, 2.5], [3, 3.5]], [[4, 4.5], [5, 5.5]]]
     assert out["dtype"] == "torch.float32" and out["calls"] >= 2
+
+
+def test_a_device_without_an_index_follows_torchs_current_device_at_each_iterator(monkeypatch):
+    from stoker import _cuda
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # e.g. torch.cuda.set_device(local_rank)
+    built = torch.device("cuda", 0)  # what resolve_device answered when the loader was built
+    assert _cuda.current_target(built, "cuda") == torch.device("cuda", 1)
+    assert _cuda.current_target(built, torch.device("cuda")) == torch.device("cuda", 1)
+    assert _cuda.current_target(built, "cuda:0") == built
+    assert _cuda.current_target(None, None) is None and _cuda.current_target(None, "cpu") is None
 
 
 def test_device_arguments_are_checked():
@@ -269,7 +281,7 @@ def test_packed_batches_on_the_device_equal_the_cpu_ones_and_resume_exactly(fake
     assert out == {"same": True, "aliased": True, "ints": True, "served": 2, "resumed": True}
 
 
-def test_one_stream_per_loader_and_a_failing_transform_raises_at_its_turn(fake_driver):
+def test_one_stream_for_the_process_and_a_failing_transform_raises_at_its_turn(fake_driver):
     out = stage("""
         ds = torch.utils.data.TensorDataset(torch.arange(10.0))
         calls = []
@@ -293,11 +305,15 @@ def test_one_stream_per_loader_and_a_failing_transform_raises_at_its_turn(fake_d
         out["seen"] = seen
         for _ in range(3):
             list(loader)
+        list(stoker.DataLoader(ds, batch_size=3, device="cuda"))  # another loader: the same stream
+        del loader
+        gc.collect()
         out["streams"] = count("stream_create") - before
+        out["destroyed"] = count("stream_destroy")
     """, fake_driver)
     assert out["seen"] == [[0.0, 1.0], "bad batch", [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]]
     assert out["state_at_error"] == 2  # the failed batch's turn is taken, as with a loading error
-    assert out["streams"] == 1
+    assert out["streams"] == 1 and out["destroyed"] == 0  # kept: torch's allocator files memory under it
 
 
 @pytest.mark.parametrize("lag", ["1", "4"])
@@ -347,4 +363,79 @@ def test_a_consumer_that_keeps_batches_and_sleeps_at_random_never_sees_a_wrong_v
         out["counts"] = {k: count(k) for k in ("freed_in_flight", "bad_context", "bad_handle")}
     """, fake_driver, STOKER_FAKE_CUDA_LAG=lag)
     assert out["results"] == {k: [True, 0, 0] for k in out["results"]}
+    assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}
+
+
+@pytest.mark.parametrize("pattern", ["copy_and_drop", "kept_ahead", "listed"])
+def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_before_it_runs(fake_driver, pattern):
+    # pin_memory=True without device=: the user copies each batch on their current stream and drops it. The
+    # fake's copies read the host memory only when that stream runs (here: when the test synchronises it at the
+    # end, or an event on it completes), so memory handed back to the pool at the drop would be refilled with
+    # later batches first. torch does not track copies from memory it did not allocate; stoker's fence does.
+    out = stage("""
+        import collections
+        from stoker import _iterators
+        user = core.CudaStream(0)  # the user's current stream
+        _device.current_stream_handle = lambda device: user.handle
+        torch.cuda.is_available = lambda: True
+        torch.cuda.current_device = lambda: 0
+        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
+        _iterators._pin_memory = lambda batch: batch  # stoker's batches are pinned already
+
+        def copy(x, dsts):  # x.cuda(non_blocking=True), "device" memory being host memory
+            dst = torch.full(x.shape, -1, dtype=x.dtype)
+            user.copy_to_device(dst.data_ptr(), x.data_ptr(), x.numel() * x.element_size())
+            dsts.append(dst)
+
+        class Py(torch.utils.data.Dataset):
+            def __len__(self): return 80
+            def __getitem__(self, i):
+                return torch.full((256,), float(i)), i
+
+        rows = torch.arange(200.0).repeat_interleave(512).reshape(200, 512)
+        tensors = torch.utils.data.TensorDataset(rows, torch.arange(200))
+        cases = {
+            "array": (tensors, dict(batch_size=10, shuffle=True, seed=1)),
+            "array_threads": (tensors, dict(batch_size=10, shuffle=True, seed=1, num_workers=2)),
+            "python": (Py(), dict(batch_size=8, shuffle=True, seed=2)),
+            "processes": (Py(), dict(batch_size=8, shuffle=True, seed=2, num_workers=2)),
+        }
+        pattern = PATTERN
+        results = {}
+        for name, (ds, kw) in cases.items():
+            cpu = stoker.DataLoader(ds, **kw)
+            expected = [t.clone() for _ in range(2) for b in cpu for t in b]
+            loader = stoker.DataLoader(ds, pin_memory=True, **kw)
+            dsts = []
+            for _ in range(2):
+                if pattern == "copy_and_drop":
+                    for x, y in loader:
+                        copy(x, dsts)
+                        copy(y, dsts)
+                        del x, y
+                elif pattern == "kept_ahead":  # a prefetching wrapper: four batches taken ahead of use
+                    it, ahead = iter(loader), collections.deque()
+                    for b in it:
+                        ahead.append(b)
+                        if len(ahead) > 4:
+                            for t in ahead.popleft():
+                                copy(t, dsts)
+                        del b
+                    while ahead:
+                        for t in ahead.popleft():
+                            copy(t, dsts)
+                else:
+                    batches = list(loader)
+                    for b in batches:
+                        for t in b:
+                            copy(t, dsts)
+                    del batches, b
+                gc.collect()
+            user.record().synchronize()
+            results[name] = [len(dsts) == len(expected),
+                             sum(not torch.equal(d, e) for d, e in zip(dsts, expected))]
+        out["results"] = results
+        out["counts"] = {k: count(k) for k in ("freed_in_flight", "bad_context", "bad_handle")}
+    """.replace("PATTERN", repr(pattern)), fake_driver, STOKER_FAKE_CUDA_LAG="3")
+    assert out["results"] == {k: [True, 0] for k in out["results"]}
     assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}

@@ -15,7 +15,8 @@ import torch
 
 from stoker._native import core
 
-__all__ = ["cuda_available", "cuda_status", "pin_device", "pinned_pool", "pinned_pool_for", "resolve_device"]
+__all__ = ["cuda_available", "cuda_status", "current_target", "pin_device", "pinned_pool", "pinned_pool_for",
+           "resolve_device"]
 
 # Page-locked blocks stay cached up to this many bytes. A block that no longer fits is freed, and the next
 # batch of that size page-locks a new one, so the bound must cover the batches in flight (depth x batch size).
@@ -83,6 +84,16 @@ def resolve_device(device) -> torch.device | None:
         raise ValueError(f"device={device!r}: there is no CUDA device {index}; {count} "
                          f"{'is' if count == 1 else 'are'} visible")
     return torch.device("cuda", index)
+
+
+def current_target(resolved: torch.device | None, given) -> torch.device | None:
+    """Where an iterator starting now sends batches: `resolved` (resolve_device's answer when the loader was
+    built), except that a CUDA device given without an index follows torch's current device at each iterator,
+    as torch's own pin_memory and .cuda() do: a script that calls torch.cuda.set_device(local_rank) after
+    building its loaders gets its batches on that GPU."""
+    if resolved is None or torch.device(given).index is not None:
+        return resolved
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def pinned_pool(device: int = 0):

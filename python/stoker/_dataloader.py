@@ -580,11 +580,12 @@ class DataLoader(_TorchDataLoader):
         return ProcessIterator(self, collate)
 
     def __iter__(self):
+        self._stoker_device = _cuda.current_target(self._stoker_device, self.device)
         inner = self._stoker_cpu_iter()
         if self._stoker_device is None:
             return inner
         return _device.stage(inner, self._stoker_device, self.device_prefetch, self._stoker_cursor,
-                             self.device_transform, self)
+                             self.device_transform)
 
     def _stoker_cpu_iter(self):
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float

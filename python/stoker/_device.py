@@ -13,6 +13,13 @@ ahead of the one handed to the user. The bookkeeping that makes this safe:
 * the host buffers of a batch are kept until its event has completed: only then can the pool reuse them.
 
 Members of a batch that are not CPU tensors (strings, numbers, custom objects) stay as they are.
+
+Batches handed to the user pinned (``pin_memory=True``, no ``device=``) need bookkeeping too: torch tracks the
+non-blocking copies it makes only from host memory its own allocator gave out, so a block of stoker's pool that
+the user drops right after ``x.cuda(non_blocking=True)`` would go back to the pool, and be refilled with a later
+batch, while the copy that reads it still waits behind the GPU's earlier work. `fence` keeps each such tensor's
+memory after the user drops it, until an event recorded then on torch's current stream (where the copy was
+queued, in every usual loop) has completed.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import os
+import threading
+import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Callable
 
@@ -27,7 +37,7 @@ import torch
 
 from stoker._native import core
 
-__all__ = ["CudaTarget", "DeviceIterator", "to_device"]
+__all__ = ["CudaTarget", "DeviceIterator", "fence", "to_device"]
 
 
 class CudaTarget:
@@ -250,14 +260,83 @@ class DeviceIterator:
         raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
 
 
-def stage(inner, device: torch.device, depth: int, cursor, transform, owner=None) -> Any:
-    """The iterator a loader built with device= returns: `inner`'s batches on `device`. The stream is kept on
-    `owner` (the loader) and reused by its later iterators: one stream per loader and device, not per epoch."""
-    kept = getattr(owner, "_stoker_target", None)  # (device, target)
-    if kept is not None and kept[0] == device:
-        target = kept[1]
-    else:
-        target = CudaTarget(device)
-        if owner is not None:
-            owner._stoker_target = (device, target)
-    return DeviceIterator(inner, target, depth, cursor, transform)
+_targets: dict = {}  # device index -> CudaTarget
+_targets_lock = threading.Lock()
+
+
+def target_for(device: torch.device) -> CudaTarget:
+    """The device's target: one stream for the process, shared by every loader, never destroyed. torch's caching
+    allocator files the memory allocated while that stream is current under its handle, and keeps it there
+    after the loader is gone (with expandable segments it synchronises the handle when it unmaps them, in
+    empty_cache or when recovering from an out-of-memory error): a destroyed stream's handle would be invalid
+    there, or another stream's."""
+    with _targets_lock:
+        target = _targets.get(device.index)
+        if target is None:
+            target = _targets[device.index] = CudaTarget(device)
+        return target
+
+
+def stage(inner, device: torch.device, depth: int, cursor, transform) -> Any:
+    """The iterator a loader built with device= returns: `inner`'s batches on `device`."""
+    return DeviceIterator(inner, target_for(device), depth, cursor, transform)
+
+
+# ---- pinned batches handed to the user: memory kept until the GPU has passed the point where it was dropped ----
+
+_fences: collections.deque = collections.deque()  # (event, storage, device), oldest first
+_spare_events: dict = {}  # device -> events whose fence has passed, for reuse
+# Re-entrant: a tensor can die (and its finalizer run) in a collection started while the lock is held.
+_fence_lock = threading.RLock()
+
+
+def current_stream_handle(device: int) -> int:
+    """The CUstream of torch's current stream on `device` (0: the legacy default stream)."""
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _dropped(storage, device: int) -> None:
+    """A pinned tensor handed to the user has died: its memory is kept until the work queued on the current
+    stream by now (the copies made from it) has run."""
+    try:
+        with _fence_lock:
+            spare = _spare_events.get(device)
+            event = spare.pop() if spare else core.CudaEvent(device)
+            event.record(current_stream_handle(device))
+            _fences.append((event, storage, device))
+    except Exception:  # no CUDA to fence with (torn down, forked): the memory goes back as it would have
+        return
+    release_fences()
+
+
+def release_fences() -> None:
+    """Lets go of the memory whose fence has passed (events queried oldest first)."""
+    with _fence_lock:
+        try:
+            while _fences and _fences[0][0].query():
+                event, _storage, device = _fences.popleft()
+                _spare_events.setdefault(device, []).append(event)
+        except Exception:  # a failing query (CUDA torn down): keep the rest until the process ends
+            return
+
+
+def fence(batch, device: int) -> None:
+    """Keeps the memory of the batch's CPU tensors, once the user drops each, until the GPU has passed that
+    point (see the module's docstring). Called on each pinned batch as it is handed over."""
+    for tensor in _leaves(batch, []):
+        if tensor.device.type == "cpu":
+            weakref.finalize(tensor, _dropped, tensor.untyped_storage(), device).atexit = False
+    release_fences()
+
+
+def _forget_cuda_objects() -> None:
+    # A forked child has neither its parent's CUDA context nor its streams and events.
+    global _fence_lock, _targets_lock
+    _fences.clear()
+    _spare_events.clear()
+    _fence_lock = threading.RLock()
+    _targets.clear()
+    _targets_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_cuda_objects)

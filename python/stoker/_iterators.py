@@ -20,7 +20,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
-from stoker import _collate, _cuda, _resume
+from stoker import _collate, _cuda, _device, _resume
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
                              load_batch, set_thread_worker_info, shutdown_all, start_method_of)
@@ -110,6 +110,9 @@ class _Iterator:
         # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
         self._pin_device = _cuda.pin_device(getattr(loader, "_stoker_device", None), self._pin)
         self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
+        # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself).
+        staged = getattr(loader, "_stoker_device", None) is not None
+        self._fence_device = self._pin_device if self._pin and not staged else None
         self._native_order = loader._stoker_native_sampler
         self._rank, self._world = loader._stoker_shard()
         cursor = self._cursor = loader._stoker_begin()
@@ -240,7 +243,11 @@ class _Iterator:
             self._yielded += 1
             if self._yielded > self._len_called:
                 self._warn_length()
-        return _pin_memory(batch) if self._pin else batch
+        if self._pin:
+            batch = _pin_memory(batch)  # tensors stoker collated pinned are returned as they are
+            if self._fence_device is not None:
+                _device.fence(batch, self._fence_device)
+        return batch
 
     def _warn_length(self) -> None:
         message = (f"Length of IterableDataset {self._loader.dataset} was reported to be {self._len_called}"

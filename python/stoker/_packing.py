@@ -408,12 +408,13 @@ class PackedLoader:
             self._resume = None
         cursor = Cursor(epoch, start)
         self._cursor = cursor
+        self._device = _cuda.current_target(self._device, self.device)
         ep = self._plan(epoch)
         self._plan_ahead(epoch + 1)
         it = _PackedIterator(self, ep.plan, ep.rows, cursor)
         if self._device is None:
             return it
-        return _device.stage(it, self._device, self.device_prefetch, cursor, None, self)
+        return _device.stage(it, self._device, self.device_prefetch, cursor, None)
 
     # -- resumption ----------------------------------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """device= on a real GPU (skipped without one): batches on the device equal the CPU batches bit for bit over
 several epochs; a consumer that launches work on each batch at once, keeps some batches while sleeping at
 random and frees others never sees a wrong value; pin_memory=True batches are pinned where they are collated;
-Normalize on the GPU equals the CPU reference; 100 loaders leave no page-locked memory or device memory behind.
+Normalize on the GPU equals the CPU reference; 100 loaders leave no page-locked memory or device memory behind;
+pin_memory=True batches dropped right after a non-blocking copy arrive intact while the GPU lags behind; loaders
+gone and torch's cache emptied with expandable segments.
 
 Run where a GPU is lent: `PYTHONPATH=python python -m pytest tests/cuda -q`.
 """
@@ -9,7 +11,10 @@ Run where a GPU is lent: `PYTHONPATH=python python -m pytest tests/cuda -q`.
 from __future__ import annotations
 
 import gc
+import os
 import random
+import subprocess
+import sys
 import time
 import weakref
 
@@ -154,3 +159,79 @@ def test_a_hundred_loaders_leave_nothing_behind():
     torch.empty(1, device="cuda")  # allocated and freed at once
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() <= base_allocated + 512
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("pattern", ["copy_and_drop", "side_stream", "listed"])
+def test_pinned_batches_dropped_after_a_non_blocking_copy_arrive_intact(num_workers, pattern):
+    # torch tracks non-blocking copies only from its own host allocator's memory; stoker's pinned blocks are
+    # kept after the drop until the current stream has passed it. The GPU is kept behind the loop
+    # (torch.cuda._sleep), so a block handed back at the drop would be refilled before its copy ran.
+    rows = torch.arange(256.0).repeat_interleave(16384).reshape(256, 16384)  # 64 KiB a row
+    dataset = torch.utils.data.TensorDataset(rows, torch.arange(256))
+    kw = {"batch_size": 16, "shuffle": True, "seed": 4, "num_workers": num_workers}
+    cpu = stoker.DataLoader(dataset, **kw)
+    expected = [b[0].clone() for _ in range(2) for b in cpu]
+    loader = stoker.DataLoader(dataset, pin_memory=True, **kw)
+    side = torch.cuda.Stream()
+    got = []
+    for _ in range(2):
+        if pattern == "copy_and_drop":
+            for x, _ in loader:
+                assert x.is_pinned()
+                torch.cuda._sleep(2_000_000)
+                got.append(x.cuda(non_blocking=True))
+                del x
+        elif pattern == "side_stream":  # a prefetcher copying on its own stream
+            with torch.cuda.stream(side):
+                for x, _ in loader:
+                    torch.cuda._sleep(2_000_000)
+                    got.append(x.cuda(non_blocking=True))
+                    del x
+        else:
+            batches = list(loader)
+            torch.cuda._sleep(50_000_000)
+            for x, _ in batches:
+                got.append(x.cuda(non_blocking=True))
+            del batches, x
+        gc.collect()
+    torch.cuda.synchronize()
+    assert len(got) == len(expected)
+    assert [i for i, (g, e) in enumerate(zip(got, expected)) if not torch.equal(g.cpu(), e)] == []
+
+
+def test_loaders_gone_then_the_cache_emptied_with_expandable_segments():
+    # torch's allocator keeps memory allocated under stoker's stream (and, with expandable segments,
+    # synchronises that stream's handle when unmapping it): the stream must outlive the loaders.
+    code = """
+import gc, torch, stoker
+ds = torch.utils.data.TensorDataset(torch.randn(2048, 1024), torch.arange(2048))
+for n in range(20):
+    loader = stoker.DataLoader(ds, batch_size=256, shuffle=True, device="cuda")
+    total = sum(float(b[0].sum()) for b in loader)
+    del loader
+    gc.collect()
+torch.cuda.synchronize()
+torch.cuda.empty_cache()
+x = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")  # maps new memory after the unmap
+del x
+torch.cuda.empty_cache()
+torch.cuda.synchronize()
+print("ok")
+"""
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_device_without_an_index_follows_set_device():
+    dataset = torch.utils.data.TensorDataset(torch.arange(64.0))
+    loader = stoker.DataLoader(dataset, batch_size=16, device="cuda")
+    previous = torch.cuda.current_device()
+    try:
+        for index in (1, 0):
+            torch.cuda.set_device(index)
+            assert {b[0].device for b in loader} == {torch.device("cuda", index)}
+    finally:
+        torch.cuda.set_device(previous)
