@@ -3,16 +3,21 @@
 Three workloads, each side by side in one run:
 
 * host-to-device: batches of 8 and 64 MiB through stoker.DataLoader(device="cuda") against the peak of a plain
-  pinned cuMemcpyHtoDAsync of the same bytes in a loop (stoker's driver stream, one page-locked block), and
-  against torch's DataLoader(pin_memory=True) + .to(device, non_blocking=True);
-* a training loop whose GPU step is longer than loading a batch: GPU idle share of the step time (against the
-  same steps on a batch already on the GPU) and end-to-end speed against torch's recipe;
+  pinned cuMemcpyHtoDAsync of the same bytes in a loop (a stream of stoker's, one page-locked block), against
+  stoker's device stage alone (batches collated into page-locked blocks already: the transfer without the
+  gather) and against torch's DataLoader(pin_memory=True) + .to(device, non_blocking=True); only the copies
+  made while the clock runs are counted;
+* a training loop whose GPU step is longer than stoker's loading of a batch (set in the run: twice the loading
+  time measured alone): GPU idle share of the step time (against the same steps on a batch already on the
+  GPU) and end-to-end speed against torch's recipe;
 * uint8 images normalised on the GPU (device_transform=stoker.Normalize) against normalising on the CPU in the
   collate function and copying float32.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
 from typing import Callable
@@ -22,7 +27,7 @@ from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import TensorDataset
 
 import stoker
-from stoker import _cuda
+from stoker import _cuda, _device
 from stoker._native import core, from_dlpack
 
 __all__ = ["bench_gpu"]
@@ -31,12 +36,14 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _rate(fn: Callable[[], float], rounds: int) -> float:
-    """Median of `rounds` calls of fn (each returns units per second)."""
+    """Median of `rounds` calls of fn (each returns units per second), after one call unmeasured (workers
+    started, pinned blocks allocated, kernels loaded)."""
+    fn()
     return statistics.median(fn() for _ in range(rounds))
 
 
 def _peak_copy(nbytes: int, device: torch.device, reps: int) -> float:
-    """Bytes/s of back-to-back cuMemcpyHtoDAsync from one page-locked block on stoker's stream."""
+    """Bytes/s of back-to-back cuMemcpyHtoDAsync from one page-locked block on a stream of stoker's."""
     pool = _cuda.pinned_pool(device.index)
     src = from_dlpack(pool.empty([nbytes], 1, 8))  # uint8
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -50,88 +57,116 @@ def _peak_copy(nbytes: int, device: torch.device, reps: int) -> float:
     return reps * nbytes / (time.perf_counter() - start)
 
 
-def _loader_bytes_per_s(loader, batches: int, to_device: torch.device | None = None) -> float:
-    it = iter(loader)
-    first = next(it)
+def _epoch_bytes_per_s(batches, staged: int, to_device: torch.device | None = None) -> float:
+    """Bytes/s copied to the device over one epoch after its first batch. `staged`: the batches after the first
+    whose copies were made before the clock started (a device stage copies that many ahead): not counted."""
+    it = iter(batches)
+    first = next(it)[0]
     if to_device is not None:
-        first = first[0].to(to_device, non_blocking=True)
+        first = first.to(to_device, non_blocking=True)
+    nbytes_each = first.numel() * first.element_size()
     torch.cuda.synchronize()
-    nbytes = 0
+    received = 0
     start = time.perf_counter()
-    for _, batch in zip(range(batches), it):
+    for batch in it:
         x = batch[0]
         if to_device is not None:
             x = x.to(to_device, non_blocking=True)
-        nbytes += x.numel() * x.element_size()
+        received += 1
     torch.cuda.synchronize()
-    return nbytes / (time.perf_counter() - start)
+    return (received - staged) * nbytes_each / (time.perf_counter() - start)
 
 
 def _h2d(opts, device: torch.device) -> list[dict]:
     out, records = opts.out, []
     row = 64 << 10
-    print("\nhost-to-device: uint8 rows of 64 KiB, shuffled, batches of the size shown (GB/s)", file=out, flush=True)
+    threads = max(2, min(12, (os.cpu_count() or 4) - 2))
+    print(f"\nhost-to-device: uint8 rows of 64 KiB, shuffled, batches of the size shown, {threads} workers (GB/s)",
+          file=out, flush=True)
     for mib in (8, 64):
         rows = (mib << 20) // row
-        n = rows * (6 if opts.quick else 16)
-        data = TensorDataset(torch.randint(0, 256, (n, row), dtype=torch.uint8))
-        reps = 8 if opts.quick else 32
+        batches = (8 if opts.quick else 40) if mib == 8 else (6 if opts.quick else 20)
+        n = rows * batches
+        data = TensorDataset(torch.full((n, row), 7, dtype=torch.uint8))  # every page written
+        reps = max(8, (256 if mib == 8 else 32) // (4 if opts.quick else 1))
         peak = _rate(lambda: _peak_copy(mib << 20, device, reps), opts.rounds)
-        batches = n // rows - 2
-        stoker_dl = stoker.DataLoader(data, batch_size=rows, shuffle=True, num_workers=8, device=device)
-        torch_dl = TorchDataLoader(data, batch_size=rows, shuffle=True, num_workers=8, pin_memory=True,
+        # The device stage alone: batches already collated into page-locked blocks (eight, reused in turn).
+        pool = _cuda.pinned_pool(device.index)
+        blocks = [from_dlpack(pool.empty([rows, row], 1, 8)) for _ in range(8)]
+        depth = 2
+
+        def staged_only():
+            inner = iter([[blocks[i % len(blocks)]] for i in range(batches)])
+            return _epoch_bytes_per_s(_device.stage(inner, device, depth, None, None), depth)
+
+        stage = _rate(staged_only, opts.rounds)
+        stoker_dl = stoker.DataLoader(data, batch_size=rows, shuffle=True, num_workers=threads, device=device,
+                                      device_prefetch=depth)
+        torch_dl = TorchDataLoader(data, batch_size=rows, shuffle=True, num_workers=threads, pin_memory=True,
                                    persistent_workers=True)
-        s = _rate(lambda: _loader_bytes_per_s(stoker_dl, batches), opts.rounds)
-        t = _rate(lambda: _loader_bytes_per_s(torch_dl, batches, device), opts.rounds)
-        del torch_dl
+        s = _rate(lambda: _epoch_bytes_per_s(stoker_dl, depth), opts.rounds)
+        t = _rate(lambda: _epoch_bytes_per_s(torch_dl, 0, device), opts.rounds)
+        del torch_dl, blocks
         for name, rate in (("pinned cuMemcpyHtoDAsync loop (peak)", peak),
+                           ("stoker device stage, batches pinned already", stage),
                            ("stoker DataLoader(device='cuda')", s),
                            ("torch pin_memory + .to(non_blocking)", t)):
             rec = {"workload": f"host-to-device {mib} MiB batches", "loader": name, "bytes_per_s": rate,
                    "ratio_to_peak": rate / peak, "ratio_to_torch": rate / t}
             records.append(rec)
-            print(f"  {mib:3d} MiB  {name:<40} {rate / 1e9:7.2f} GB/s   x{rate / peak:5.2f} of peak   "
+            print(f"  {mib:3d} MiB  {name:<44} {rate / 1e9:7.2f} GB/s   x{rate / peak:5.2f} of peak   "
                   f"x{rate / t:5.2f} torch", file=out, flush=True)
     return records
 
 
 def _training(opts, device: torch.device) -> list[dict]:
+    """A GPU step longer than stoker's loading of a batch: its length is set in the run, twice the time stoker
+    takes to deliver a batch to the GPU (measured first, loading alone), in whole matrix products."""
     out = opts.out
     batch, features = 512, 4096
     n = batch * (20 if opts.quick else 60)
     data = TensorDataset(torch.randn(n, features), torch.randint(0, 10, (n,)))
     weight = torch.randn(features, features, device=device) / features ** 0.5
+    workers = 4
+    stoker_dl = stoker.DataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, device=device)
+    torch_dl = TorchDataLoader(data, batch_size=batch, shuffle=True, num_workers=workers, pin_memory=True,
+                               persistent_workers=True)
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        for _ in range(12):  # a GPU step longer than loading one batch (about 8 MiB)
-            x = torch.tanh(x @ weight)
-        return x.sum()
-
-    def run(batches, convert) -> float:
+    def run(batches, convert, products: int) -> float:
         torch.cuda.synchronize()
         start, steps = time.perf_counter(), 0
         for b in batches:
-            step(convert(b))
+            x = convert(b)
+            for _ in range(products):
+                x = torch.tanh(x @ weight)
             steps += 1
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps
 
+    def median(fn) -> float:
+        fn()
+        return statistics.median(fn() for _ in range(opts.rounds))
+
     resident = data.tensors[0][:batch].to(device)
     steps = n // batch
-    ideal = statistics.median(run([resident] * steps, lambda b: b) for _ in range(opts.rounds))
-    stoker_dl = stoker.DataLoader(data, batch_size=batch, shuffle=True, num_workers=4, device=device)
-    torch_dl = TorchDataLoader(data, batch_size=batch, shuffle=True, num_workers=4, pin_memory=True,
-                               persistent_workers=True)
-    s = statistics.median(run(stoker_dl, lambda b: b[0]) for _ in range(opts.rounds))
-    t = statistics.median(run(torch_dl, lambda b: b[0].to(device, non_blocking=True)) for _ in range(opts.rounds))
-    print(f"\ntraining loop: float32 [{batch}, {features}] batches, a GPU step of 12 matmuls ({1e3 * ideal:.2f} ms "
-          "on a resident batch)", file=out, flush=True)
+    product = median(lambda: run([resident] * steps, lambda b: b, 1))
+    load_stoker = median(lambda: run(stoker_dl, lambda b: b[0], 0))
+    load_torch = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), 0))
+    products = max(1, math.ceil(2 * load_stoker / product))
+    ideal = median(lambda: run([resident] * steps, lambda b: b, products))
+    s = median(lambda: run(stoker_dl, lambda b: b[0], products))
+    t = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), products))
+    del torch_dl
+    print(f"\ntraining loop: float32 [{batch}, {features}] batches, {workers} workers; loading alone: stoker "
+          f"{1e3 * load_stoker:.2f} ms, torch {1e3 * load_torch:.2f} ms a batch; a GPU step of {products} "
+          f"matmuls ({1e3 * ideal:.2f} ms on a resident batch)", file=out, flush=True)
     records = []
     for name, per_step in (("batch already on the GPU (ideal)", ideal), ("stoker DataLoader(device='cuda')", s),
                            ("torch pin_memory + .to(non_blocking)", t)):
         idle = max(0.0, (per_step - ideal) / per_step)
         rec = {"workload": "training loop", "loader": name, "step_ms": 1e3 * per_step, "gpu_idle_share": idle,
-               "ratio_to_torch": t / per_step}
+               "ratio_to_torch": t / per_step, "products": products, "load_ms_stoker": 1e3 * load_stoker,
+               "load_ms_torch": 1e3 * load_torch}
         records.append(rec)
         print(f"  {name:<40} {1e3 * per_step:8.3f} ms/step   GPU idle {100 * idle:5.1f}%   x{t / per_step:5.2f} torch",
               file=out, flush=True)
@@ -163,7 +198,7 @@ def _normalize(opts, device: torch.device) -> list[dict]:
                                device_transform=gpu_norm)
     on_cpu = TorchDataLoader(data, batch_size=bs, shuffle=True, num_workers=8, pin_memory=True,
                              persistent_workers=True, collate_fn=cpu_collate)
-    g = _rate(lambda: images_per_s(on_gpu, lambda b: b[0]), opts.rounds)
+    g = _rate(lambda: images_per_s(on_gpu, lambda b: b[0]), opts.rounds)  # each after a warm-up pass
     c = _rate(lambda: images_per_s(on_cpu, lambda b: b[0].to(device, non_blocking=True)), opts.rounds)
     print(f"\nuint8 images [3, 224, 224] normalised to float32, batch {bs} (images/s)", file=out, flush=True)
     records = []
