@@ -20,7 +20,7 @@
  *
  * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
  * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
- * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY). Built with -DFAKE_NO_PROC_ADDRESS it exports no
+ * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY), "noregister" (cuMemHostRegister fails so). Built with -DFAKE_NO_PROC_ADDRESS it exports no
  * cuGetProcAddress, as drivers before 11.3, and stoker falls back to dlsym on the exported names.
  *
  * For the tests: fake_counter(name) reads a counter, fake_lookups() lists "name@version/flags" per
@@ -279,6 +279,7 @@ EXPORT CUresult cuMemFreeHost(void* p) {
 EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
   NEED_CONTEXT();
   if (!p || bytes == 0 || flags > 0xF) return INVALID_VALUE;
+  if (is("noregister")) return OUT_OF_MEMORY;
   pthread_mutex_lock(&device_lock);
   for (size_t i = 0; i < sizeof registered / sizeof registered[0]; ++i)
     if (!registered[i].p) { registered[i].p = p; registered[i].bytes = bytes; break; }

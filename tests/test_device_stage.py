@@ -439,3 +439,26 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_befor
     """.replace("PATTERN", repr(pattern)), fake_driver, STOKER_FAKE_CUDA_LAG="3")
     assert out["results"] == {k: [True, 0] for k in out["results"]}
     assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}
+
+
+def test_a_worker_ring_that_cannot_be_page_locked_warns_once_and_loads_as_usual(fake_driver):
+    out = stage("""
+        import warnings
+        class Py(torch.utils.data.Dataset):
+            def __len__(self): return 40
+            def __getitem__(self, i):
+                return torch.full((16,), float(i))
+        kw = dict(batch_size=8, shuffle=True, seed=2, num_workers=2, persistent_workers=True)
+        cpu = stoker.DataLoader(Py(), **kw)
+        expected = [b.clone() for _ in range(2) for b in cpu]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader = stoker.DataLoader(Py(), device="cuda", **kw)
+            got = [b for _ in range(2) for b in loader]
+        out["same"] = len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+        out["warnings"] = [str(w.message) for w in caught if "page-lock" in str(w.message)]
+        out["registered"] = count("register")
+    """, fake_driver, mode="noregister")
+    assert out["same"] is True and out["registered"] == 0
+    assert len(out["warnings"]) == 1 and "could not page-lock its worker ring" in out["warnings"][0]
+    assert "CUDA_ERROR_OUT_OF_MEMORY" in out["warnings"][0]

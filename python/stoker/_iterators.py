@@ -520,9 +520,15 @@ class ProcessIterator(_Iterator):
 
     def _dispatch(self, loader, pool: WorkerPool, iterable: bool, persistent: bool) -> None:
         """Pins the ring if batches are pinned, then queues the epoch's first tasks."""
-        if self._pin_device is not None and not pool.ring.pinned:
+        if self._pin_device is not None and not pool.ring.pinned and not getattr(pool, "_pin_failed", False):
             # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
-            pool.ring.pin(self._pin_device)
+            try:
+                pool.ring.pin(self._pin_device)
+            except RuntimeError as exc:  # e.g. the ring's file is not in memory, or the driver refused
+                pool._pin_failed = True
+                warnings.warn(f"stoker could not page-lock its worker ring ({exc}); batches from worker processes "
+                              "are loaded as usual and pinned (or copied to the GPU) from ordinary memory",
+                              RuntimeWarning, stacklevel=3)
         batches = None if iterable else self._index_batches()
         # Each worker's position (an IterableDataset's pass; a stateful map-style dataset's copy).
         dataset_stateful = is_stateful(loader.dataset)

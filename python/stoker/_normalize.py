@@ -103,6 +103,10 @@ def normalize(images: torch.Tensor, mean, std, *, dtype: torch.dtype = torch.flo
     if channels_last:
         images = images.movedim(-1, -3)
     m, s = _constants(images.device, mean_t, std_t, channels)
+    if images.is_cuda:  # read on this stream: should the cache drop them, their memory waits for this work
+        current = torch.cuda.current_stream(images.device)
+        m.record_stream(current)
+        s.record_stream(current)
     x = images.to(torch.float32)
     x = x.mul_(torch.tensor(scale, dtype=torch.float32))
     x = x.sub_(m).div_(s)

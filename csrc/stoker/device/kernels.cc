@@ -3,6 +3,8 @@
 #include <array>
 #include <map>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 
 #include "stoker/common/check.h"
 #include "stoker/cuda/driver.h"
@@ -34,25 +36,34 @@ struct Loaded {
 };
 
 // One module per device's primary context, loaded at first use and kept for the process (as the context's
-// retain is: unloading during interpreter exit would race the driver's teardown).
+// retain is: unloading during interpreter exit would race the driver's teardown). A device whose module failed
+// to load keeps its error: it is raised again, not loaded again.
 Loaded& loaded(int device) {
   static std::mutex mutex;
   static std::map<int, Loaded> modules;
+  static std::map<int, std::string> failed;
   std::lock_guard<std::mutex> lock(mutex);
   auto found = modules.find(device);
   if (found != modules.end()) return found->second;
+  auto failure = failed.find(device);
+  if (failure != failed.end()) throw std::runtime_error(failure->second);
 #if STOKER_HAVE_KERNELS
-  const cuda::Api& api = cuda::api();
-  auto ctx = cuda::primary_context(device);
-  cuda::ScopedContext scope(*ctx);
-  cuda::CUmodule module = nullptr;
-  cuda::check(api.cuModuleLoadData(&module, stoker_normalize_fatbin), "cuModuleLoadData",
-              "stoker's kernels (built for sm_80 and sm_90, with PTX for newer GPUs)");
-  Loaded entry;
-  for (size_t i = 0; i < kNormalizeNames.size(); ++i)
-    cuda::check(api.cuModuleGetFunction(&entry.normalize[i], module, kNormalizeNames[i]), "cuModuleGetFunction",
-                kNormalizeNames[i]);
-  return modules.emplace(device, entry).first->second;
+  try {
+    const cuda::Api& api = cuda::api();
+    auto ctx = cuda::primary_context(device);
+    cuda::ScopedContext scope(*ctx);
+    cuda::CUmodule module = nullptr;
+    cuda::check(api.cuModuleLoadData(&module, stoker_normalize_fatbin), "cuModuleLoadData",
+                "stoker's kernels (built for " STOKER_KERNEL_ARCHS ")");
+    Loaded entry;
+    for (size_t i = 0; i < kNormalizeNames.size(); ++i)
+      cuda::check(api.cuModuleGetFunction(&entry.normalize[i], module, kNormalizeNames[i]),
+                  "cuModuleGetFunction", kNormalizeNames[i]);
+    return modules.emplace(device, entry).first->second;
+  } catch (const std::exception& e) {
+    failed.emplace(device, e.what());
+    throw;
+  }
 #else
   (void)device;
   throw std::runtime_error(kernels_reason());
