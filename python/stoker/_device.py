@@ -18,8 +18,8 @@ Batches handed to the user pinned (``pin_memory=True``, no ``device=``) need boo
 non-blocking copies it makes only from host memory its own allocator gave out, so a block of stoker's pool that
 the user drops right after ``x.cuda(non_blocking=True)`` would go back to the pool, and be refilled with a later
 batch, while the copy that reads it still waits behind the GPU's earlier work. `fence` keeps each such tensor's
-memory after the user drops it, until an event recorded then on torch's current stream (where the copy was
-queued, in every usual loop) has completed.
+memory after the user drops it, until an event recorded on the stream current at the drop (where the copy was
+queued, in every usual loop), no earlier than the drop, has completed.
 """
 
 from __future__ import annotations
@@ -284,10 +284,13 @@ def stage(inner, device: torch.device, depth: int, cursor, transform) -> Any:
 
 # ---- pinned batches handed to the user: memory kept until the GPU has passed the point where it was dropped ----
 
-_fences: collections.deque = collections.deque()  # (event, storage, device), oldest first
+_watched: dict = {}  # weak reference to a pinned tensor handed over -> (its storage, its device)
+_dropped: list = []  # (storage, device, stream handle current at the drop), not fenced yet
+_fences: collections.deque = collections.deque()  # (event, storages), oldest first
 _spare_events: dict = {}  # device -> events whose fence has passed, for reuse
-# Re-entrant: a tensor can die (and its finalizer run) in a collection started while the lock is held.
+# Re-entrant: a tensor can die (and its callback run) in a collection started while the lock is held.
 _fence_lock = threading.RLock()
+_MAX_DROPPED = 64  # fenced at once beyond this many, without waiting for the next batch
 
 
 def current_stream_handle(device: int) -> int:
@@ -295,18 +298,36 @@ def current_stream_handle(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _dropped(storage, device: int) -> None:
-    """A pinned tensor handed to the user has died: its memory is kept until the work queued on the current
-    stream by now (the copies made from it) has run."""
+def _on_death(ref) -> None:
+    # A pinned tensor handed over has died: its memory waits for the work queued by now on the current stream
+    # (the copies made from it). The event is recorded at the next batch handed over (one for all the tensors
+    # dropped meanwhile, which also covers what was queued after them: later is safe).
     try:
-        with _fence_lock:
-            spare = _spare_events.get(device)
-            event = spare.pop() if spare else core.CudaEvent(device)
-            event.record(current_stream_handle(device))
-            _fences.append((event, storage, device))
-    except Exception:  # no CUDA to fence with (torn down, forked): the memory goes back as it would have
-        return
-    release_fences()
+        storage, device = _watched.pop(ref)
+        _dropped.append((storage, device, current_stream_handle(device)))
+        if len(_dropped) >= _MAX_DROPPED:
+            _fence_dropped()
+    except Exception:  # interpreter teardown: nothing to fence with any more
+        pass
+
+
+def _fence_dropped() -> None:
+    with _fence_lock:
+        if not _dropped:
+            return
+        taken = _dropped[:]
+        _dropped.clear()
+        by_stream: dict = {}
+        for storage, device, stream in taken:
+            by_stream.setdefault((device, stream), []).append(storage)
+        try:
+            for (device, stream), storages in by_stream.items():
+                spare = _spare_events.get(device)
+                event = spare.pop() if spare else core.CudaEvent(device)
+                event.record(stream)
+                _fences.append((event, storages, device))
+        except Exception:  # no CUDA to fence with (torn down, forked): the memory goes back as it would have
+            return
 
 
 def release_fences() -> None:
@@ -314,7 +335,7 @@ def release_fences() -> None:
     with _fence_lock:
         try:
             while _fences and _fences[0][0].query():
-                event, _storage, device = _fences.popleft()
+                event, _storages, device = _fences.popleft()
                 _spare_events.setdefault(device, []).append(event)
         except Exception:  # a failing query (CUDA torn down): keep the rest until the process ends
             return
@@ -322,11 +343,15 @@ def release_fences() -> None:
 
 def fence(batch, device: int) -> None:
     """Keeps the memory of the batch's CPU tensors, once the user drops each, until the GPU has passed that
-    point (see the module's docstring). Called on each pinned batch as it is handed over."""
+    point (see the module's docstring). Called on each pinned batch as it is handed over; fences what was
+    dropped since the last one and lets go of what has passed."""
+    if _dropped:
+        _fence_dropped()
+    if len(_fences) > 2:  # a query per batch only past a few outstanding (each call is a driver call)
+        release_fences()
     for tensor in _leaves(batch, []):
         if tensor.device.type == "cpu":
-            weakref.finalize(tensor, _dropped, tensor.untyped_storage(), device).atexit = False
-    release_fences()
+            _watched[weakref.ref(tensor, _on_death)] = (tensor.untyped_storage(), device)
 
 
 def _forget_cuda_objects() -> None:
@@ -334,6 +359,8 @@ def _forget_cuda_objects() -> None:
     global _fence_lock, _targets_lock
     _fences.clear()
     _spare_events.clear()
+    _watched.clear()
+    _dropped.clear()
     _fence_lock = threading.RLock()
     _targets.clear()
     _targets_lock = threading.Lock()
