@@ -475,3 +475,44 @@ def test_a_block_is_freed_when_its_own_size_fills_the_cache():
     assert stats["cached_bytes"] == 1 << 20 and stats["outstanding"] == 0
     blocks = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(4)]
     assert pool.stats()["reuses"] - stats["reuses"] == 4
+
+
+def _large_rows():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (1100, 3, 64, 64), dtype=torch.uint8, generator=g)  # 12 KiB a row
+    return TensorDataset(images, torch.randn(1100, 1000, generator=g), torch.arange(1100))  # + 4000 B + 8 B
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 5])
+def test_large_batches_gathered_in_parts_equal_torchs(num_workers):
+    # A batch of 4 MiB or more is cut into row ranges that idle threads gather beside the one that took it.
+    ds = _large_rows()
+    order = torch.randperm(1100, generator=torch.Generator().manual_seed(1)).tolist()
+    negative = [i - 1100 if i % 3 == 0 else i for i in order]  # counted from the end, as Python does
+    for batch_size in (300, 1000):  # 4.9 MB (and a 200-row tail under the bound), 16 MB
+        for sampler in (order, negative):
+            expected = list(TorchDataLoader(ds, batch_size=batch_size, sampler=sampler))
+            got = run_with_deadline(lambda: [list(stoker.DataLoader(ds, batch_size=batch_size, sampler=sampler,
+                                                                    num_workers=num_workers)) for _ in range(2)])
+            for epoch in got:
+                assert_batches_equal(epoch, expected)
+        # stoker's own shuffle: the same batches whatever the thread count (one thread never splits)
+        one = list(stoker.DataLoader(ds, batch_size=batch_size, shuffle=True, seed=4))
+        many = run_with_deadline(lambda: list(stoker.DataLoader(ds, batch_size=batch_size, shuffle=True, seed=4,
+                                                                num_workers=num_workers)))
+        assert_batches_equal(many, one)
+
+
+def test_an_index_out_of_range_in_a_batch_gathered_in_parts_fails_that_batch_only():
+    ds = _large_rows()
+    sampler = list(range(300)) + list(range(300, 599)) + [5000] + list(range(600, 900))
+    loader = stoker.DataLoader(ds, batch_size=300, sampler=sampler, num_workers=3)
+    it = iter(loader)
+    first = next(it)
+    with pytest.raises(IndexError, match="index 5000 is out of range for a dataset of 1100 samples"):
+        next(it)
+    third = next(it)
+    assert first[2].tolist() == list(range(300)) and third[2].tolist() == list(range(600, 900))
+    assert torch.equal(third[0], ds.tensors[0][600:900])
+    with pytest.raises(StopIteration):
+        next(it)

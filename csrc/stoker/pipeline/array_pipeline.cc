@@ -21,6 +21,7 @@ ArrayPipeline::ArrayPipeline(std::shared_ptr<const ArraySource> source, std::sha
                   "start batch ", start_batch, " out of range [0, ", stream_ ? stream_->num_batches() : 0,
                   "]");
   const int n = std::max(1, num_threads);
+  num_threads_ = n;
   threads_.reserve(n);
   for (int i = 0; i < n; ++i) threads_.emplace_back([this] { work(); });
 }
@@ -70,22 +71,81 @@ void ArrayPipeline::close_submissions() {
   work_cv_.notify_all();
 }
 
+void ArrayPipeline::deliver(GatheredBatch out) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_.emplace(out.seq, std::move(out));
+  }
+  done_cv_.notify_all();
+}
+
+void ArrayPipeline::gather_parts(const std::shared_ptr<Split>& split) {
+  for (;;) {
+    int64_t part;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (split->next_part >= split->parts) return;
+      part = split->next_part++;
+      if (split->next_part == split->parts) {
+        auto it = std::find(splits_.begin(), splits_.end(), split);
+        if (it != splits_.end()) splits_.erase(it);
+      }
+    }
+    std::exception_ptr error;
+    try {
+      const int64_t begin = part * split->part_rows;
+      const int64_t end = std::min(split->out.rows, begin + split->part_rows);
+      source_->gather_part(split->indices.data(), begin, end, static_cast<uint8_t*>(split->out.block->data),
+                           split->out.offsets);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    bool last;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (error && !split->error) split->error = error;
+      last = --split->unfinished == 0;
+    }
+    if (last) {
+      GatheredBatch out = std::move(split->out);
+      if (split->error) {
+        out.block.reset();
+        out.error = split->error;
+      }
+      deliver(std::move(out));
+    }
+  }
+}
+
 void ArrayPipeline::work() {
   std::vector<int64_t> indices;
   for (;;) {
     GatheredBatch out;
+    std::shared_ptr<Split> help;
     {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, [this] {
-        return stop_ || all_claimed() || (has_task() && next_seq_ < consumed_ + depth_);
+        return stop_ || !splits_.empty() || (all_claimed() && in_setup_ == 0) ||
+               (has_task() && next_seq_ < consumed_ + depth_);
       });
-      if (stop_ || !has_task()) return;
-      out.seq = next_seq_++;
-      if (!stream_) {
-        indices = std::move(queue_.front());
-        queue_.pop_front();
+      if (stop_) return;
+      if (!splits_.empty()) {
+        help = splits_.front();
+      } else {
+        if (!has_task()) return;
+        ++in_setup_;
+        out.seq = next_seq_++;
+        if (!stream_) {
+          indices = std::move(queue_.front());
+          queue_.pop_front();
+        }
       }
     }
+    if (help) {
+      gather_parts(help);
+      continue;
+    }
+    std::shared_ptr<Split> split;
     try {
       if (stream_) {
         const int64_t b = start_batch_ + out.seq;
@@ -94,8 +154,21 @@ void ArrayPipeline::work() {
       }
       out.rows = static_cast<int64_t>(indices.size());
       const size_t bytes = source_->batch_layout(out.rows, &out.offsets);
-      out.block = pool_->acquire(bytes);
-      source_->gather(indices.data(), out.rows, static_cast<uint8_t*>(out.block->data), out.offsets);
+      const int64_t parts = std::min<int64_t>({num_threads_, static_cast<int64_t>(bytes / kPartBytes), out.rows});
+      if (bytes >= kSplitBytes && parts > 1) {
+        source_->normalize(indices.data(), out.rows);  // every index checked before any row is written
+        out.block = pool_->acquire(bytes);
+        split = std::make_shared<Split>();
+        split->part_rows = (out.rows + parts - 1) / parts;
+        split->parts = (out.rows + split->part_rows - 1) / split->part_rows;
+        split->unfinished = split->parts;
+        split->indices = std::move(indices);
+        indices.clear();
+        split->out = std::move(out);
+      } else {
+        out.block = pool_->acquire(bytes);
+        source_->gather(indices.data(), out.rows, static_cast<uint8_t*>(out.block->data), out.offsets);
+      }
     } catch (const IndexError& e) {
       out.block.reset();
       out.error = std::make_exception_ptr(
@@ -104,11 +177,19 @@ void ArrayPipeline::work() {
       out.block.reset();
       out.error = std::current_exception();
     }
+    bool ending;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      ready_.emplace(out.seq, std::move(out));
+      --in_setup_;
+      if (split) splits_.push_back(split);
+      ending = all_claimed() && in_setup_ == 0;
     }
-    done_cv_.notify_all();
+    if (split || ending) work_cv_.notify_all();  // idle threads take parts beside this one, or end
+    if (split) {
+      gather_parts(split);
+      continue;
+    }
+    deliver(std::move(out));
   }
 }
 

@@ -32,10 +32,16 @@ struct GatheredBatch {
 /// Runs `num_threads` threads that gather batches ahead of the consumer, at most `depth` beyond the last
 /// one taken. Batches come either from a native IndexStream (from batch `start_batch` on) or, when none is
 /// given, from index lists the caller submits. Delivery follows the stream order whatever the thread count.
+/// A batch of at least kSplitBytes is cut into parts (rows ranges of at least kPartBytes, one per thread at
+/// most) that idle threads gather beside the one that took it: large batches, which the depth bound keeps
+/// few in flight, still use every thread.
 /// An error in a batch is re-thrown by next() at that batch's place; the batches after it still come.
 /// The destructor stops and joins the threads; blocks already delivered stay valid.
 class ArrayPipeline {
  public:
+  static constexpr size_t kSplitBytes = 4u << 20;
+  static constexpr size_t kPartBytes = 1u << 20;
+
   ArrayPipeline(std::shared_ptr<const ArraySource> source, std::shared_ptr<BufferPool> pool,
                 std::optional<IndexStream> stream, int64_t start_batch, int num_threads, int depth);
   ~ArrayPipeline();
@@ -57,9 +63,23 @@ class ArrayPipeline {
   bool owned_here() const;
 
  private:
+  // A batch being gathered in parts: its rows, layout and block, the parts not yet taken, those not done.
+  struct Split {
+    GatheredBatch out;
+    std::vector<int64_t> indices;  // normalised
+    int64_t part_rows = 0;
+    int64_t parts = 0;
+    int64_t next_part = 0;   // under mu_
+    int64_t unfinished = 0;  // under mu_
+    std::exception_ptr error;  // under mu_: the first part that failed
+  };
+
   void work();
   bool has_task() const;     // under mu_
   bool all_claimed() const;  // under mu_
+  // Gathers parts of `split` while any is left untaken; the thread finishing its last part delivers it.
+  void gather_parts(const std::shared_ptr<Split>& split);
+  void deliver(GatheredBatch out);
 
   std::shared_ptr<const ArraySource> source_;
   std::shared_ptr<BufferPool> pool_;
@@ -78,6 +98,9 @@ class ArrayPipeline {
   bool stop_ = false;
   std::deque<std::vector<int64_t>> queue_;
   std::map<int64_t, GatheredBatch> ready_;
+  std::deque<std::shared_ptr<Split>> splits_;  // batches with parts left to take
+  int64_t in_setup_ = 0;  // batches taken whose parts are not offered yet (a thread waits for them to help)
+  int num_threads_ = 1;
   std::vector<std::thread> threads_;
 };
 

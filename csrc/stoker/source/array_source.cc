@@ -67,19 +67,33 @@ size_t ArraySource::batch_layout(int64_t batch_size, std::vector<size_t>* offset
   return total;
 }
 
-void ArraySource::gather(const int64_t* idx, int64_t count, uint8_t* dst,
-                         const std::vector<size_t>& offsets) const {
-  std::vector<int64_t> fixed;  // only when an index is negative
+void ArraySource::normalize(int64_t* idx, int64_t count) const {
   for (int64_t i = 0; i < count; ++i) {
     const int64_t k = idx[i];
     if (k >= 0 && k < rows_) continue;
     STOKER_CHECK_AS(IndexError, k < 0 && k >= -rows_, "index ", k,
                     " is out of range for a dataset of ", rows_, " samples");
-    if (fixed.empty()) fixed.assign(idx, idx + count);
-    fixed[i] = k + rows_;
+    idx[i] = k + rows_;
   }
-  const int64_t* use = fixed.empty() ? idx : fixed.data();
-  for (size_t c = 0; c < columns_.size(); ++c) gather_rows(columns_[c], use, count, dst + offsets[c]);
+}
+
+void ArraySource::gather(const int64_t* idx, int64_t count, uint8_t* dst,
+                         const std::vector<size_t>& offsets) const {
+  std::vector<int64_t> fixed;  // only when an index is negative
+  for (int64_t i = 0; i < count; ++i) {
+    if (idx[i] >= 0 && idx[i] < rows_) continue;
+    fixed.assign(idx, idx + count);
+    normalize(fixed.data(), count);
+    break;
+  }
+  gather_part(fixed.empty() ? idx : fixed.data(), 0, count, dst, offsets);
+}
+
+void ArraySource::gather_part(const int64_t* idx, int64_t begin, int64_t end, uint8_t* dst,
+                              const std::vector<size_t>& offsets) const {
+  for (size_t c = 0; c < columns_.size(); ++c)
+    gather_rows(columns_[c], idx + begin, end - begin,
+                dst + offsets[c] + static_cast<size_t>(begin) * columns_[c].row_bytes);
 }
 
 }  // namespace stoker

@@ -33,6 +33,13 @@ class ArraySource {
   /// Copies rows `idx[0..count)` of every column c into dst + offsets[c]. Negative indices count from the
   /// end, as in Python; an index outside [-size, size) throws IndexError before anything is written.
   void gather(const int64_t* idx, int64_t count, uint8_t* dst, const std::vector<size_t>& offsets) const;
+  /// Makes negative indices positive (counted from the end); IndexError for one outside [-size, size).
+  void normalize(int64_t* idx, int64_t count) const;
+  /// Copies rows idx[begin..end) of a batch laid out at `offsets` (batch_layout) to their places: row i of
+  /// column c at dst + offsets[c] + i * row_bytes. The indices must be normalised (in [0, size)). Parts of one
+  /// batch can be gathered by several threads at once.
+  void gather_part(const int64_t* idx, int64_t begin, int64_t end, uint8_t* dst,
+                   const std::vector<size_t>& offsets) const;
 
  private:
   std::vector<Column> columns_;
