@@ -15,8 +15,10 @@
  * destroyed. So a caller that reuses a source buffer before the copy's event has completed copies the new
  * bytes, as on a GPU, and a test comparing values sees it. An event reports NOT_READY at its first
  * STOKER_FAKE_CUDA_LAG (default 1) queries after a record, then completes. Freeing or unregistering host
- * memory that a queued copy still reads is counted ("freed_in_flight"; the copy is then run first). A kernel
- * launch runs at once, after the work queued before it on its stream.
+ * memory that a queued copy still reads is counted ("freed_in_flight"; the copy is then run first). A copy
+ * from pageable memory (neither a cuMemHostAlloc block nor a registered range) runs before the call returns,
+ * as the driver's does ("pageable" counts them). A kernel launch runs at once, after the work queued before
+ * it on its stream.
  *
  * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
  * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
@@ -56,11 +58,11 @@ static int driver_version(void) { return is("old") ? 10020 : 12040; }
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
-       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_COUNT };
+       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_PAGEABLE, C_COUNT };
 static const char* counter_names[C_COUNT] = {
   "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
   "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
-  "bad_handle", "set_current", "launch", "freed_in_flight"};
+  "bad_handle", "set_current", "launch", "freed_in_flight", "pageable"};
 static long counters[C_COUNT];
 static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
 
@@ -152,8 +154,40 @@ static void host_memory_gone(const void* p, size_t bytes) {
   pthread_mutex_unlock(&device_lock);
 }
 
-/* Registered host ranges (cuMemHostRegister), for cuMemHostUnregister's check. */
-static struct { void* p; size_t bytes; } registered[256];
+/* Page-locked host ranges: cuMemHostAlloc blocks (kind 1) and cuMemHostRegister ranges (kind 2). A copy from
+ * anywhere else is from pageable memory, which the driver reads before the call returns. Under device_lock. */
+struct range { const char* p; size_t bytes; int kind; };
+static struct range* pinned_ranges;
+static size_t pinned_count, pinned_capacity;
+
+static int add_range(const void* p, size_t bytes, int kind) {
+  if (pinned_count == pinned_capacity) {
+    size_t cap = pinned_capacity ? 2 * pinned_capacity : 64;
+    struct range* r = realloc(pinned_ranges, cap * sizeof *r);
+    if (!r) return 0;
+    pinned_ranges = r;
+    pinned_capacity = cap;
+  }
+  pinned_ranges[pinned_count++] = (struct range){p, bytes, kind};
+  return 1;
+}
+/* Removes the range starting at p of that kind; its size, or 0 when there is none. */
+static size_t remove_range(const void* p, int kind) {
+  for (size_t i = 0; i < pinned_count; ++i) {
+    if (pinned_ranges[i].p == p && pinned_ranges[i].kind == kind) {
+      size_t bytes = pinned_ranges[i].bytes;
+      pinned_ranges[i] = pinned_ranges[--pinned_count];
+      return bytes;
+    }
+  }
+  return 0;
+}
+static int is_pinned(const void* p, size_t bytes) {
+  const char* c = p;
+  for (size_t i = 0; i < pinned_count; ++i)
+    if (c >= pinned_ranges[i].p && c + bytes <= pinned_ranges[i].p + pinned_ranges[i].bytes) return 1;
+  return 0;
+}
 
 /* ---- entry points ---- */
 
@@ -257,6 +291,10 @@ EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
   if (!raw) return OUT_OF_MEMORY;
   ((unsigned long long*)raw)[0] = ALLOC_MAGIC;
   ((unsigned long long*)raw)[1] = bytes;
+  pthread_mutex_lock(&device_lock);
+  int added = add_range(raw + PAGE, bytes, 1);
+  pthread_mutex_unlock(&device_lock);
+  if (!added) { free(raw); return OUT_OF_MEMORY; }
   bump(C_HOST_ALLOC, 1);
   bump(C_HOST_BYTES, (long)bytes);
   *p = raw + PAGE;
@@ -269,6 +307,9 @@ EXPORT CUresult cuMemFreeHost(void* p) {
   unsigned char* raw = (unsigned char*)p - PAGE;
   if (((unsigned long long*)raw)[0] != ALLOC_MAGIC) { bump(C_BAD_HANDLE, 1); return INVALID_VALUE; }
   host_memory_gone(p, ((unsigned long long*)raw)[1]);
+  pthread_mutex_lock(&device_lock);
+  remove_range(p, 1);
+  pthread_mutex_unlock(&device_lock);
   bump(C_HOST_FREE, 1);
   bump(C_HOST_BYTES, -(long)((unsigned long long*)raw)[1]);
   ((unsigned long long*)raw)[0] = 0;
@@ -281,9 +322,9 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
   if (!p || bytes == 0 || flags > 0xF) return INVALID_VALUE;
   if (is("noregister")) return OUT_OF_MEMORY;
   pthread_mutex_lock(&device_lock);
-  for (size_t i = 0; i < sizeof registered / sizeof registered[0]; ++i)
-    if (!registered[i].p) { registered[i].p = p; registered[i].bytes = bytes; break; }
+  int added = add_range(p, bytes, 2);
   pthread_mutex_unlock(&device_lock);
+  if (!added) return OUT_OF_MEMORY;
   bump(C_REGISTER, 1);
   return SUCCESS;
 }
@@ -291,10 +332,8 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
 EXPORT CUresult cuMemHostUnregister(void* p) {
   NEED_CONTEXT();
   if (!p) return INVALID_VALUE;
-  size_t bytes = 0;
   pthread_mutex_lock(&device_lock);
-  for (size_t i = 0; i < sizeof registered / sizeof registered[0]; ++i)
-    if (registered[i].p == p) { bytes = registered[i].bytes; registered[i].p = NULL; break; }
+  size_t bytes = remove_range(p, 2);
   pthread_mutex_unlock(&device_lock);
   if (bytes == 0) return INVALID_VALUE;  /* CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED, as far as stoker can tell */
   host_memory_gone(p, bytes);
@@ -326,8 +365,7 @@ EXPORT CUresult cuStreamDestroy_v2(void* s) {
   h->prev_stream->next_stream = h->next_stream;
   if (h->next_stream) h->next_stream->prev_stream = h->prev_stream;
   pthread_mutex_unlock(&device_lock);
-  h->magic = 0;
-  free(h);
+  h->magic = 0;  /* kept, not freed: an event recorded on it may still be queried */
   bump(C_STREAM_DESTROY, 1);
   return SUCCESS;
 }
@@ -407,10 +445,19 @@ EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t by
   NEED_CONTEXT();
   if (!stream_ok(s)) return INVALID_HANDLE;
   if (bytes && (!dst || !src)) return INVALID_VALUE;
-  struct op* o = malloc(sizeof *o);
-  if (!o) return OUT_OF_MEMORY;
   struct handle* q = queue_of(s);
   pthread_mutex_lock(&device_lock);
+  if (bytes && !is_pinned(src, bytes)) {
+    /* Pageable: the driver stages it before returning, after the stream's earlier work. */
+    run_until(q, q->queued);
+    memcpy((void*)(uintptr_t)dst, src, bytes);
+    pthread_mutex_unlock(&device_lock);
+    bump(C_COPY, 1);
+    bump(C_PAGEABLE, 1);
+    return SUCCESS;
+  }
+  struct op* o = malloc(sizeof *o);
+  if (!o) { pthread_mutex_unlock(&device_lock); return OUT_OF_MEMORY; }
   o->next = NULL; o->dst = dst; o->src = src; o->bytes = bytes; o->seq = q->queued++;
   if (q->tail) q->tail->next = o; else q->head = o;
   q->tail = o;

@@ -366,7 +366,7 @@ def test_a_consumer_that_keeps_batches_and_sleeps_at_random_never_sees_a_wrong_v
     assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}
 
 
-@pytest.mark.parametrize("pattern", ["copy_and_drop", "kept_ahead", "listed"])
+@pytest.mark.parametrize("pattern", ["copy_and_drop", "kept_ahead", "listed", "detached_ahead", "numpy_alias"])
 def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_before_it_runs(fake_driver, pattern):
     # pin_memory=True without device=: the user copies each batch on their current stream and drops it. The
     # fake's copies read the host memory only when that stream runs (here: when the test synchronises it at the
@@ -424,6 +424,24 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_befor
                     while ahead:
                         for t in ahead.popleft():
                             copy(t, dsts)
+                elif pattern == "detached_ahead":  # one batch ahead, kept as aliases that are not views
+                    held = None
+                    for b in loader:
+                        if held is not None:
+                            for t in held:
+                                copy(t, dsts)
+                        held = [t.detach() for t in b]
+                        del b
+                    for t in held:
+                        copy(t, dsts)
+                    del held
+                elif pattern == "numpy_alias":  # through numpy and back: a new tensor over the same memory
+                    for b in loader:
+                        alias = [torch.from_numpy(t.numpy()) for t in b]
+                        del b
+                        for t in alias:
+                            copy(t, dsts)
+                        del alias
                 else:
                     batches = list(loader)
                     for b in batches:
@@ -434,11 +452,41 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_befor
             user.record().synchronize()
             results[name] = [len(dsts) == len(expected),
                              sum(not torch.equal(d, e) for d, e in zip(dsts, expected))]
+        # Everything released comes back once the GPU has passed: the pool lends nothing after the fences.
+        del loader, cpu
+        gc.collect()
+        for _ in range(1000):  # each event completes after its LAG "not ready" answers, oldest first
+            _device.stamp()
+            if _device._fences.parked == 0:
+                break
+        out["outstanding"] = _cuda.pinned_pool(0).stats()["outstanding"]
+        out["parked"] = _device._fences.parked
         out["results"] = results
         out["counts"] = {k: count(k) for k in ("freed_in_flight", "bad_context", "bad_handle")}
     """.replace("PATTERN", repr(pattern)), fake_driver, STOKER_FAKE_CUDA_LAG="3")
     assert out["results"] == {k: [True, 0] for k in out["results"]}
     assert out["counts"] == {"freed_in_flight": 0, "bad_context": 0, "bad_handle": 0}
+    assert out["outstanding"] == 0 and out["parked"] == 0
+
+
+def test_a_pinned_tensor_named_twice_in_a_batch_is_served_and_fenced(fake_driver):
+    out = stage("""
+        from stoker import _iterators
+        torch.cuda.is_available = lambda: True
+        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
+        _iterators._pin_memory = lambda batch: batch
+        _device.current_stream_handle = lambda device: 0
+
+        def collate(samples):
+            b = stoker.default_collate(samples)
+            return {"input_ids": b, "labels": b}  # the same tensor twice, as a causal LM's collate does
+        ds = [torch.tensor([i, i + 1]) for i in range(20)]
+        loader = stoker.DataLoader(ds, batch_size=4, pin_memory=True, collate_fn=collate)
+        batches = [b for _ in range(2) for b in loader]
+        out["same"] = all(b["input_ids"] is b["labels"] for b in batches)
+        out["values"] = batches[1]["labels"].tolist()
+    """, fake_driver)
+    assert out == {"same": True, "values": [[4, 5], [5, 6], [6, 7], [7, 8]]}
 
 
 def test_a_worker_ring_that_cannot_be_page_locked_warns_once_and_loads_as_usual(fake_driver):

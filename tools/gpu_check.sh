@@ -26,7 +26,7 @@ step() {  # name, limit in seconds, command...
   shift 2
   local start=$SECONDS
   printf '\n== %s (limit %ss, started at %ss)\n' "$name" "$limit" "$start" | tee -a "$log"
-  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   printf '%-7s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$summary"
   return "$rc"
@@ -40,7 +40,7 @@ step facts 20 bash -c '
   "$0" -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.version.cuda, \
 torch.cuda.is_available() and torch.cuda.get_device_name(0))"' "$python"
 
-step build 150 "$python" -m pip install --no-build-isolation --no-deps --no-cache-dir --force-reinstall . \
+step build 120 "$python" -m pip install --no-build-isolation --no-deps --no-cache-dir --force-reinstall . \
   -Ccmake.define.STOKER_CUDA=ON "-Ccmake.define.STOKER_CUDA_ARCHS=$archs" || exit 1
 
 step status 20 "$python" -c '
@@ -51,9 +51,9 @@ print("driver:", json.dumps(_core.cuda_status()))
 print("kernels:", _core.cuda_kernels_available(), _core.cuda_kernels_reason() or "(embedded, loadable)")'
 
 # The checkout has no importable stoker at its root (the package is python/stoker): the installed one is used.
-step tests 170 "$python" -m pytest tests/cuda -q -rs -p no:cacheprovider
+step tests 150 "$python" -m pytest tests/cuda -q -rs -p no:cacheprovider
 
-step bench 230 "$python" -m stoker bench --only gpu --json "$out/gpu.json"
+step bench 190 "$python" -m stoker bench --only gpu --json "$out/gpu.json"
 
 echo
 cat "$summary"

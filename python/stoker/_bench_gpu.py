@@ -152,7 +152,7 @@ def _training(opts, device: torch.device) -> list[dict]:
     product = median(lambda: run([resident] * steps, lambda b: b, 1))
     load_stoker = median(lambda: run(stoker_dl, lambda b: b[0], 0))
     load_torch = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), 0))
-    products = max(1, math.ceil(2 * load_stoker / product))
+    products = min(64, max(1, math.ceil(2 * load_stoker / product)))  # bounded: a slow loader is shown, not waited on
     ideal = median(lambda: run([resident] * steps, lambda b: b, products))
     s = median(lambda: run(stoker_dl, lambda b: b[0], products))
     t = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), products))

@@ -48,6 +48,8 @@ class BufferPool:
     ) -> typing_extensions.CapsuleType: ...
     @property
     def pinned(self) -> bool: ...
+    def set_fence(self, fence: FenceQueue) -> None:
+        """Blocks returned from now on go back through the fence queue (None: straight to the cache)."""
     def set_max_cached_bytes(self, bytes: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     def stats(self) -> dict[typing.Any, typing.Any]: ...
 
@@ -78,6 +80,19 @@ class CudaStream:
     def record(self) -> CudaEvent:
         """A new event recorded on this stream."""
     def wait(self, event: CudaEvent) -> None: ...
+
+class FenceQueue:
+    """Holds back the return of page-locked memory released by the user until the GPU has passed that point."""
+    def __init__(self, device: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    @property
+    def device(self) -> int: ...
+    @property
+    def parked(self) -> int:
+        """Releases held back, stamped or not."""
+    def poll(self) -> None:
+        """Returns the memory whose event has completed."""
+    def stamp(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """Records an event on a stream (a handle: torch's current stream) for everything parked so far, then returns the memory whose event has completed."""
 
 class IndexStream:
     def __init__(
@@ -175,6 +190,8 @@ class SlotRing:
     @property
     def pinned(self) -> bool: ...
     def release(self, slot: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def set_fence(self, fence: FenceQueue) -> None:
+        """Slots released from now on go back through the fence queue before they are lent again."""
     @property
     def slot_bytes(self) -> int: ...
     @property

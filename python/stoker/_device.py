@@ -17,9 +17,10 @@ Members of a batch that are not CPU tensors (strings, numbers, custom objects) s
 Batches handed to the user pinned (``pin_memory=True``, no ``device=``) need bookkeeping too: torch tracks the
 non-blocking copies it makes only from host memory its own allocator gave out, so a block of stoker's pool that
 the user drops right after ``x.cuda(non_blocking=True)`` would go back to the pool, and be refilled with a later
-batch, while the copy that reads it still waits behind the GPU's earlier work. `fence` keeps each such tensor's
-memory after the user drops it, until an event recorded on the stream current at the drop (where the copy was
-queued, in every usual loop), no earlier than the drop, has completed.
+batch, while the copy that reads it still waits behind the GPU's earlier work. So once such a loader runs, the
+pool and its worker ring return memory through a fence queue (native): a block or slot released (its last
+tensor, view or alias gone) is held until an event recorded after the release, on torch's current stream when
+the next batch is handed over, has completed.
 """
 
 from __future__ import annotations
@@ -29,15 +30,15 @@ import contextlib
 import copy
 import os
 import threading
-import weakref
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any, Callable
 
 import torch
 
+from stoker import _cuda
 from stoker._native import core
 
-__all__ = ["CudaTarget", "DeviceIterator", "fence", "to_device"]
+__all__ = ["CudaTarget", "DeviceIterator", "fence_queue", "stamp", "to_device"]
 
 
 class CudaTarget:
@@ -227,6 +228,8 @@ class DeviceIterator:
         kind, value, event = self._staged.popleft()
         if self._cursor is not None:
             self._cursor.staged.popleft()
+        if _fences is not None:
+            stamp()
         if kind == "error":
             raise value
         consumer = self._target.consumer()
@@ -282,15 +285,10 @@ def stage(inner, device: torch.device, depth: int, cursor, transform) -> Any:
     return DeviceIterator(inner, target_for(device), depth, cursor, transform)
 
 
-# ---- pinned batches handed to the user: memory kept until the GPU has passed the point where it was dropped ----
+# ---- pinned batches handed to the user: memory held back until the GPU has passed the point of its release ----
 
-_watched: dict = {}  # weak reference to a pinned tensor handed over -> (its storage, its device)
-_dropped: list = []  # (storage, device, stream handle current at the drop), not fenced yet
-_fences: collections.deque = collections.deque()  # (event, storages), oldest first
-_spare_events: dict = {}  # device -> events whose fence has passed, for reuse
-# Re-entrant: a tensor can die (and its callback run) in a collection started while the lock is held.
-_fence_lock = threading.RLock()
-_MAX_DROPPED = 64  # fenced at once beyond this many, without waiting for the next batch
+_fences = None  # the process's core.FenceQueue, made at the first loader handing batches over pinned
+_fence_lock = threading.Lock()
 
 
 def current_stream_handle(device: int) -> int:
@@ -298,70 +296,35 @@ def current_stream_handle(device: int) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
-def _on_death(ref) -> None:
-    # A pinned tensor handed over has died: its memory waits for the work queued by now on the current stream
-    # (the copies made from it). The event is recorded at the next batch handed over (one for all the tensors
-    # dropped meanwhile, which also covers what was queued after them: later is safe).
-    try:
-        storage, device = _watched.pop(ref)
-        _dropped.append((storage, device, current_stream_handle(device)))
-        if len(_dropped) >= _MAX_DROPPED:
-            _fence_dropped()
-    except Exception:  # interpreter teardown: nothing to fence with any more
-        pass
-
-
-def _fence_dropped() -> None:
+def fence_queue(device: int):
+    """The process's fence queue (see the module's docstring), set on the page-locked pool that `device` pins
+    with when first asked for; later calls return it (whatever their device: one pool, one queue)."""
+    global _fences
     with _fence_lock:
-        if not _dropped:
-            return
-        taken = _dropped[:]
-        _dropped.clear()
-        by_stream: dict = {}
-        for storage, device, stream in taken:
-            by_stream.setdefault((device, stream), []).append(storage)
-        try:
-            for (device, stream), storages in by_stream.items():
-                spare = _spare_events.get(device)
-                event = spare.pop() if spare else core.CudaEvent(device)
-                event.record(stream)
-                _fences.append((event, storages, device))
-        except Exception:  # no CUDA to fence with (torn down, forked): the memory goes back as it would have
-            return
+        if _fences is None:
+            queue = core.FenceQueue(device)
+            pool = _cuda.pinned_pool(device)
+            if pool is not None:
+                pool.set_fence(queue)
+            _fences = queue
+        return _fences
 
 
-def release_fences() -> None:
-    """Lets go of the memory whose fence has passed (events queried oldest first)."""
-    with _fence_lock:
-        try:
-            while _fences and _fences[0][0].query():
-                event, _storages, device = _fences.popleft()
-                _spare_events.setdefault(device, []).append(event)
-        except Exception:  # a failing query (CUDA torn down): keep the rest until the process ends
-            return
-
-
-def fence(batch, device: int) -> None:
-    """Keeps the memory of the batch's CPU tensors, once the user drops each, until the GPU has passed that
-    point (see the module's docstring). Called on each pinned batch as it is handed over; fences what was
-    dropped since the last one and lets go of what has passed."""
-    if _dropped:
-        _fence_dropped()
-    if len(_fences) > 2:  # a query per batch only past a few outstanding (each call is a driver call)
-        release_fences()
-    for tensor in _leaves(batch, []):
-        if tensor.device.type == "cpu":
-            _watched[weakref.ref(tensor, _on_death)] = (tensor.untyped_storage(), device)
+def stamp() -> None:
+    """Fences the memory released since the last call (an event on torch's current stream of the queue's device)
+    and returns what has passed: at each batch handed over pinned, at the end of such an iterator, and at each
+    batch a device stage hands over (its blocks come from the same pool). Nothing when no queue exists."""
+    queue = _fences
+    if queue is not None:
+        queue.stamp(current_stream_handle(queue.device))
 
 
 def _forget_cuda_objects() -> None:
-    # A forked child has neither its parent's CUDA context nor its streams and events.
-    global _fence_lock, _targets_lock
-    _fences.clear()
-    _spare_events.clear()
-    _watched.clear()
-    _dropped.clear()
-    _fence_lock = threading.RLock()
+    # A forked child has neither its parent's CUDA context nor its streams and events (the native queue runs
+    # releases at once there).
+    global _fences, _fence_lock, _targets_lock
+    _fences = None
+    _fence_lock = threading.Lock()
     _targets.clear()
     _targets_lock = threading.Lock()
 

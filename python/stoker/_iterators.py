@@ -29,6 +29,7 @@ __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterat
 
 _profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
+_ring_pin_warned = False  # a worker ring that could not be page-locked is said once per process
 
 
 @atexit.register
@@ -101,6 +102,7 @@ class _Iterator:
     constructor that fails leaves nothing for __del__ or the exit hook to trip over."""
 
     _closed = True
+    _fence = None
 
     def __init__(self, loader) -> None:
         self._loader = loader
@@ -112,7 +114,10 @@ class _Iterator:
         self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
         # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself).
         staged = getattr(loader, "_stoker_device", None) is not None
-        self._fence_device = self._pin_device if self._pin and not staged else None
+        # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself): their
+        # memory returns through the fence queue once released.
+        self._fence = _device.fence_queue(self._pin_device) if self._pin_device is not None and self._pin \
+            and not staged else None
         self._native_order = loader._stoker_native_sampler
         self._rank, self._world = loader._stoker_shard()
         cursor = self._cursor = loader._stoker_begin()
@@ -209,6 +214,8 @@ class _Iterator:
         """Ends the epoch: the cursor moves to the next one and StopIteration is raised."""
         self._cursor.finished = True
         self.close()
+        if self._fence is not None:
+            _device.stamp()  # the last batches' memory: fenced now, returned at a later batch or iterator
         raise StopIteration
 
     def __iter__(self):
@@ -245,8 +252,8 @@ class _Iterator:
                 self._warn_length()
         if self._pin:
             batch = _pin_memory(batch)  # tensors stoker collated pinned are returned as they are
-            if self._fence_device is not None:
-                _device.fence(batch, self._fence_device)
+            if self._fence is not None:
+                _device.stamp()  # what the user released before asking for this batch is fenced now
         return batch
 
     def _warn_length(self) -> None:
@@ -524,11 +531,16 @@ class ProcessIterator(_Iterator):
             # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
             try:
                 pool.ring.pin(self._pin_device)
+                if self._fence is not None:
+                    pool.ring.set_fence(self._fence)
             except RuntimeError as exc:  # e.g. the ring's file is not in memory, or the driver refused
                 pool._pin_failed = True
-                warnings.warn(f"stoker could not page-lock its worker ring ({exc}); batches from worker processes "
-                              "are loaded as usual and pinned (or copied to the GPU) from ordinary memory",
-                              RuntimeWarning, stacklevel=3)
+                global _ring_pin_warned
+                if not _ring_pin_warned:
+                    _ring_pin_warned = True
+                    warnings.warn(f"stoker could not page-lock its worker ring ({exc}); batches from worker processes "
+                                  "are loaded as usual and pinned (or copied to the GPU) from ordinary memory "
+                                  "(said once per process)", RuntimeWarning, stacklevel=2)
         batches = None if iterable else self._index_batches()
         # Each worker's position (an IterableDataset's pass; a stateful map-style dataset's copy).
         dataset_stateful = is_stateful(loader.dataset)

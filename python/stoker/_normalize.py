@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import functools
 import math
+import warnings
 
 import torch
 
@@ -99,7 +100,17 @@ def normalize(images: torch.Tensor, mean, std, *, dtype: torch.dtype = torch.flo
             raise ValueError(f"{name} has {len(values)} values, but the images have {channels} channels "
                              f"(shape {tuple(images.shape)}, channels_last={channels_last})")
     if images.is_cuda and channels <= _MAX_KERNEL_CHANNELS and kernels_available():
-        return _normalize_kernel(images, mean_t, std_t, dtype, channels_last, float(scale))
+        try:
+            return _normalize_kernel(images, mean_t, std_t, dtype, channels_last, float(scale))
+        except RuntimeError as exc:
+            if "cuModuleLoadData" not in str(exc) and "cuModuleGetFunction" not in str(exc):
+                raise
+            # The embedded kernels do not load on this GPU or driver (e.g. built for other architectures):
+            # torch ops from now on, with the same results.
+            global _kernels
+            _kernels = False
+            warnings.warn(f"stoker's CUDA kernels could not be loaded ({exc}); normalising with torch ops",
+                          RuntimeWarning, stacklevel=2)
     if channels_last:
         images = images.movedim(-1, -3)
     m, s = _constants(images.device, mean_t, std_t, channels)

@@ -807,6 +807,8 @@ class WorkerPool:
         # An IterableDataset is iterated by each worker, cut into (batch_size, drop_last) batches there.
         self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
+        if loader.pin_memory:
+            self.slots += 2  # pinned batches the user released stay lent until the GPU has passed (a fence)
         self.slot_bytes = _DEFAULT_SLOT_BYTES
         self.pid = os.getpid()
         self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{self.pid}-{next(_counter)}")

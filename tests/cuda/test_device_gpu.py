@@ -161,15 +161,28 @@ def test_a_hundred_loaders_leave_nothing_behind():
     assert torch.cuda.memory_allocated() <= base_allocated + 512
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("pattern", ["copy_and_drop", "side_stream", "listed"])
-def test_pinned_batches_dropped_after_a_non_blocking_copy_arrive_intact(num_workers, pattern):
-    # torch tracks non-blocking copies only from its own host allocator's memory; stoker's pinned blocks are
-    # kept after the drop until the current stream has passed it. The GPU is kept behind the loop
-    # (torch.cuda._sleep), so a block handed back at the drop would be refilled before its copy ran.
-    rows = torch.arange(256.0).repeat_interleave(16384).reshape(256, 16384)  # 64 KiB a row
-    dataset = torch.utils.data.TensorDataset(rows, torch.arange(256))
-    kw = {"batch_size": 16, "shuffle": True, "seed": 4, "num_workers": num_workers}
+class Rows(torch.utils.data.Dataset):
+    """A Python dataset (worker processes write its batches into their ring): row i is 16384 floats of i."""
+
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        return torch.full((16384,), float(i)), i
+
+
+@pytest.mark.parametrize("kind", ["arrays", "array_threads", "processes"])
+@pytest.mark.parametrize("pattern", ["copy_and_drop", "side_stream", "listed", "detached_ahead"])
+def test_pinned_batches_dropped_after_a_non_blocking_copy_arrive_intact(kind, pattern):
+    # torch tracks non-blocking copies only from its own host allocator's memory; stoker's pinned blocks and
+    # ring slots are held after their release until the current stream has passed it. The GPU is kept behind
+    # the loop (torch.cuda._sleep), so memory handed back at the release would be refilled before its copy ran.
+    if kind == "processes":
+        dataset = Rows()
+    else:
+        rows = torch.arange(256.0).repeat_interleave(16384).reshape(256, 16384)  # 64 KiB a row
+        dataset = torch.utils.data.TensorDataset(rows, torch.arange(256))
+    kw = {"batch_size": 16, "shuffle": True, "seed": 4, "num_workers": 0 if kind == "arrays" else 2}
     cpu = stoker.DataLoader(dataset, **kw)
     expected = [b[0].clone() for _ in range(2) for b in cpu]
     loader = stoker.DataLoader(dataset, pin_memory=True, **kw)
@@ -188,6 +201,16 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_arrive_intact(num_work
                     torch.cuda._sleep(2_000_000)
                     got.append(x.cuda(non_blocking=True))
                     del x
+        elif pattern == "detached_ahead":  # one batch ahead, kept as an alias that is not a view
+            held = None
+            for x, _ in loader:
+                if held is not None:
+                    torch.cuda._sleep(2_000_000)
+                    got.append(held.cuda(non_blocking=True))
+                held = x.detach()
+                del x
+            got.append(held.cuda(non_blocking=True))
+            del held
         else:
             batches = list(loader)
             torch.cuda._sleep(50_000_000)

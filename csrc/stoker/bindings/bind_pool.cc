@@ -2,11 +2,25 @@
 #include "stoker/common/check.h"
 #include "stoker/cuda/driver.h"
 #include "stoker/pool/buffer_pool.h"
+#include "stoker/pool/fence.h"
 #include "stoker/pool/slot_ring.h"
 
 namespace stoker::bindings {
 
 void register_pool(py::module_& m) {
+  py::class_<FenceQueue, std::shared_ptr<FenceQueue>>(m, "FenceQueue",
+      "Holds back the return of page-locked memory released by the user until the GPU has passed that point.")
+      .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
+           py::arg("device"), py::call_guard<py::gil_scoped_release>())
+      .def("stamp", [](FenceQueue& q, uintptr_t stream) { q.stamp(reinterpret_cast<cuda::CUstream>(stream)); },
+           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           "Records an event on a stream (a handle: torch's current stream) for everything parked so far, then "
+           "returns the memory whose event has completed.")
+      .def("poll", &FenceQueue::poll, py::call_guard<py::gil_scoped_release>(),
+           "Returns the memory whose event has completed.")
+      .def_property_readonly("parked", &FenceQueue::parked, "Releases held back, stamped or not.")
+      .def_property_readonly("device", &FenceQueue::device);
+
   py::class_<BufferPool, std::shared_ptr<BufferPool>>(m, "BufferPool")
       .def(py::init([](size_t max_cached_bytes, std::optional<int> pin_device) {
              if (!pin_device) return std::make_shared<BufferPool>(max_cached_bytes);
@@ -26,6 +40,8 @@ void register_pool(py::module_& m) {
         return d;
       })
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
+      .def("set_fence", &BufferPool::set_fence, py::arg("fence"),
+           "Blocks returned from now on go back through the fence queue (None: straight to the cache).")
       .def("empty", [](BufferPool& p, std::vector<int64_t> shape, int code, int bits) {
         // An uninitialised pooled buffer as a dltensor capsule (for torch ops writing with out=).
         DType t{static_cast<DTypeCode>(code), static_cast<uint8_t>(bits)};
@@ -71,6 +87,8 @@ void register_pool(py::module_& m) {
       .def_property_readonly("slots", &SlotRing::slots)
       .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
       .def_property_readonly("pinned", &SlotRing::pinned)
+      .def("set_fence", &SlotRing::set_fence, py::arg("fence"),
+           "Slots released from now on go back through the fence queue before they are lent again.")
       .def("pin", [](SlotRing& ring, int device) { ring.pin(cuda::primary_context(device)); }, py::arg("device"),
            py::call_guard<py::gil_scoped_release>(),
            "Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context.")

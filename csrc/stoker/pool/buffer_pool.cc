@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "stoker/cuda/driver.h"
+#include "stoker/pool/fence.h"
 
 namespace stoker {
 namespace {
@@ -39,6 +40,10 @@ void unlock_all_after_fork() {
   registry_mutex().unlock();
 }
 
+}  // namespace
+
+namespace detail {
+
 void register_for_fork(std::mutex* m) {
   static std::once_flag installed;
   std::call_once(installed, [] { pthread_atfork(lock_all_for_fork, unlock_all_after_fork, unlock_all_after_fork); });
@@ -57,7 +62,10 @@ void unregister_for_fork(std::mutex* m) noexcept {
   }
 }
 
-}  // namespace
+}  // namespace detail
+
+using detail::register_for_fork;
+using detail::unregister_for_fork;
 
 struct BufferPool::State {
   std::mutex mu;
@@ -65,6 +73,7 @@ struct BufferPool::State {
   size_t max_cached = 0;
   PoolStats stats;
   std::shared_ptr<cuda::PrimaryContext> pin;  // set: blocks come from cuMemHostAlloc in this context
+  std::shared_ptr<FenceQueue> fence;          // set: returned blocks wait there first (under mu)
 
   State() { register_for_fork(&mu); }
 
@@ -173,8 +182,18 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
   auto* block = new Block{p, size, state_->pin != nullptr};
   std::shared_ptr<State> state = state_;
   return std::shared_ptr<Block>(block, [state](Block* b) {
-    state->give_back(b->data, b->bytes);
+    std::shared_ptr<FenceQueue> fence;
+    {
+      std::lock_guard<std::mutex> lock(state->mu);
+      fence = state->fence;
+    }
+    void* data = b->data;
+    const size_t bytes = b->bytes;
     delete b;
+    if (fence)
+      fence->park([state, data, bytes] { state->give_back(data, bytes); });
+    else
+      state->give_back(data, bytes);
   });
 }
 
@@ -184,6 +203,11 @@ PoolStats BufferPool::stats() const {
 }
 
 bool BufferPool::pinned() const { return state_->pin != nullptr; }
+
+void BufferPool::set_fence(std::shared_ptr<FenceQueue> fence) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->fence = std::move(fence);
+}
 
 void BufferPool::set_max_cached_bytes(size_t bytes) {
   std::vector<void*> drop;

@@ -5,8 +5,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 
 namespace stoker {
+
+class FenceQueue;
 
 namespace cuda {
 class PrimaryContext;
@@ -51,11 +54,21 @@ class BufferPool {
   void set_max_cached_bytes(size_t bytes);
   /// Whether this pool's blocks are page-locked.
   bool pinned() const;
+  /// From now on a returned block goes back through `fence` (see FenceQueue) instead of straight to the
+  /// cache; nullptr stops that for blocks returned later.
+  void set_fence(std::shared_ptr<FenceQueue> fence);
 
  private:
   struct State;
   std::shared_ptr<State> state_;  // shared with every block's deleter, so blocks may outlive the pool
 };
+
+namespace detail {
+/// fork() waits until no thread holds a registered mutex (see buffer_pool.cc): for mutexes taken on threads
+/// that free memory (tensor deleters), which a forked child must not inherit locked.
+void register_for_fork(std::mutex* m);
+void unregister_for_fork(std::mutex* m) noexcept;
+}  // namespace detail
 
 /// The size a page-locked pool allocates for a request of `bytes` (see the constructor).
 size_t pinned_size_class(size_t bytes);

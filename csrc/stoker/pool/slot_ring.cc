@@ -10,6 +10,7 @@
 
 #include "stoker/common/check.h"
 #include "stoker/cuda/driver.h"
+#include "stoker/pool/fence.h"
 
 namespace stoker {
 
@@ -62,8 +63,25 @@ int SlotRing::acquire() {
 }
 
 void SlotRing::release(int slot) {
+  std::shared_ptr<FenceQueue> fence;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fence = fence_;
+  }
+  if (fence)
+    fence->park([ring = shared_from_this(), slot] { ring->release_now(slot); });
+  else
+    release_now(slot);
+}
+
+void SlotRing::release_now(int slot) {
   std::lock_guard<std::mutex> lock(mu_);
   if (slot >= 0 && slot < slots_) lent_[slot] = 0;
+}
+
+void SlotRing::set_fence(std::shared_ptr<FenceQueue> fence) {
+  std::lock_guard<std::mutex> lock(mu_);
+  fence_ = std::move(fence);
 }
 
 int SlotRing::free_slots() const {

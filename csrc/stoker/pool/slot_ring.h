@@ -13,6 +13,8 @@
 
 namespace stoker {
 
+class FenceQueue;
+
 namespace cuda {
 class HostRegistration;
 class PrimaryContext;
@@ -29,8 +31,10 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
 
   /// A free slot, now lent out, or -1 when every slot is lent.
   int acquire();
-  /// Returns a slot (from any thread, without the GIL).
+  /// Returns a slot (from any thread, without the GIL); through the fence, when one is set.
   void release(int slot);
+  /// From now on a released slot goes back through `fence` (see FenceQueue) before it can be lent again.
+  void set_fence(std::shared_ptr<FenceQueue> fence);
   int free_slots() const;
   int slots() const { return slots_; }
   size_t slot_bytes() const { return slot_bytes_; }
@@ -46,8 +50,11 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   std::unique_ptr<cuda::HostRegistration> registration_;  // set once pinned
   size_t slot_bytes_;
   int slots_;
+  void release_now(int slot);
+
   mutable std::mutex mu_;
   std::vector<char> lent_;
+  std::shared_ptr<FenceQueue> fence_;  // under mu_
 };
 
 /// Ownership of one lent slot: the slot returns to the ring when the last holder (a tensor) lets go.

@@ -1,0 +1,53 @@
+// Host memory handed to the user pinned may still be read by a copy the user queued on the GPU.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "stoker/cuda/driver.h"
+
+namespace stoker {
+
+/// Holds back the return of page-locked memory to its pool or ring until the GPU has passed the point where it
+/// was released. Batches handed over pinned (pin_memory=True) are often copied with x.cuda(non_blocking=True)
+/// and dropped at once; torch tracks such copies only from its own host allocator's memory, so without this the
+/// memory could be refilled with a later batch while the copy still waits behind the GPU's earlier work.
+///
+/// A pool or ring given a queue parks each release here (any thread, any time: a tensor's deleter). stamp(s)
+/// records one event on stream s (the one the user's work is queued on) for everything parked so far, and
+/// runs the releases whose event has completed; poll() only runs those. Nothing is lost: the memory of a
+/// release is held, never freed behind the pool's back. In a forked child (no CUDA) a release runs at once.
+class FenceQueue {
+ public:
+  explicit FenceQueue(std::shared_ptr<cuda::PrimaryContext> ctx);
+  /// Runs every release still parked (the process is done with the GPU, or the queue is gone).
+  ~FenceQueue();
+  FenceQueue(const FenceQueue&) = delete;
+  FenceQueue& operator=(const FenceQueue&) = delete;
+
+  void park(std::function<void()> release);
+  void stamp(cuda::CUstream stream);
+  void poll();
+  /// Releases parked and not yet run, stamped or not.
+  size_t parked() const;
+  int device() const { return ctx_->ordinal(); }
+
+ private:
+  using Releases = std::vector<std::function<void()>>;
+  std::shared_ptr<cuda::PrimaryContext> ctx_;
+  pid_t owner_;
+  mutable std::mutex mu_;
+  Releases unstamped_;
+  std::deque<std::pair<std::unique_ptr<cuda::Event>, Releases>> stamped_;  // oldest first
+  std::vector<std::unique_ptr<cuda::Event>> spare_;
+  size_t parked_ = 0;
+};
+
+}  // namespace stoker
