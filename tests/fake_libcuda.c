@@ -14,7 +14,8 @@
  * stream's later work, which the tests read from the host, must see the bytes), or when the stream is
  * destroyed. So a caller that reuses a source buffer before the copy's event has completed copies the new
  * bytes, as on a GPU, and a test comparing values sees it. An event reports NOT_READY at its first
- * STOKER_FAKE_CUDA_LAG (default 1) queries after a record, then completes. Freeing or unregistering host
+ * STOKER_FAKE_CUDA_LAG (default 1) queries after a record, then completes (or once that many events have been
+ * recorded after it: the fake's clock, so events age while others are queried). Freeing or unregistering host
  * memory that a queued copy still reads is counted ("freed_in_flight"; the copy is then run first). A copy
  * from pageable memory (neither a cuMemHostAlloc block nor a registered range) runs before the call returns,
  * as the driver's does ("pageable" counts them). A kernel launch runs at once, after the work queued before
@@ -22,8 +23,9 @@
  *
  * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
  * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
- * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY), "noregister" (cuMemHostRegister fails so). Built with -DFAKE_NO_PROC_ADDRESS it exports no
- * cuGetProcAddress, as drivers before 11.3, and stoker falls back to dlsym on the exported names.
+ * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY), "noregister" (cuMemHostRegister fails so). Built
+ * with -DFAKE_NO_PROC_ADDRESS it exports no cuGetProcAddress, as drivers before 11.3, and stoker falls back to
+ * dlsym on the exported names.
  *
  * For the tests: fake_counter(name) reads a counter, fake_lookups() lists "name@version/flags" per
  * cuGetProcAddress call.
@@ -105,10 +107,11 @@ struct op { struct op* next; CUdeviceptr dst; const void* src; size_t bytes; lon
 struct handle {
   unsigned magic; int kind; int pending;
   struct op* head; struct op* tail; long queued; long done; struct handle* next_stream; struct handle* prev_stream;
-  struct handle* on; long seq;
+  struct handle* on; long seq; long born;
 };
 static pthread_mutex_t device_lock = PTHREAD_MUTEX_INITIALIZER;  /* the queues, events and registrations */
-static struct handle legacy = {HANDLE_MAGIC, 1, 0, NULL, NULL, 0, 0, NULL, NULL, NULL, 0};  /* stream 0 */
+static struct handle legacy = {HANDLE_MAGIC, 1, 0, NULL, NULL, 0, 0, NULL, NULL, NULL, 0, 0};  /* stream 0 */
+static long records;  /* events recorded so far: the fake's clock (under device_lock) */
 static struct handle* streams = &legacy;  /* every live stream, the legacy one first */
 
 static struct handle* new_handle(int kind) {
@@ -401,6 +404,7 @@ EXPORT CUresult cuEventRecord(void* e, void* s) {
   ev->on = queue_of(s);
   ev->seq = ev->on->queued;
   ev->pending = lag();
+  ev->born = ++records;
   pthread_mutex_unlock(&device_lock);
   return SUCCESS;
 }
@@ -411,7 +415,7 @@ EXPORT CUresult cuEventQuery(void* e) {
   struct handle* h = e;
   CUresult r = SUCCESS;
   pthread_mutex_lock(&device_lock);
-  if (h->pending > 0) {
+  if (h->pending > 0 && records - h->born < lag()) {  /* done after `lag` queries, or `lag` later records */
     --h->pending;
     r = NOT_READY;
   } else if (h->on) {
@@ -507,7 +511,8 @@ EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, u
   NEED_CONTEXT();
   struct handle* h = f;
   if (!h || h->magic != HANDLE_MAGIC || h->kind < 4 || h->kind > 6 || !stream_ok(s)) return INVALID_HANDLE;
-  if (!params || extra || gx == 0 || gy != 1 || gz != 1 || bx == 0 || by != 1 || bz != 1 || shared) return INVALID_VALUE;
+  if (!params || extra || gx == 0 || gy != 1 || gz != 1 || bx == 0 || by != 1 || bz != 1 || shared)
+    return INVALID_VALUE;
   pthread_mutex_lock(&device_lock);
   run_until(queue_of(s), queue_of(s)->queued);  /* the work queued before the launch on its stream */
   pthread_mutex_unlock(&device_lock);

@@ -189,7 +189,8 @@ class SlotRing:
         """Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context."""
     @property
     def pinned(self) -> bool: ...
-    def release(self, slot: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def release(self, slot: typing.SupportsInt | typing.SupportsIndex, fenced: bool = True) -> None:
+        """Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got."""
     def set_fence(self, fence: FenceQueue) -> None:
         """Slots released from now on go back through the fence queue before they are lent again."""
     @property

@@ -307,7 +307,8 @@ def fence_queue(device: int):
             if pool is not None:
                 pool.set_fence(queue)
             _fences = queue
-        return _fences
+    stamp()  # a new iterator: what earlier ones left released is fenced, and what has passed returns
+    return _fences
 
 
 def stamp() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import copy
 import functools
 import itertools
@@ -232,6 +233,10 @@ class _Iterator:
                 f"this stoker iterator was created in process {self._pid}; its loading threads do not exist "
                 f"in process {os.getpid()} (a fork). Create a new iterator (iter(loader)) in this process."
             )
+        if self._fence is not None:
+            # What the user released before asking for this batch is fenced now, and what has passed returns
+            # (ring slots among it) before this batch's loading asks for more.
+            _device.stamp()
         try:
             if _profiler_enabled():  # the range torch's loader records, at no cost when nobody profiles
                 with torch.autograd.profiler.record_function(
@@ -252,8 +257,6 @@ class _Iterator:
                 self._warn_length()
         if self._pin:
             batch = _pin_memory(batch)  # tensors stoker collated pinned are returned as they are
-            if self._fence is not None:
-                _device.stamp()  # what the user released before asking for this batch is fenced now
         return batch
 
     def _warn_length(self) -> None:
@@ -585,3 +588,6 @@ class ProcessIterator(_Iterator):
             self._batches.ready.clear()  # prefetched batches release their slots
             if self._own_pool and self._pid == os.getpid():
                 self._pool.shutdown()
+            if self._fence is not None and self._pid == os.getpid():
+                with contextlib.suppress(Exception):  # the ring's last slots: returned at a later batch or iterator
+                    _device.stamp()

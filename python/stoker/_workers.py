@@ -808,7 +808,7 @@ class WorkerPool:
         self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
         if loader.pin_memory:
-            self.slots += 2  # pinned batches the user released stay lent until the GPU has passed (a fence)
+            self.slots += 3  # pinned batches the user released stay lent until the GPU has passed (a fence)
         self.slot_bytes = _DEFAULT_SLOT_BYTES
         self.pid = os.getpid()
         self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{self.pid}-{next(_counter)}")
@@ -1526,7 +1526,7 @@ class ProcessBatches:
         generation, number, worker, kind, payload, slot, state = pool.get(self.timeout)
         if generation != self.generation:  # left over from an earlier epoch of persistent workers
             if slot >= 0:
-                pool.ring.release(slot)
+                pool.ring.release(slot, fenced=False)
             return
         self.heard[worker] = True
         if kind == "started":  # a stateful copy's state at the start of its pass: its position until it serves
@@ -1538,7 +1538,7 @@ class ProcessBatches:
             self.ready[number] = ("batch", batch, worker, state)
             return
         if slot >= 0:
-            pool.ring.release(slot)
+            pool.ring.release(slot, fenced=False)
         if kind == "pickled":
             self.ready[number] = ("batch", payload, worker, state)
         elif kind == "stop" and self.iterable:

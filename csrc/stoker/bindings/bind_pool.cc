@@ -12,11 +12,12 @@ void register_pool(py::module_& m) {
       "Holds back the return of page-locked memory released by the user until the GPU has passed that point.")
       .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
            py::arg("device"), py::call_guard<py::gil_scoped_release>())
+      // stamp and poll keep the GIL: a few non-blocking driver calls, and a GIL hand-off would cost more.
       .def("stamp", [](FenceQueue& q, uintptr_t stream) { q.stamp(reinterpret_cast<cuda::CUstream>(stream)); },
-           py::arg("stream"), py::call_guard<py::gil_scoped_release>(),
+           py::arg("stream"),
            "Records an event on a stream (a handle: torch's current stream) for everything parked so far, then "
            "returns the memory whose event has completed.")
-      .def("poll", &FenceQueue::poll, py::call_guard<py::gil_scoped_release>(),
+      .def("poll", &FenceQueue::poll,
            "Returns the memory whose event has completed.")
       .def_property_readonly("parked", &FenceQueue::parked, "Releases held back, stamped or not.")
       .def_property_readonly("device", &FenceQueue::device);
@@ -40,7 +41,7 @@ void register_pool(py::module_& m) {
         return d;
       })
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
-      .def("set_fence", &BufferPool::set_fence, py::arg("fence"),
+      .def("set_fence", &BufferPool::set_fence, py::arg("fence").none(true),
            "Blocks returned from now on go back through the fence queue (None: straight to the cache).")
       .def("empty", [](BufferPool& p, std::vector<int64_t> shape, int code, int bits) {
         // An uninitialised pooled buffer as a dltensor capsule (for torch ops writing with out=).
@@ -82,12 +83,13 @@ void register_pool(py::module_& m) {
   py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
       .def(py::init<const std::string&, size_t, int>(), py::arg("path"), py::arg("slot_bytes"), py::arg("slots"))
       .def("acquire", &SlotRing::acquire)
-      .def("release", &SlotRing::release, py::arg("slot"))
+      .def("release", &SlotRing::release, py::arg("slot"), py::arg("fenced") = true,
+           "Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got.")
       .def_property_readonly("free_slots", &SlotRing::free_slots)
       .def_property_readonly("slots", &SlotRing::slots)
       .def_property_readonly("slot_bytes", &SlotRing::slot_bytes)
       .def_property_readonly("pinned", &SlotRing::pinned)
-      .def("set_fence", &SlotRing::set_fence, py::arg("fence"),
+      .def("set_fence", &SlotRing::set_fence, py::arg("fence").none(true),
            "Slots released from now on go back through the fence queue before they are lent again.")
       .def("pin", [](SlotRing& ring, int device) { ring.pin(cuda::primary_context(device)); }, py::arg("device"),
            py::call_guard<py::gil_scoped_release>(),

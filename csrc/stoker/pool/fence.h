@@ -27,13 +27,14 @@ namespace stoker {
 class FenceQueue {
  public:
   explicit FenceQueue(std::shared_ptr<cuda::PrimaryContext> ctx);
-  /// Runs every release still parked (the process is done with the GPU, or the queue is gone).
   ~FenceQueue();
   FenceQueue(const FenceQueue&) = delete;
   FenceQueue& operator=(const FenceQueue&) = delete;
 
   void park(std::function<void()> release);
+  /// Throws CudaError when the driver refuses the event (the releases stay parked).
   void stamp(cuda::CUstream stream);
+  /// Throws CudaError when a query fails (what had completed before it is released first).
   void poll();
   /// Releases parked and not yet run, stamped or not.
   size_t parked() const;
@@ -43,7 +44,8 @@ class FenceQueue {
   using Releases = std::vector<std::function<void()>>;
   std::shared_ptr<cuda::PrimaryContext> ctx_;
   pid_t owner_;
-  mutable std::mutex mu_;
+  mutable std::mutex mu_;  // the containers (registered for fork: taken by deleters on any thread)
+  std::mutex driver_mu_;  // serialises stamp and poll, whose driver calls are made outside mu_
   Releases unstamped_;
   std::deque<std::pair<std::unique_ptr<cuda::Event>, Releases>> stamped_;  // oldest first
   std::vector<std::unique_ptr<cuda::Event>> spare_;

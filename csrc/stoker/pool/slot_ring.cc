@@ -62,9 +62,9 @@ int SlotRing::acquire() {
   return -1;
 }
 
-void SlotRing::release(int slot) {
+void SlotRing::release(int slot, bool fenced) {
   std::shared_ptr<FenceQueue> fence;
-  {
+  if (fenced) {
     std::lock_guard<std::mutex> lock(mu_);
     fence = fence_;
   }

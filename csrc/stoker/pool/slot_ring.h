@@ -31,8 +31,9 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
 
   /// A free slot, now lent out, or -1 when every slot is lent.
   int acquire();
-  /// Returns a slot (from any thread, without the GIL); through the fence, when one is set.
-  void release(int slot);
+  /// Returns a slot (from any thread, without the GIL); through the fence when one is set and `fenced` (a
+  /// slot whose batch never reached the user needs none).
+  void release(int slot, bool fenced = true);
   /// From now on a released slot goes back through `fence` (see FenceQueue) before it can be lent again.
   void set_fence(std::shared_ptr<FenceQueue> fence);
   int free_slots() const;
