@@ -261,6 +261,14 @@ EXPORT CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice d) {
   return SUCCESS;
 }
 
+EXPORT CUresult cuDevicePrimaryCtxGetState(CUdevice d, unsigned* flags, int* active) {
+  if (!initialised) return NOT_INITIALIZED;
+  if (d < 0 || d >= devices() || !flags || !active) return INVALID_VALUE;
+  *flags = 0;
+  *active = __atomic_load_n(&retained[d], __ATOMIC_SEQ_CST) > 0;
+  return SUCCESS;
+}
+
 EXPORT CUresult cuDevicePrimaryCtxRelease_v2(CUdevice d) {
   if (!initialised) return NOT_INITIALIZED;
   if (d < 0 || d >= devices() || __atomic_load_n(&retained[d], __ATOMIC_SEQ_CST) <= 0) return INVALID_DEVICE;
@@ -548,6 +556,7 @@ static const struct entry entries[] = {
   {"cuDeviceGet", 2000, (void*)cuDeviceGet},
   {"cuDevicePrimaryCtxRetain", 7000, (void*)cuDevicePrimaryCtxRetain},
   {"cuDevicePrimaryCtxRelease", 11000, (void*)cuDevicePrimaryCtxRelease_v2},
+  {"cuDevicePrimaryCtxGetState", 7000, (void*)cuDevicePrimaryCtxGetState},
   {"cuCtxSetCurrent", 4000, (void*)cuCtxSetCurrent},
   {"cuCtxGetCurrent", 4000, (void*)cuCtxGetCurrent},
   {"cuMemHostAlloc", 2020, (void*)cuMemHostAlloc},

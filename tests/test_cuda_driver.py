@@ -27,8 +27,10 @@ PINNED_VERSIONS = {
     "cuStreamCreate": 2000, "cuStreamDestroy": 4000, "cuStreamWaitEvent": 3020, "cuEventCreate": 2000,
     "cuEventRecord": 2000, "cuEventQuery": 2000, "cuEventSynchronize": 2000, "cuEventDestroy": 4000,
     "cuMemcpyHtoDAsync": 3020,
-    # optional: the kernels' (a driver without them keeps CUDA available, kernels off)
+    # optional: the kernels' (a driver without them keeps CUDA available, kernels off), and which devices have
+    # work (fences for pinned batches)
     "cuModuleLoadData": 2000, "cuModuleGetFunction": 2000, "cuLaunchKernel": 4000,
+    "cuDevicePrimaryCtxGetState": 7000,
 }
 
 # ---- this machine, as it is ----------------------------------------------------------------------------------

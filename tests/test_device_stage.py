@@ -511,3 +511,34 @@ def test_a_worker_ring_that_cannot_be_page_locked_warns_once_and_loads_as_usual(
     assert out["same"] is True and out["registered"] == 0
     assert len(out["warnings"]) == 1 and "could not page-lock its worker ring" in out["warnings"][0]
     assert "CUDA_ERROR_OUT_OF_MEMORY" in out["warnings"][0]
+
+
+def test_pinned_batches_copied_to_another_gpu_are_fenced_there_too(fake_driver):
+    # pinned on GPU 0 (torch's current device when the loader started), copied to GPU 1 (x.to(1), as a DDP
+    # script without set_device does): the fence covers every GPU the process has work on.
+    out = stage("""
+        from stoker import _iterators
+        users = {0: core.CudaStream(0), 1: core.CudaStream(1)}  # torch's current stream of each GPU
+        _device.current_stream_handle = lambda device: users[device].handle
+        torch.cuda.is_available = lambda: True
+        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
+        _iterators._pin_memory = lambda batch: batch
+        rows = torch.arange(200.0).repeat_interleave(512).reshape(200, 512)
+        ds = torch.utils.data.TensorDataset(rows)
+        kw = dict(batch_size=10, shuffle=True, seed=1, num_workers=2)
+        cpu = stoker.DataLoader(ds, **kw)
+        expected = [b[0].clone() for _ in range(2) for b in cpu]
+        loader = stoker.DataLoader(ds, pin_memory=True, **kw)
+        dsts = []
+        for _ in range(2):
+            for (x,) in loader:
+                dst = torch.full(x.shape, -1.0)
+                users[1].copy_to_device(dst.data_ptr(), x.data_ptr(), x.numel() * 4)
+                dsts.append(dst)
+                del x
+        users[1].record().synchronize()
+        out["active"] = list(core.cuda_active_devices())
+        out["wrong"] = sum(not torch.equal(d, e) for d, e in zip(dsts, expected))
+        out["count"] = len(dsts) == len(expected)
+    """, fake_driver, mode="two", STOKER_FAKE_CUDA_LAG="3")
+    assert out == {"active": [0, 1], "wrong": 0, "count": True}

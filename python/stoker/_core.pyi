@@ -91,8 +91,11 @@ class FenceQueue:
         """Releases held back, stamped or not."""
     def poll(self) -> None:
         """Returns the memory whose event has completed."""
-    def stamp(self, stream: typing.SupportsInt | typing.SupportsIndex) -> None:
-        """Records an event on a stream (a handle: torch's current stream) for everything parked so far, then returns the memory whose event has completed."""
+    def stamp(
+        self,
+        streams: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]],
+    ) -> None:
+        """Records an event on each (device, stream handle) given (torch's current streams) for everything parked so far, then returns the memory whose events have all completed."""
 
 class IndexStream:
     def __init__(
@@ -210,6 +213,9 @@ class TokenSource:
     @property
     def num_tokens(self) -> int: ...
 
+
+def cuda_active_devices() -> list[int]:
+    """The devices whose primary context is active in this process (empty when the driver cannot say)."""
 
 def cuda_available() -> bool:
     """Whether the CUDA driver loaded, initialised and sees a device (False in a forked child)."""

@@ -19,8 +19,8 @@ non-blocking copies it makes only from host memory its own allocator gave out, s
 the user drops right after ``x.cuda(non_blocking=True)`` would go back to the pool, and be refilled with a later
 batch, while the copy that reads it still waits behind the GPU's earlier work. So once such a loader runs, the
 pool and its worker ring return memory through a fence queue (native): a block or slot released (its last
-tensor, view or alias gone) is held until an event recorded after the release, on torch's current stream when
-the next batch is handed over, has completed.
+tensor, view or alias gone) is held until events recorded after the release, on torch's current stream of
+each GPU the process has work on when the next batch is handed over, have completed.
 """
 
 from __future__ import annotations
@@ -307,17 +307,32 @@ def fence_queue(device: int):
             if pool is not None:
                 pool.set_fence(queue)
             _fences = queue
-    stamp()  # a new iterator: what earlier ones left released is fenced, and what has passed returns
+    stamp(refresh=True)  # a new iterator: what earlier ones left released is fenced, what has passed returns
     return _fences
 
 
-def stamp() -> None:
-    """Fences the memory released since the last call (an event on torch's current stream of the queue's device)
-    and returns what has passed: at each batch handed over pinned, at the end of such an iterator, and at each
-    batch a device stage hands over (its blocks come from the same pool). Nothing when no queue exists."""
+_active: list = []  # [devices with an active primary context, stamps until they are asked again]
+
+
+def _devices(queue) -> list:
+    # The GPUs the process has work on (a copy may go to any of them, e.g. .to(rank) without set_device); asked
+    # of the driver at an iterator's start and every 64 stamps.
+    if not _active or _active[1] <= 0:
+        _active[:] = [list(core.cuda_active_devices()) or [queue.device], 64]
+    _active[1] -= 1
+    return _active[0]
+
+
+def stamp(refresh: bool = False) -> None:
+    """Fences the memory released since the last call (an event on torch's current stream of each GPU the
+    process has work on) and returns what has passed: at each batch handed over pinned, at the start and end of
+    such an iterator, and at each batch a device stage hands over (its blocks come from the same pool). Nothing
+    when no queue exists."""
     queue = _fences
     if queue is not None:
-        queue.stamp(current_stream_handle(queue.device))
+        if refresh:
+            _active.clear()
+        queue.stamp([(d, current_stream_handle(d)) for d in _devices(queue)])
 
 
 def _forget_cuda_objects() -> None:
@@ -326,6 +341,7 @@ def _forget_cuda_objects() -> None:
     global _fences, _fence_lock, _targets_lock
     _fences = None
     _fence_lock = threading.Lock()
+    _active.clear()
     _targets.clear()
     _targets_lock = threading.Lock()
 

@@ -13,10 +13,13 @@ void register_pool(py::module_& m) {
       .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
            py::arg("device"), py::call_guard<py::gil_scoped_release>())
       // stamp and poll keep the GIL: a few non-blocking driver calls, and a GIL hand-off would cost more.
-      .def("stamp", [](FenceQueue& q, uintptr_t stream) { q.stamp(reinterpret_cast<cuda::CUstream>(stream)); },
-           py::arg("stream"),
-           "Records an event on a stream (a handle: torch's current stream) for everything parked so far, then "
-           "returns the memory whose event has completed.")
+      .def("stamp", [](FenceQueue& q, const std::vector<std::pair<int, uintptr_t>>& streams) {
+             FenceQueue::Streams s;
+             for (const auto& [device, handle] : streams) s.emplace_back(device, reinterpret_cast<cuda::CUstream>(handle));
+             q.stamp(s);
+           }, py::arg("streams"),
+           "Records an event on each (device, stream handle) given (torch's current streams) for everything parked "
+           "so far, then returns the memory whose events have all completed.")
       .def("poll", &FenceQueue::poll,
            "Returns the memory whose event has completed.")
       .def_property_readonly("parked", &FenceQueue::parked, "Releases held back, stamped or not.")

@@ -135,7 +135,8 @@ Driver load() {
   resolve(&a.cuModuleLoadData, "cuModuleLoadData", 2000, "cuModuleLoadData");
   resolve(&a.cuModuleGetFunction, "cuModuleGetFunction", 2000, "cuModuleGetFunction");
   resolve(&a.cuLaunchKernel, "cuLaunchKernel", 4000, "cuLaunchKernel");
-  missing.resize(required);  // the kernels' entry points are optional
+  resolve(&a.cuDevicePrimaryCtxGetState, "cuDevicePrimaryCtxGetState", 7000, "cuDevicePrimaryCtxGetState");
+  missing.resize(required);  // the kernels' entry points and cuDevicePrimaryCtxGetState are optional
   if (!missing.empty()) {
     std::string names;
     for (const auto& m : missing) names += (names.empty() ? "" : ", ") + m;
@@ -219,6 +220,21 @@ const Api& api() {
                     detail::concat("CUDA is not available: ", s.reason));
   }
   return d.api;
+}
+
+std::vector<int> active_devices() {
+  std::vector<int> out;
+  const Driver& d = driver();
+  if (!usable(d) || d.api.cuDevicePrimaryCtxGetState == nullptr) return out;
+  for (int i = 0; i < d.status.device_count; ++i) {
+    CUdevice dev = 0;
+    unsigned flags = 0;
+    int active = 0;
+    if (d.api.cuDeviceGet(&dev, i) == CUDA_SUCCESS &&
+        d.api.cuDevicePrimaryCtxGetState(dev, &flags, &active) == CUDA_SUCCESS && active)
+      out.push_back(i);
+  }
+  return out;
 }
 
 std::string error_text(CUresult result) { return error_text_with(driver().api, result); }

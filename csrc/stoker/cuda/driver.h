@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace stoker::cuda {
 
@@ -75,6 +76,8 @@ struct Api {
   CUresult (*cuLaunchKernel)(CUfunction fn, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                              unsigned bz, unsigned shared_bytes, CUstream stream, void** params,
                              void** extra);                                            // 4000
+  // Optional: which devices' primary contexts are active (see active_devices).
+  CUresult (*cuDevicePrimaryCtxGetState)(CUdevice dev, unsigned* flags, int* active);  // 7000
 };
 
 /// What loading the driver found, filled once per process at the first query.
@@ -104,6 +107,9 @@ Status status();
 bool available();
 /// The entry points. Throws CudaError carrying status().reason when CUDA is not available.
 const Api& api();
+/// The ordinals of the devices whose primary context is active in this process (the GPUs torch, or anyone,
+/// has work on); empty when CUDA is not available or the driver cannot say.
+std::vector<int> active_devices();
 
 /// "CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected)", or "CUDA error 12345" for a code the driver
 /// cannot name.
@@ -229,6 +235,7 @@ class Event {
   Event& operator=(const Event&) = delete;
 
   CUevent get() const { return event_; }
+  const std::shared_ptr<PrimaryContext>& context() const { return ctx_; }
   /// Records the event on `stream` (a stoker Stream's handle or a foreign one, e.g. torch's current stream).
   void record(CUstream stream) const;
   /// True once the recorded work has completed; never blocks.

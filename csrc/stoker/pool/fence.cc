@@ -26,24 +26,30 @@ void FenceQueue::park(std::function<void()> release) {
   ++parked_;
 }
 
-void FenceQueue::stamp(cuda::CUstream stream) {
+std::unique_ptr<cuda::Event> FenceQueue::spare_event(int device) {
+  auto& spare = spare_[device];
+  if (spare.empty()) return std::make_unique<cuda::Event>(cuda::primary_context(device));
+  auto event = std::move(spare.back());
+  spare.pop_back();
+  return event;
+}
+
+void FenceQueue::stamp(const Streams& streams) {
   if (::getpid() != owner_) return;
   {
     std::lock_guard<std::mutex> driver(driver_mu_);  // driver calls: never under mu_ (which fork takes)
     Releases releases;
-    std::unique_ptr<cuda::Event> event;
     {
       std::lock_guard<std::mutex> lock(mu_);
       releases.swap(unstamped_);
-      if (!releases.empty() && !spare_.empty()) {
-        event = std::move(spare_.back());
-        spare_.pop_back();
-      }
     }
     if (!releases.empty()) {
+      Events events;
       try {
-        if (!event) event = std::make_unique<cuda::Event>(ctx_);
-        event->record(stream);
+        for (const auto& [device, stream] : streams) {
+          events.push_back(spare_event(device));
+          events.back()->record(stream);
+        }
       } catch (...) {  // the releases stay parked, unstamped, for a later call
         std::lock_guard<std::mutex> lock(mu_);
         for (auto& r : unstamped_) releases.push_back(std::move(r));
@@ -51,7 +57,7 @@ void FenceQueue::stamp(cuda::CUstream stream) {
         throw;
       }
       std::lock_guard<std::mutex> lock(mu_);
-      stamped_.emplace_back(std::move(event), std::move(releases));
+      stamped_.emplace_back(std::move(events), std::move(releases));
     }
   }
   poll();
@@ -64,17 +70,22 @@ void FenceQueue::poll() {
   {
     std::lock_guard<std::mutex> driver(driver_mu_);
     for (;;) {
-      cuda::Event* oldest;
+      Events* oldest;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (stamped_.empty()) break;
-        oldest = stamped_.front().first.get();  // stamped_ changes only under driver_mu_, held here
+        oldest = &stamped_.front().first;  // stamped_ changes only under driver_mu_, held here
       }
-      // Events of different streams may complete out of order; the oldest is waited for first (a later one is
-      // released at a later call: it only waits longer).
-      bool done;
+      // Stamps complete in order on one stream, not always across streams; the oldest is waited for first (a
+      // later one that is done only waits longer).
+      bool done = true;
       try {
-        done = oldest->query();
+        for (const auto& event : *oldest) {
+          if (!event->query()) {
+            done = false;
+            break;
+          }
+        }
       } catch (...) {
         failure = std::current_exception();
         break;
@@ -82,14 +93,17 @@ void FenceQueue::poll() {
       if (!done) break;
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& r : stamped_.front().second) run.push_back(std::move(r));
-      spare_.push_back(std::move(stamped_.front().first));
+      for (auto& event : stamped_.front().first) {
+        const int device = event->context()->ordinal();
+        spare_[device].push_back(std::move(event));
+      }
       stamped_.pop_front();
     }
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
     parked_ = unstamped_.size();
-    for (const auto& [event, releases] : stamped_) parked_ += releases.size();
+    for (const auto& [events, releases] : stamped_) parked_ += releases.size();
   }
   for (auto& r : run) r();  // outside the locks: a release takes its pool's or ring's mutex
   if (failure) std::rethrow_exception(failure);

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -20,35 +21,43 @@ namespace stoker {
 /// and dropped at once; torch tracks such copies only from its own host allocator's memory, so without this the
 /// memory could be refilled with a later batch while the copy still waits behind the GPU's earlier work.
 ///
-/// A pool or ring given a queue parks each release here (any thread, any time: a tensor's deleter). stamp(s)
-/// records one event on stream s (the one the user's work is queued on) for everything parked so far, and
-/// runs the releases whose event has completed; poll() only runs those. Nothing is lost: the memory of a
-/// release is held, never freed behind the pool's back. In a forked child (no CUDA) a release runs at once.
+/// A pool or ring given a queue parks each release here (any thread, any time: a tensor's deleter). stamp()
+/// records an event on each stream given (torch's current stream of every GPU the process has work on: the
+/// user's copy may go to any of them) for everything parked so far, and runs the releases whose events have all
+/// completed; poll() only runs those. Nothing is lost: the memory of a release is held, never freed behind the
+/// pool's back. In a forked child (no CUDA) a release runs at once.
 class FenceQueue {
  public:
+  /// (device ordinal, stream handle)
+  using Streams = std::vector<std::pair<int, cuda::CUstream>>;
+
   explicit FenceQueue(std::shared_ptr<cuda::PrimaryContext> ctx);
   ~FenceQueue();
   FenceQueue(const FenceQueue&) = delete;
   FenceQueue& operator=(const FenceQueue&) = delete;
 
   void park(std::function<void()> release);
-  /// Throws CudaError when the driver refuses the event (the releases stay parked).
-  void stamp(cuda::CUstream stream);
+  /// Throws CudaError when the driver refuses an event (the releases stay parked).
+  void stamp(const Streams& streams);
   /// Throws CudaError when a query fails (what had completed before it is released first).
   void poll();
   /// Releases parked and not yet run, stamped or not.
   size_t parked() const;
+  /// The device of the pool the queue was made for.
   int device() const { return ctx_->ordinal(); }
 
  private:
   using Releases = std::vector<std::function<void()>>;
+  using Events = std::vector<std::unique_ptr<cuda::Event>>;
+  std::unique_ptr<cuda::Event> spare_event(int device);  // under driver_mu_
+
   std::shared_ptr<cuda::PrimaryContext> ctx_;
   pid_t owner_;
   mutable std::mutex mu_;  // the containers (registered for fork: taken by deleters on any thread)
   std::mutex driver_mu_;  // serialises stamp and poll, whose driver calls are made outside mu_
   Releases unstamped_;
-  std::deque<std::pair<std::unique_ptr<cuda::Event>, Releases>> stamped_;  // oldest first
-  std::vector<std::unique_ptr<cuda::Event>> spare_;
+  std::deque<std::pair<Events, Releases>> stamped_;  // oldest first
+  std::map<int, Events> spare_;  // device -> events whose stamp has passed (under driver_mu_)
   size_t parked_ = 0;
 };
 
