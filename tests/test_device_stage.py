@@ -65,6 +65,14 @@ def same(a, b):
 def epochs(loader, n):
     return [list(loader) for _ in range(n)]
 
+def pin_as_torch_would_on_a_gpu():
+    # pin_memory=True as on a machine where torch sees a GPU: stoker collates into its page-locked pool (the
+    # fake's), and torch's pin_memory returns already pinned tensors as they are.
+    from stoker import _iterators
+    torch.cuda.is_available = lambda: True
+    _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
+    _iterators._pin_memory = lambda batch: batch
+
 def stream_runs():
     # What a torch op queued on stoker's stream would see: the copies queued before it done (the stand-in
     # reads destinations on the host at once, so it runs the stream first).
@@ -375,13 +383,9 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_befor
     # later batches first. torch does not track copies from memory it did not allocate; stoker's fence does.
     out = stage("""
         import collections
-        from stoker import _iterators
         user = core.CudaStream(0)  # the user's current stream
         _device.current_stream_handle = lambda device: user.handle
-        torch.cuda.is_available = lambda: True
-        torch.cuda.current_device = lambda: 0
-        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
-        _iterators._pin_memory = lambda batch: batch  # stoker's batches are pinned already
+        pin_as_torch_would_on_a_gpu()
 
         def copy(x, dsts):  # x.cuda(non_blocking=True), "device" memory being host memory
             dst = torch.full(x.shape, -1, dtype=x.dtype)
@@ -472,10 +476,7 @@ def test_pinned_batches_dropped_after_a_non_blocking_copy_are_not_refilled_befor
 
 def test_a_pinned_tensor_named_twice_in_a_batch_is_served_and_fenced(fake_driver):
     out = stage("""
-        from stoker import _iterators
-        torch.cuda.is_available = lambda: True
-        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
-        _iterators._pin_memory = lambda batch: batch
+        pin_as_torch_would_on_a_gpu()
         _device.current_stream_handle = lambda device: 0
 
         def collate(samples):
@@ -517,12 +518,9 @@ def test_pinned_batches_copied_to_another_gpu_are_fenced_there_too(fake_driver):
     # pinned on GPU 0 (torch's current device when the loader started), copied to GPU 1 (x.to(1), as a DDP
     # script without set_device does): the fence covers every GPU the process has work on.
     out = stage("""
-        from stoker import _iterators
         users = {0: core.CudaStream(0), 1: core.CudaStream(1)}  # torch's current stream of each GPU
         _device.current_stream_handle = lambda device: users[device].handle
-        torch.cuda.is_available = lambda: True
-        _iterators._pin_requested = lambda loader: bool(loader.pin_memory)
-        _iterators._pin_memory = lambda batch: batch
+        pin_as_torch_would_on_a_gpu()
         rows = torch.arange(200.0).repeat_interleave(512).reshape(200, 512)
         ds = torch.utils.data.TensorDataset(rows)
         kw = dict(batch_size=10, shuffle=True, seed=1, num_workers=2)
