@@ -90,7 +90,7 @@ class FenceQueue:
     def parked(self) -> int:
         """Releases held back, stamped or not."""
     def poll(self) -> None:
-        """Returns the memory whose event has completed."""
+        """Returns the memory whose events have all completed."""
     def stamp(
         self,
         streams: collections.abc.Sequence[tuple[typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex]],

@@ -38,7 +38,7 @@ import torch
 from stoker import _cuda
 from stoker._native import core
 
-__all__ = ["CudaTarget", "DeviceIterator", "fence_queue", "stamp", "to_device"]
+__all__ = ["CudaTarget", "DeviceIterator", "fence_queue", "poll", "stamp", "to_device"]
 
 
 class CudaTarget:
@@ -307,32 +307,28 @@ def fence_queue(device: int):
             if pool is not None:
                 pool.set_fence(queue)
             _fences = queue
-    stamp(refresh=True)  # a new iterator: what earlier ones left released is fenced, what has passed returns
+    poll()  # a new iterator: what earlier ones left that has passed returns
     return _fences
 
 
-_active: list = []  # [devices with an active primary context, stamps until they are asked again]
-
-
-def _devices(queue) -> list:
-    # The GPUs the process has work on (a copy may go to any of them, e.g. .to(rank) without set_device); asked
-    # of the driver at an iterator's start and every 64 stamps.
-    if not _active or _active[1] <= 0:
-        _active[:] = [list(core.cuda_active_devices()) or [queue.device], 64]
-    _active[1] -= 1
-    return _active[0]
-
-
-def stamp(refresh: bool = False) -> None:
-    """Fences the memory released since the last call (an event on torch's current stream of each GPU the
-    process has work on) and returns what has passed: at each batch handed over pinned, at the start and end of
-    such an iterator, and at each batch a device stage hands over (its blocks come from the same pool). Nothing
-    when no queue exists."""
+def stamp() -> None:
+    """Fences the memory released since the last call (an event on torch's current stream of each GPU whose
+    primary context is active: the user's copy may go to any of them) and returns what has passed. Called
+    where the user's current stream is the one their copies go to: at each batch handed over pinned (and at
+    the end of such an iterator, inside its last next()), and at each batch a device stage hands over (its
+    blocks come from the same pool). Nothing when no queue exists."""
     queue = _fences
     if queue is not None:
-        if refresh:
-            _active.clear()
-        queue.stamp([(d, current_stream_handle(d)) for d in _devices(queue)])
+        devices = core.cuda_active_devices() or [queue.device]
+        queue.stamp([(d, current_stream_handle(d)) for d in devices])
+
+
+def poll() -> None:
+    """Returns the memory whose fence has passed, recording nothing (where the current stream may not be the
+    user's: an iterator's start, a close from a finalizer)."""
+    queue = _fences
+    if queue is not None:
+        queue.poll()
 
 
 def _forget_cuda_objects() -> None:
@@ -341,7 +337,6 @@ def _forget_cuda_objects() -> None:
     global _fences, _fence_lock, _targets_lock
     _fences = None
     _fence_lock = threading.Lock()
-    _active.clear()
     _targets.clear()
     _targets_lock = threading.Lock()
 

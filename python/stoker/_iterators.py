@@ -216,7 +216,8 @@ class _Iterator:
         self._cursor.finished = True
         self.close()
         if self._fence is not None:
-            _device.stamp()  # the last batches' memory: fenced now, returned at a later batch or iterator
+            with contextlib.suppress(Exception):  # the epoch ends whatever the driver says here
+                _device.stamp()  # the last batches' memory: fenced now, returned at a later batch or iterator
         raise StopIteration
 
     def __iter__(self):
@@ -589,5 +590,5 @@ class ProcessIterator(_Iterator):
             if self._own_pool and self._pid == os.getpid():
                 self._pool.shutdown()
             if self._fence is not None and self._pid == os.getpid():
-                with contextlib.suppress(Exception):  # the ring's last slots: returned at a later batch or iterator
-                    _device.stamp()
+                with contextlib.suppress(Exception):  # what has passed returns (the rest at a later batch)
+                    _device.poll()

@@ -27,7 +27,7 @@ void register_cuda(py::module_& m) {
     return reinterpret_cast<uintptr_t>(cuda::primary_context(device)->get());
   }, py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "The handle of the device's primary context, retained once for the process.");
-  m.def("cuda_active_devices", &cuda::active_devices, py::call_guard<py::gil_scoped_release>(),
+  m.def("cuda_active_devices", &cuda::active_devices,  // a few non-blocking driver calls: the GIL stays
         "The devices whose primary context is active in this process (empty when the driver cannot say).");
   m.def("cuda_current_context", [] { return reinterpret_cast<uintptr_t>(cuda::current_context()); },
         "The handle of the context current on the calling thread (0 when none).");

@@ -7,21 +7,39 @@
 
 namespace stoker::bindings {
 
+namespace {
+
+// Runs the fence queue's finished releases without the GIL, then raises a failed query's error.
+void run_finished(FenceQueue& q) {
+  std::exception_ptr failure;
+  FenceQueue::Releases run = q.finished(&failure);
+  if (!run.empty()) {
+    py::gil_scoped_release release;
+    for (auto& r : run) r();
+    run.clear();  // the closures (holding pools and rings) go without the GIL too
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace
+
 void register_pool(py::module_& m) {
   py::class_<FenceQueue, std::shared_ptr<FenceQueue>>(m, "FenceQueue",
       "Holds back the return of page-locked memory released by the user until the GPU has passed that point.")
       .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
            py::arg("device"), py::call_guard<py::gil_scoped_release>())
-      // stamp and poll keep the GIL: a few non-blocking driver calls, and a GIL hand-off would cost more.
+      // The events are recorded and queried with the GIL held (a few non-blocking driver calls, cheaper than a
+      // GIL hand-off); the releases run without it (returning memory can free it, or unregister a ring).
       .def("stamp", [](FenceQueue& q, const std::vector<std::pair<int, uintptr_t>>& streams) {
              FenceQueue::Streams s;
-             for (const auto& [device, handle] : streams) s.emplace_back(device, reinterpret_cast<cuda::CUstream>(handle));
+             for (const auto& [device, handle] : streams)
+               s.emplace_back(device, reinterpret_cast<cuda::CUstream>(handle));
              q.stamp(s);
+             run_finished(q);
            }, py::arg("streams"),
            "Records an event on each (device, stream handle) given (torch's current streams) for everything parked "
            "so far, then returns the memory whose events have all completed.")
-      .def("poll", &FenceQueue::poll,
-           "Returns the memory whose event has completed.")
+      .def("poll", [](FenceQueue& q) { run_finished(q); }, "Returns the memory whose events have all completed.")
       .def_property_readonly("parked", &FenceQueue::parked, "Releases held back, stamped or not.")
       .def_property_readonly("device", &FenceQueue::device);
 

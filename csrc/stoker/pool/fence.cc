@@ -60,13 +60,18 @@ void FenceQueue::stamp(const Streams& streams) {
       stamped_.emplace_back(std::move(events), std::move(releases));
     }
   }
-  poll();
 }
 
 void FenceQueue::poll() {
-  if (::getpid() != owner_) return;
-  Releases run;
   std::exception_ptr failure;
+  Releases run = finished(&failure);
+  for (auto& r : run) r();  // outside the locks: a release takes its pool's or ring's mutex
+  if (failure) std::rethrow_exception(failure);
+}
+
+FenceQueue::Releases FenceQueue::finished(std::exception_ptr* failure) {
+  Releases run;
+  if (::getpid() != owner_) return run;
   {
     std::lock_guard<std::mutex> driver(driver_mu_);
     for (;;) {
@@ -87,7 +92,7 @@ void FenceQueue::poll() {
           }
         }
       } catch (...) {
-        failure = std::current_exception();
+        *failure = std::current_exception();
         break;
       }
       if (!done) break;
@@ -99,14 +104,11 @@ void FenceQueue::poll() {
       }
       stamped_.pop_front();
     }
-  }
-  {
     std::lock_guard<std::mutex> lock(mu_);
     parked_ = unstamped_.size();
     for (const auto& [events, releases] : stamped_) parked_ += releases.size();
   }
-  for (auto& r : run) r();  // outside the locks: a release takes its pool's or ring's mutex
-  if (failure) std::rethrow_exception(failure);
+  return run;
 }
 
 size_t FenceQueue::parked() const {

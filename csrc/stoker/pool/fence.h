@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -23,9 +24,9 @@ namespace stoker {
 ///
 /// A pool or ring given a queue parks each release here (any thread, any time: a tensor's deleter). stamp()
 /// records an event on each stream given (torch's current stream of every GPU the process has work on: the
-/// user's copy may go to any of them) for everything parked so far, and runs the releases whose events have all
-/// completed; poll() only runs those. Nothing is lost: the memory of a release is held, never freed behind the
-/// pool's back. In a forked child (no CUDA) a release runs at once.
+/// user's copy may go to any of them) for everything parked so far; finished() hands over the releases whose
+/// events have all completed, and poll() runs them. Nothing is lost: the memory of a release is held, never freed
+/// behind the pool's back. In a forked child (no CUDA) a release runs at once.
 class FenceQueue {
  public:
   /// (device ordinal, stream handle)
@@ -36,10 +37,17 @@ class FenceQueue {
   FenceQueue(const FenceQueue&) = delete;
   FenceQueue& operator=(const FenceQueue&) = delete;
 
+  using Releases = std::vector<std::function<void()>>;
+
   void park(std::function<void()> release);
-  /// Throws CudaError when the driver refuses an event (the releases stay parked).
+  /// Records the events (no release runs). Throws CudaError when the driver refuses one (the releases stay
+  /// parked, unstamped).
   void stamp(const Streams& streams);
-  /// Throws CudaError when a query fails (what had completed before it is released first).
+  /// Takes the releases whose events have all completed, for the caller to run (outside any lock: they return
+  /// memory to pools and rings, which can free it). A query that fails stops there; its error is put in
+  /// `failure` for the caller to raise after running what it got.
+  Releases finished(std::exception_ptr* failure);
+  /// finished(), then runs them; rethrows a query's failure after.
   void poll();
   /// Releases parked and not yet run, stamped or not.
   size_t parked() const;
@@ -47,7 +55,6 @@ class FenceQueue {
   int device() const { return ctx_->ordinal(); }
 
  private:
-  using Releases = std::vector<std::function<void()>>;
   using Events = std::vector<std::unique_ptr<cuda::Event>>;
   std::unique_ptr<cuda::Event> spare_event(int device);  // under driver_mu_
 
