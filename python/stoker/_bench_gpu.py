@@ -36,8 +36,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _rate(fn: Callable[[], float], rounds: int) -> float:
-    """Median of `rounds` calls of fn (each returns units per second), after one call unmeasured (workers
-    started, pinned blocks allocated, kernels loaded)."""
+    """Median of `rounds` calls of fn (a rate, or seconds per step), after one call unmeasured (workers started,
+    pinned blocks allocated, kernels loaded)."""
     fn()
     return statistics.median(fn() for _ in range(rounds))
 
@@ -47,7 +47,7 @@ def _peak_copy(nbytes: int, device: torch.device, reps: int) -> float:
     pool = _cuda.pinned_pool(device.index)
     src = from_dlpack(pool.empty([nbytes], 1, 8))  # uint8
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    stream = core.CudaStream(device.index)
+    stream = _device.target_for(device).stream
     stream.copy_to_device(dst.data_ptr(), src.data_ptr(), nbytes)
     stream.record().synchronize()
     start = time.perf_counter()
@@ -143,19 +143,16 @@ def _training(opts, device: torch.device) -> list[dict]:
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / steps
 
-    def median(fn) -> float:
-        fn()
-        return statistics.median(fn() for _ in range(opts.rounds))
 
     resident = data.tensors[0][:batch].to(device)
     steps = n // batch
-    product = median(lambda: run([resident] * steps, lambda b: b, 1))
-    load_stoker = median(lambda: run(stoker_dl, lambda b: b[0], 0))
-    load_torch = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), 0))
+    product = _rate(lambda: run([resident] * steps, lambda b: b, 1), opts.rounds)
+    load_stoker = _rate(lambda: run(stoker_dl, lambda b: b[0], 0), opts.rounds)
+    load_torch = _rate(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), 0), opts.rounds)
     products = min(64, max(1, math.ceil(2 * load_stoker / product)))  # bounded: a slow loader is shown, not waited on
-    ideal = median(lambda: run([resident] * steps, lambda b: b, products))
-    s = median(lambda: run(stoker_dl, lambda b: b[0], products))
-    t = median(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), products))
+    ideal = _rate(lambda: run([resident] * steps, lambda b: b, products), opts.rounds)
+    s = _rate(lambda: run(stoker_dl, lambda b: b[0], products), opts.rounds)
+    t = _rate(lambda: run(torch_dl, lambda b: b[0].to(device, non_blocking=True), products), opts.rounds)
     del torch_dl
     print(f"\ntraining loop: float32 [{batch}, {features}] batches, {workers} workers; loading alone: stoker "
           f"{1e3 * load_stoker:.2f} ms, torch {1e3 * load_torch:.2f} ms a batch; a GPU step of {products} "

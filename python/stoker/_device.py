@@ -228,8 +228,7 @@ class DeviceIterator:
         kind, value, event = self._staged.popleft()
         if self._cursor is not None:
             self._cursor.staged.popleft()
-        if _fences is not None:
-            stamp()
+        stamp()  # the pool is shared with pinned loaders: what was released meanwhile is fenced
         if kind == "error":
             raise value
         consumer = self._target.consumer()
@@ -314,9 +313,9 @@ def fence_queue(device: int):
 def stamp() -> None:
     """Fences the memory released since the last call (an event on torch's current stream of each GPU whose
     primary context is active: the user's copy may go to any of them) and returns what has passed. Called
-    where the user's current stream is the one their copies go to: at each batch handed over pinned (and at
-    the end of such an iterator, inside its last next()), and at each batch a device stage hands over (its
-    blocks come from the same pool). Nothing when no queue exists."""
+    where the user's current stream is the one their copies go to: at each next() of a pinned iterator (the
+    last one, which ends it, included), and at each batch a device stage hands over (its blocks come from the
+    same pool). Nothing when no queue exists."""
     queue = _fences
     if queue is not None:
         devices = core.cuda_active_devices() or [queue.device]

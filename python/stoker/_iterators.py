@@ -113,7 +113,6 @@ class _Iterator:
         # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
         self._pin_device = _cuda.pin_device(getattr(loader, "_stoker_device", None), self._pin)
         self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
-        # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself).
         staged = getattr(loader, "_stoker_device", None) is not None
         # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself): their
         # memory returns through the fence queue once released.
@@ -215,9 +214,6 @@ class _Iterator:
         """Ends the epoch: the cursor moves to the next one and StopIteration is raised."""
         self._cursor.finished = True
         self.close()
-        if self._fence is not None:
-            with contextlib.suppress(Exception):  # the epoch ends whatever the driver says here
-                _device.stamp()  # the last batches' memory: fenced now, returned at a later batch or iterator
         raise StopIteration
 
     def __iter__(self):

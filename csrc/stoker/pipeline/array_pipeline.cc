@@ -91,29 +91,17 @@ void ArrayPipeline::gather_parts(const std::shared_ptr<Split>& split) {
         if (it != splits_.end()) splits_.erase(it);
       }
     }
-    std::exception_ptr error;
-    try {
-      const int64_t begin = part * split->part_rows;
-      const int64_t end = std::min(split->out.rows, begin + split->part_rows);
-      source_->gather_part(split->indices.data(), begin, end, static_cast<uint8_t*>(split->out.block->data),
-                           split->out.offsets);
-    } catch (...) {
-      error = std::current_exception();
-    }
+    // Rows whose indices were checked: copying them cannot fail.
+    const int64_t begin = part * split->part_rows;
+    const int64_t end = std::min(split->out.rows, begin + split->part_rows);
+    source_->gather_part(split->indices.data(), begin, end, static_cast<uint8_t*>(split->out.block->data),
+                         split->out.offsets);
     bool last;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (error && !split->error) split->error = error;
       last = --split->unfinished == 0;
     }
-    if (last) {
-      GatheredBatch out = std::move(split->out);
-      if (split->error) {
-        out.block.reset();
-        out.error = split->error;
-      }
-      deliver(std::move(out));
-    }
+    if (last) deliver(std::move(split->out));
   }
 }
 

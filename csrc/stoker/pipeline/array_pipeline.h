@@ -71,7 +71,6 @@ class ArrayPipeline {
     int64_t parts = 0;
     int64_t next_part = 0;   // under mu_
     int64_t unfinished = 0;  // under mu_
-    std::exception_ptr error;  // under mu_: the first part that failed
   };
 
   void work();

@@ -183,7 +183,7 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
   std::shared_ptr<State> state = state_;
   return std::shared_ptr<Block>(block, [state](Block* b) {
     std::shared_ptr<FenceQueue> fence;
-    {
+    if (state->pin) {  // only page-locked blocks are fenced
       std::lock_guard<std::mutex> lock(state->mu);
       fence = state->fence;
     }

@@ -23,7 +23,6 @@ void FenceQueue::park(std::function<void()> release) {
   }
   std::lock_guard<std::mutex> lock(mu_);
   unstamped_.push_back(std::move(release));
-  ++parked_;
 }
 
 std::unique_ptr<cuda::Event> FenceQueue::spare_event(int device) {
@@ -36,30 +35,27 @@ std::unique_ptr<cuda::Event> FenceQueue::spare_event(int device) {
 
 void FenceQueue::stamp(const Streams& streams) {
   if (::getpid() != owner_) return;
+  std::lock_guard<std::mutex> driver(driver_mu_);  // driver calls: never under mu_ (which fork takes)
+  Releases releases;
   {
-    std::lock_guard<std::mutex> driver(driver_mu_);  // driver calls: never under mu_ (which fork takes)
-    Releases releases;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      releases.swap(unstamped_);
-    }
-    if (!releases.empty()) {
-      Events events;
-      try {
-        for (const auto& [device, stream] : streams) {
-          events.push_back(spare_event(device));
-          events.back()->record(stream);
-        }
-      } catch (...) {  // the releases stay parked, unstamped, for a later call
-        std::lock_guard<std::mutex> lock(mu_);
-        for (auto& r : unstamped_) releases.push_back(std::move(r));
-        unstamped_.swap(releases);
-        throw;
-      }
-      std::lock_guard<std::mutex> lock(mu_);
-      stamped_.emplace_back(std::move(events), std::move(releases));
-    }
+    std::lock_guard<std::mutex> lock(mu_);
+    releases.swap(unstamped_);
   }
+  if (releases.empty()) return;
+  Events events;
+  try {
+    for (const auto& [device, stream] : streams) {
+      events.push_back(spare_event(device));
+      events.back()->record(stream);
+    }
+  } catch (...) {  // the releases stay parked, unstamped, for a later call
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& r : unstamped_) releases.push_back(std::move(r));
+    unstamped_.swap(releases);
+    throw;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stamped_.emplace_back(std::move(events), std::move(releases));
 }
 
 void FenceQueue::poll() {
@@ -104,16 +100,15 @@ FenceQueue::Releases FenceQueue::finished(std::exception_ptr* failure) {
       }
       stamped_.pop_front();
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    parked_ = unstamped_.size();
-    for (const auto& [events, releases] : stamped_) parked_ += releases.size();
   }
   return run;
 }
 
 size_t FenceQueue::parked() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return parked_;
+  std::lock_guard<std::mutex> lock(mu_);  // (a stamp in progress holds its releases outside: not counted)
+  size_t n = unstamped_.size();
+  for (const auto& [events, releases] : stamped_) n += releases.size();
+  return n;
 }
 
 }  // namespace stoker

@@ -65,7 +65,6 @@ class FenceQueue {
   Releases unstamped_;
   std::deque<std::pair<Events, Releases>> stamped_;  // oldest first
   std::map<int, Events> spare_;  // device -> events whose stamp has passed (under driver_mu_)
-  size_t parked_ = 0;
 };
 
 }  // namespace stoker

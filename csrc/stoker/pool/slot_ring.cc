@@ -64,14 +64,15 @@ int SlotRing::acquire() {
 
 void SlotRing::release(int slot, bool fenced) {
   std::shared_ptr<FenceQueue> fence;
-  if (fenced) {
+  {
     std::lock_guard<std::mutex> lock(mu_);
-    fence = fence_;
+    if (fenced) fence = fence_;
+    if (!fence) {
+      if (slot >= 0 && slot < slots_) lent_[slot] = 0;
+      return;
+    }
   }
-  if (fence)
-    fence->park([ring = shared_from_this(), slot] { ring->release_now(slot); });
-  else
-    release_now(slot);
+  fence->park([ring = shared_from_this(), slot] { ring->release_now(slot); });
 }
 
 void SlotRing::release_now(int slot) {
