@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -29,6 +30,7 @@ __all__ = [
     "flat_labels",
     "isolated",
     "native_thread_count",
+    "settled_thread_count",
     "raises_same",
     "run_with_deadline",
 ]
@@ -172,6 +174,24 @@ def native_thread_count() -> int | None:
         return len(os.listdir("/proc/self/task"))
     except OSError:
         return None
+
+
+def settled_thread_count(quiet: float = 0.1, limit: float = 5.0) -> int | None:
+    """native_thread_count() once it has not changed for `quiet` seconds (a thread just joined can linger in
+    /proc/self/task for a moment), or after `limit` seconds, whichever comes first. Collects garbage first: an
+    iterator left in a reference cycle by an earlier test would stop its threads at some later moment."""
+    gc.collect()
+    count = native_thread_count()
+    if count is None:
+        return None
+    deadline = time.monotonic() + limit
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - stable_since < quiet:
+        time.sleep(0.01)
+        now = native_thread_count()
+        if now != count:
+            count, stable_since = now, time.monotonic()
+    return count
 
 
 def isolated(fn: Callable[[], Any]) -> tuple[Any, str | None, list[str]]:

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same, native_thread_count, roundtrip
+from helpers import assert_same, native_thread_count, roundtrip, settled_thread_count
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -1560,7 +1560,7 @@ def test_abandoned_iterator_stops_its_threads():
     docs = _docs_for_threads()
     list(stoker.PackedLoader(docs, L, 4, seed=5))
     _join_plan_ahead()
-    before = native_thread_count()
+    before = settled_thread_count()
     loader = stoker.PackedLoader(docs, L, 4, seed=5, num_threads=2, prefetch=4)
     it = iter(loader)
     next(it)
@@ -1754,7 +1754,7 @@ def test_the_helper_thread_ends_with_its_iterator():
     docs = _docs_for_threads()
     list(stoker.PackedLoader(docs, L, 4, seed=5, helper_thread=False))
     _join_plan_ahead()
-    before = native_thread_count()
+    before = settled_thread_count()
     loader = stoker.PackedLoader(docs, L, 4, seed=5)
     it = iter(loader)
     next(it)
