@@ -56,7 +56,11 @@ static const char* mode(void) {
 }
 static int is(const char* m) { return strcmp(mode(), m) == 0; }
 static int devices(void) { return is("two") ? 2 : (is("zero") || is("nodevice")) ? 0 : 1; }
-static int driver_version(void) { return is("old") ? 10020 : 12040; }
+/* CUDA 13.0 unless STOKER_FAKE_CUDA_VERSION says otherwise (as cuDriverGetVersion gives it: 12040 is 12.4). */
+static int driver_version(void) {
+  const char* v = getenv("STOKER_FAKE_CUDA_VERSION");
+  return is("old") ? 10020 : (v && *v) ? atoi(v) : 13000;
+}
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,

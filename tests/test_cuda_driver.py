@@ -11,6 +11,7 @@ subprocess of its own. tests/cuda/ holds the tests that need a real GPU.
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -156,7 +157,7 @@ def test_a_library_that_is_not_a_driver_is_refused(tmp_path):
 
 @pytest.mark.parametrize("mode, expected", [
     ("nodevice", "cuInit failed: CUDA_ERROR_NO_DEVICE (no CUDA-capable device is detected (fake driver))"),
-    ("zero", "the CUDA driver 12.4 sees no device"),
+    ("zero", "the CUDA driver 13.0 sees no device"),
     ("old", "the CUDA driver is version 10.2; stoker needs 11.0 or newer"),
 ], ids=["cuInit-fails", "no-device", "old-driver"])
 def test_a_driver_without_a_usable_gpu_reports_why(fake_driver, mode, expected):
@@ -174,7 +175,7 @@ def test_a_driver_without_a_usable_gpu_reports_why(fake_driver, mode, expected):
 def test_hidden_devices_are_named_in_the_reason(fake_driver):
     out = run("out['status'] = core.cuda_status()", library=fake_driver["current"], mode="zero",
               CUDA_VISIBLE_DEVICES="")
-    assert out["status"]["reason"] == "the CUDA driver 12.4 sees no device (CUDA_VISIBLE_DEVICES='')"
+    assert out["status"]["reason"] == "the CUDA driver 13.0 sees no device (CUDA_VISIBLE_DEVICES='')"
 
 
 # ---- fake driver with one device: the GPU code paths -------------------------------------------------------
@@ -198,7 +199,7 @@ def test_entry_points_come_from_cuGetProcAddress_at_pinned_versions(fake_driver)
     """, library=fake_driver["current"])
     assert out["answers"] == [True] * 8 and out["init"] == 1
     status = out["status"]
-    assert status == {"available": True, "library": fake_driver["current"], "driver_version": 12040,
+    assert status == {"available": True, "library": fake_driver["current"], "driver_version": 13000,
                       "device_count": 1, "proc_address": True, "reason": ""}
     lookups = [entry.split("@") for entry in out["lookups"].split(";") if entry]
     requested = {name: version_flags for name, version_flags in lookups}
@@ -446,3 +447,23 @@ def test_normalize_kernel_is_launched_with_its_arguments(fake_driver):
     assert out["results"] == {f"{cl}-{code}": True for cl in (False, True) for code in (0, 1, 2)}
     assert out["launches"] == 7
     assert out["one_mean"][0] == "ValueError" and "2 per-channel values for 3 channels" in out["one_mean"][1]
+
+
+def test_kernels_of_a_newer_toolkit_than_the_driver_say_so(fake_driver):
+    # A driver loads code made by its own major version of the toolkit or older only: a CUDA 11 driver and
+    # kernels from nvcc 12 or 13 must say so (and normalise fall back), not fail at their first launch.
+    out = run("""
+        out["available"] = stoker.cuda_available()
+        out["reason"] = core.cuda_kernels_reason()
+        out["kernels"] = core.cuda_kernels_available()
+        images = np.zeros((1, 3, 2, 2), np.uint8)
+        dst = np.zeros((1, 3, 2, 2), np.float32)
+        out["error"] = error_of(core.normalize_u8, 0, 0, images.ctypes.data, dst.ctypes.data, 1, 3, 2, 2, False,
+                                [0.5], [0.5], 1 / 255, 0)
+    """, library=fake_driver["current"], package=True, STOKER_FAKE_CUDA_VERSION="11000")
+    assert out["available"] is True and out["kernels"] is False
+    if "this build of stoker has no CUDA kernels" in out["reason"]:
+        return
+    assert re.fullmatch(r"the kernels were built with CUDA 1[2-9]\.\d+, and this driver supports CUDA 11\.0 only: "
+                        r"update the driver, or build with an older toolkit", out["reason"]), out["reason"]
+    assert out["error"] == ["RuntimeError", "stoker's CUDA kernels are not available: " + out["reason"]]

@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import time
+import warnings
 import weakref
 
 import numpy as np
@@ -23,7 +24,8 @@ import pytest
 import torch
 
 import stoker
-from stoker import _cuda
+from stoker import _cuda, _normalize
+from stoker._native import core
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and a CUDA build of torch")
 
@@ -55,7 +57,8 @@ def test_device_batches_equal_cpu_batches_over_epochs(kind):
         dataset = torch.utils.data.TensorDataset(torch.randn(1000, 37), torch.arange(1000))
     else:
         dataset = Indexed()
-    kw = {"batch_size": 64, "shuffle": True, "seed": 5, "num_workers": 2 if kind.endswith(("threads", "processes")) else 0}
+    workers = 2 if kind.endswith(("threads", "processes")) else 0
+    kw = {"batch_size": 64, "shuffle": True, "seed": 5, "num_workers": workers}
     cpu = stoker.DataLoader(dataset, **kw)
     gpu = stoker.DataLoader(dataset, device="cuda", **kw)
     for _ in range(3):
@@ -118,8 +121,23 @@ def test_normalize_on_the_gpu_equals_the_cpu_reference(dtype, channels_last):
     images = torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     cpu = stoker.normalize(images, mean, std, dtype=dtype, channels_last=channels_last)
-    gpu = stoker.normalize(images.cuda(), mean, std, dtype=dtype, channels_last=channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # kernels that fail to load must fail here, not fall back
+        gpu = stoker.normalize(images.cuda(), mean, std, dtype=dtype, channels_last=channels_last)
     assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+
+
+def test_normalize_runs_stokers_kernel_where_built():
+    reason = core.cuda_kernels_reason()
+    if reason:
+        pytest.skip(reason)
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        out = stoker.normalize(images, 0.5, 0.25)
+    torch.cuda.synchronize()
+    assert _normalize._kernels is True  # the kernel ran: no fallback to torch ops
+    assert torch.equal(out.cpu(), stoker.normalize(images.cpu(), 0.5, 0.25))
 
 
 def test_normalize_as_device_transform():

@@ -78,6 +78,12 @@ std::string kernels_reason() {
   const cuda::Api& api = cuda::api();
   if (!api.cuModuleLoadData || !api.cuModuleGetFunction || !api.cuLaunchKernel)
     return "the CUDA driver does not provide cuModuleLoadData, cuModuleGetFunction and cuLaunchKernel";
+  // Code made by one major version of the toolkit loads on drivers of that major version or later only.
+  const int driver = cuda::status().driver_version;
+  if (driver / 1000 < STOKER_KERNEL_CUDA_VERSION / 1000)
+    return detail::concat("the kernels were built with CUDA ", STOKER_KERNEL_CUDA_VERSION / 1000, ".",
+                          STOKER_KERNEL_CUDA_VERSION % 1000 / 10, ", and this driver supports CUDA ", driver / 1000,
+                          ".", driver % 1000 / 10, " only: update the driver, or build with an older toolkit");
   return "";
 #else
   return "this build of stoker has no CUDA kernels (build it with -DSTOKER_CUDA=ON and nvcc to embed them)";
