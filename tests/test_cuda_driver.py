@@ -343,11 +343,25 @@ def test_streams_and_events_copy_wait_and_are_released(fake_driver):
     assert out["main_thread_context"] == 0 and out["context"] is True
 
 
-def test_worker_ring_is_registered_once(fake_driver, tmp_path):
-    ring_file = tmp_path / "ring"
-    ring_file.write_bytes(b"\0" * (4096 * 3))
+@pytest.fixture
+def ring_file():
+    """A sparse ring file of 3 x 64 KiB where worker rings live (tmpfs, /dev/shm, where there is one)."""
+    from stoker import _workers
+
+    path = os.path.join(_workers._ring_dir(), f"stoker-test-ring-{os.getpid()}")
+    with open(path, "wb") as f:
+        f.truncate(3 << 16)
+    yield path
+    os.unlink(path)
+
+
+def _allocated(path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def test_worker_ring_is_registered_once(fake_driver, ring_file):
     out = run(f"""
-        ring = core.SlotRing({str(ring_file)!r}, 4096, 3)
+        ring = core.SlotRing({ring_file!r}, 1 << 16, 3)
         out["before"] = ring.pinned
         ring.pin(0)
         ring.pin(0)
@@ -360,6 +374,20 @@ def test_worker_ring_is_registered_once(fake_driver, tmp_path):
     """, library=fake_driver["current"])
     assert out["before"] is False and out["after"] is True
     assert out["registered"] == 1 and out["unregistered"] == 1 and out["bad_context"] == 0
+    # registering faults in every page of the file: they were reserved first, all at once (a file system without
+    # the room fails there, instead of filling up page by page)
+    assert _allocated(ring_file) >= 3 << 16
+
+
+def test_a_ring_the_driver_refuses_to_lock_gives_its_reservation_back(fake_driver, ring_file):
+    out = run(f"""
+        ring = core.SlotRing({ring_file!r}, 1 << 16, 3)
+        out["error"] = error_of(ring.pin, 0)
+        out["pinned"] = ring.pinned
+    """, library=fake_driver["current"], mode="noregister")
+    assert out["error"][0] == "RuntimeError" and "CUDA_ERROR_OUT_OF_MEMORY" in out["error"][1]
+    assert out["pinned"] is False
+    assert _allocated(ring_file) == 0
 
 
 def test_device_cuda_with_a_cpu_only_torch_says_so(fake_driver):

@@ -7,6 +7,7 @@ Run in full where a GPU is lent: `PYTHONPATH=python python -m pytest tests/cuda 
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -99,18 +100,25 @@ def test_side_stream_copy_then_torch_stream_waits_on_its_event(device):
     assert done.query()
 
 
-def test_worker_ring_pinned_once(device, tmp_path):
-    path = tmp_path / "ring"
+def test_worker_ring_pinned_once(device):
+    from stoker import _workers
+
+    # where worker rings live (tmpfs): a file on disk may not be page-locked at all (long-term pins of shared
+    # file pages are refused by recent kernels)
+    path = os.path.join(_workers._ring_dir(), f"stoker-test-ring-{os.getpid()}")
     with open(path, "wb") as f:
         f.truncate(2 << 20)
-    ring = core.SlotRing(str(path), 1 << 20, 2)
-    ring.pin(device)
-    ring.pin(device)
-    assert ring.pinned
-    lease = ring.lease(ring.acquire())
-    view = from_dlpack(lease.tensor(0, [1024], 2, 32))
-    assert view.is_pinned()
-    del view, lease, ring
+    try:
+        ring = core.SlotRing(path, 1 << 20, 2)
+        ring.pin(device)
+        ring.pin(device)
+        assert ring.pinned
+        lease = ring.lease(ring.acquire())
+        view = from_dlpack(lease.tensor(0, [1024], 2, 32))
+        assert view.is_pinned()
+        del view, lease, ring
+    finally:
+        os.unlink(path)
 
 
 def test_many_pools_and_streams_come_and_go(device):

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -29,21 +30,47 @@ SlotRing::SlotRing(const std::string& path, size_t slot_bytes, int slots)
   }
   void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   const int err = errno;
-  ::close(fd);
-  if (p == MAP_FAILED) throw ValueError(detail::concat("cannot map the worker ring ", path, ": ", std::strerror(err)));
+  if (p == MAP_FAILED) {
+    ::close(fd);
+    throw ValueError(detail::concat("cannot map the worker ring ", path, ": ", std::strerror(err)));
+  }
   base_ = static_cast<uint8_t*>(p);
+  fd_ = fd;  // kept: pin() reserves the file's pages through it
+  path_ = path;
 }
 
 SlotRing::~SlotRing() {
   registration_.reset();  // unregister while the pages are still mapped
   if (base_) ::munmap(base_, slot_bytes_ * static_cast<size_t>(slots_));
+  if (fd_ >= 0) ::close(fd_);
 }
 
 void SlotRing::pin(std::shared_ptr<cuda::PrimaryContext> ctx) {
   std::lock_guard<std::mutex> lock(mu_);
   if (registration_) return;
-  registration_ = std::make_unique<cuda::HostRegistration>(std::move(ctx), base_,
-                                                           slot_bytes_ * static_cast<size_t>(slots_));
+  const size_t bytes = slot_bytes_ * static_cast<size_t>(slots_);
+  // Page-locking faults in every page of the file. Reserved first, all at once: on a file system without the
+  // room (a container's small /dev/shm) this fails cleanly (tmpfs gives back what it took), where faulting
+  // page by page would fill it and leave later writes to the ring (or anyone's shared memory) to die of SIGBUS.
+  if (::fallocate(fd_, 0, 0, static_cast<off_t>(bytes)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+    const int err = errno;
+    struct statvfs fs {};
+    const bool known = ::fstatvfs(fd_, &fs) == 0;
+    throw std::runtime_error(detail::concat(
+        "page-locking the worker ring (", path_, ") needs its ", bytes >> 20, " MiB in memory, and ",
+        known ? detail::concat("its file system has ", (fs.f_bavail * fs.f_frsize) >> 20, " MiB free")
+              : std::string("its file system's free space is unknown"),
+        " (fallocate: ", std::strerror(err), ")"));
+  }
+  try {
+    registration_ = std::make_unique<cuda::HostRegistration>(std::move(ctx), base_, bytes);
+  } catch (...) {
+    // The reservation goes back, but only while no slot is lent (so that no worker is writing into one).
+    bool idle = true;
+    for (char lent : lent_) idle = idle && !lent;
+    if (idle) (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes));
+    throw;
+  }
 }
 
 bool SlotRing::pinned() const {

@@ -41,13 +41,16 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   size_t slot_bytes() const { return slot_bytes_; }
   uint8_t* slot_data(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
   /// Page-locks the whole mapping once (cuMemHostRegister, portable), so tensors over its slots are pinned
-  /// in this process; later calls do nothing. Registering commits every page of the (sparse) file. Undone
-  /// before the mapping goes. Throws CudaError when the driver refuses.
+  /// in this process; later calls do nothing. Registering commits every page of the (sparse) file: they are
+  /// reserved first (fallocate): a file system without the room fails here, before any page is locked. Undone
+  /// before the mapping goes. Throws CudaError when the driver refuses, std::runtime_error without the room.
   void pin(std::shared_ptr<cuda::PrimaryContext> ctx);
   bool pinned() const;
 
  private:
   uint8_t* base_ = nullptr;
+  int fd_ = -1;  // the ring's file, open while it is mapped
+  std::string path_;
   std::unique_ptr<cuda::HostRegistration> registration_;  // set once pinned
   size_t slot_bytes_;
   int slots_;
