@@ -2,8 +2,9 @@
 # The GPU checks of the device path in one command, sized for a lent GPU machine (a lease is 15 minutes in all,
 # the machine's start included, and one command may run 10): builds stoker with its CUDA kernels (without them
 # should that fail), launches the kernel once, then runs tests/cuda and the bench's GPU section, each step under
-# its own time limit so that a hang in one still leaves the others' results. Writes under $OUT (or ./gpu-check): gpu_check.log (everything printed), summary.txt
-# (one line per step: exit status and seconds), gpu.json (the bench's records).
+# its own time limit so that a hang in one still leaves the others' results. Writes under $OUT (or ./gpu-check):
+# gpu_check.log (everything printed), summary.txt (one line per step: exit status and seconds), gpu.json (the
+# bench's records).
 #
 # On the device machine, from the repository root (its python3 holds a CUDA build of torch; no package index):
 #   bash tools/gpu_check.sh
