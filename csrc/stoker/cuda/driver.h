@@ -181,7 +181,8 @@ class PinnedBuffer {
 void* alloc_pinned(const PrimaryContext& ctx, size_t bytes);
 /// Frees memory from alloc_pinned (any thread). Never throws: returns the driver's result, which a destructor
 /// can only drop (CUDA_ERROR_DEINITIALIZED during process exit is expected). Does nothing in a forked child,
-/// where the memory is an ordinary copy-on-write page of the parent's.
+/// which has no CUDA context: there the memory is at most a copy of the parent's pages, and the driver may
+/// leave it unmapped altogether (it can keep page-locked memory out of forks): a child must not touch it.
 CUresult free_pinned(const PrimaryContext& ctx, void* ptr) noexcept;
 
 /// Page-locks existing host memory (cuMemHostRegister, portable) once; unregistered on destruction, which
