@@ -686,3 +686,65 @@ def test_sample_seeds_survive_a_resume():
 def test_sample_seeds_refuse_threads():
     with pytest.raises(ValueError, match="sample_seeds"):
         iter(stoker.DataLoader(RandomCrop(), batch_size=4, num_workers=2, worker_mode="thread", sample_seeds=True))
+
+
+# ---- a small /dev/shm (a container's default of 64 MiB) ------------------------------------------------------
+
+_SMALL_SHM = r"""
+import json, sys
+import numpy as np
+import torch
+import stoker
+
+
+class Rows(torch.utils.data.Dataset):  # 1 MiB samples
+    def __len__(self):
+        return 96
+
+    def __getitem__(self, i):
+        return np.full((256, 1024), i, np.float32)
+
+
+out = {}
+for name, cls in (("stoker", stoker.DataLoader), ("torch", torch.utils.data.DataLoader)):
+    for batch in (4, 32):
+        try:
+            sums = [float(b[:, 0, 0].sum()) for b in cls(Rows(), batch_size=batch, num_workers=2)]
+            out[f"{name}-{batch}"] = ["ok", sums]
+        except Exception as exc:
+            out[f"{name}-{batch}"] = [type(exc).__name__, str(exc)]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _in_small_shm(script: str, megabytes: int) -> dict:
+    """Runs `script` in a mount namespace of its own whose /dev/shm is a tmpfs of `megabytes`; skips where
+    that cannot be made (not root, no unshare)."""
+    import json
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to give a process a small /dev/shm")
+    shell = f"mount -t tmpfs -o size={megabytes}m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
+    try:
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, script], capture_output=True, text=True,
+                              timeout=240)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the loaders hung with a small /dev/shm") from None
+    if proc.returncode != 0 and "RESULT" not in proc.stdout and ("unshare" in proc.stderr or "mount" in proc.stderr):
+        pytest.skip(f"cannot make a small /dev/shm here: {proc.stderr.strip()[-300:]}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_a_small_dev_shm_fails_as_torch_does_never_by_sigbus():
+    # The ring's file is sparse: a page written where /dev/shm is full would kill the worker with SIGBUS. Each
+    # slot's pages are reserved before a batch is written there; a batch without room travels as shared-memory
+    # segments, whose allocation then fails with torch's own clear error (torch's loader fails there alike).
+    out = _in_small_shm(_SMALL_SHM, 64)
+    expected = [float(sum(range(i, i + 4))) for i in range(0, 96, 4)]
+    assert out["torch-4"] == ["ok", expected] and out["stoker-4"] == ["ok", expected]
+    assert out["torch-32"][0] == "RuntimeError" and "unable to allocate shared memory" in out["torch-32"][1]
+    assert out["stoker-32"][0] == "RuntimeError", out["stoker-32"]
+    assert "unable to allocate shared memory" in out["stoker-32"][1], out["stoker-32"]

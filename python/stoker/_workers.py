@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import gc
 import itertools
 import mmap
@@ -36,7 +37,7 @@ import threading
 import time
 import traceback
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -291,15 +292,46 @@ class _StackTarget:
         return self.empty((len(arrays), *first.shape), dtype)
 
 
+class _RingPages:
+    """A worker's reservations in the ring's file. The file is sparse: a page exists once written, and writing
+    one where its file system (/dev/shm) is full kills the writer with SIGBUS. So the part of a slot a batch
+    will take is reserved first (fallocate, which fails cleanly instead), in steps of _RESERVE_STEP, and a
+    batch that finds no room travels as shared-memory segments of its own, whose allocation raises torch's
+    clear error where there is no room for them either."""
+
+    def __init__(self, fd: int, slot_bytes: int, slots: int) -> None:
+        self.fd = fd
+        self.slot_bytes = slot_bytes
+        self.reserved = [0] * slots  # bytes from each slot's start known to be backed (by this worker's calls)
+
+    def reserve(self, slot: int, end: int) -> bool:
+        """Whether bytes [0, end) of `slot` are backed by memory, reserving what is not yet known to be."""
+        have = self.reserved[slot]
+        if end <= have:
+            return True
+        want = min(self.slot_bytes, -(-end // _RESERVE_STEP) * _RESERVE_STEP)
+        try:
+            os.posix_fallocate(self.fd, slot * self.slot_bytes + have, want - have)
+        except OSError:
+            return False
+        self.reserved[slot] = want
+        return True
+
+
+_RESERVE_STEP = 1 << 20
+
+
 class _Arena(_StackTarget):
     """The slot a worker is filling: collate takes its output tensors from here, front to back. A tensor
-    the rest of the slot cannot hold gets a shared-memory segment of its own (as with no slot at all), and
-    travels by handle beside the slot's places."""
+    the rest of the slot cannot hold (or that finds no memory for its pages, see _RingPages) gets a
+    shared-memory segment of its own (as with no slot at all), and travels by handle beside the slot's
+    places."""
 
-    def __init__(self, view: torch.Tensor) -> None:
+    def __init__(self, view: torch.Tensor, reserve: Callable[[int], bool] = lambda end: True) -> None:
         self.view = view
         self.base = view.data_ptr()
         self.used = 0
+        self.reserve = reserve  # reserve(end): whether the slot's bytes [0, end) may be written
         self.own_segments: list[int] = []  # storage addresses of the tensors given their own segment
 
     def empty(self, shape, dtype: torch.dtype):
@@ -310,7 +342,7 @@ class _Arena(_StackTarget):
             numel *= int(d)
         nbytes = numel * dtype.itemsize
         end = self.used + nbytes
-        if end > self.view.numel():
+        if end > self.view.numel() or not self.reserve(end):
             out = _SharedArena.empty(shape, dtype)
             self.own_segments.append(out.untyped_storage().data_ptr())
             return out
@@ -392,7 +424,7 @@ def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
         nbytes = t.numel() * t.element_size()
         offset = at[0]
         end = offset + nbytes
-        if end > slot.numel():
+        if end > slot.numel() or arena is not None and not arena.reserve(end):
             raise _NoFit
         at[0] = (end + _ALIGN - 1) // _ALIGN * _ALIGN
         if nbytes:
@@ -627,10 +659,11 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
             init_fn(worker_id)
     except Exception as exc:
         init_error = _WorkerError(exc, worker_id, "in worker_init_fn")
-    ring = None
+    ring = pages = None
     try:
         with open(ring_path, "r+b") as f:
             ring = mmap.mmap(f.fileno(), slot_bytes * slots)
+            pages = _RingPages(os.dup(f.fileno()), slot_bytes, slots)
     except OSError:
         ring = None  # every batch then travels pickled
     getitems = getattr(dataset, "__getitems__", None) or None
@@ -700,7 +733,7 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
         view = arena = None
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
-            arena = _collate_module.ARENA = _Arena(view)
+            arena = _collate_module.ARENA = _Arena(view, functools.partial(pages.reserve, slot))
         else:  # no slot (every one is held, or no ring): the batch travels pickled, collated into shared memory
             _collate_module.ARENA = _SharedArena()
         try:
