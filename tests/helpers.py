@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 from torch.utils.data import Dataset
@@ -28,6 +29,7 @@ __all__ = [
     "assert_batches_equal",
     "assert_loaders_match",
     "flat_labels",
+    "in_small_shm",
     "isolated",
     "native_thread_count",
     "settled_thread_count",
@@ -192,6 +194,29 @@ def settled_thread_count(quiet: float = 0.1, limit: float = 5.0) -> int | None:
         if now != count:
             count, stable_since = now, time.monotonic()
     return count
+
+
+def in_small_shm(script: str, megabytes: int, **env: str) -> dict:
+    """Runs `script` (which prints "RESULT " and a JSON dict) in a mount namespace of its own whose /dev/shm is
+    a tmpfs of `megabytes`, with `env` added to its environment; returns the dict. Skips where that cannot be
+    made (not root, no unshare, mounts refused)."""
+    import json
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to give a process a small /dev/shm")
+    shell = f"mount -t tmpfs -o size={megabytes}m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
+    try:
+        proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, script], capture_output=True, text=True,
+                              timeout=240, env={**os.environ, **env})
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the script hung with a small /dev/shm") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines and ("unshare" in proc.stderr or "mount" in proc.stderr):
+        pytest.skip(f"cannot make a small /dev/shm here: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def isolated(fn: Callable[[], Any]) -> tuple[Any, str | None, list[str]]:

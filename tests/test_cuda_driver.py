@@ -495,3 +495,31 @@ def test_kernels_of_a_newer_toolkit_than_the_driver_say_so(fake_driver):
     assert re.fullmatch(r"the kernels were built with CUDA 1[2-9]\.\d+, and this driver supports CUDA 11\.0 only: "
                         r"update the driver, or build with an older toolkit", out["reason"]), out["reason"]
     assert out["error"] == ["RuntimeError", "stoker's CUDA kernels are not available: " + out["reason"]]
+
+
+def test_a_ring_without_room_to_lock_says_how_much_it_needs(fake_driver):
+    # Page-locking commits every page of the ring's file: on a small /dev/shm the reservation fails first,
+    # naming the room needed and free, and takes nothing (a later batch's pages are not squeezed out).
+    from helpers import in_small_shm
+
+    out = in_small_shm("""
+import json, os
+from stoker._native import core
+from stoker import _workers
+
+path = os.path.join(_workers._ring_dir(), "stoker-test-ring")
+with open(path, "wb") as f:
+    f.truncate(3 << 20)
+ring = core.SlotRing(path, 1 << 20, 3)
+try:
+    ring.pin(0)
+    error = None
+except RuntimeError as exc:
+    error = str(exc)
+st = os.statvfs(path)
+print("RESULT " + json.dumps({"error": error, "pinned": ring.pinned, "allocated": os.stat(path).st_blocks * 512,
+                              "free": st.f_bavail * st.f_frsize}))
+""", 2, STOKER_LIBCUDA=fake_driver["current"], STOKER_FAKE_CUDA="one")
+    assert out["pinned"] is False and out["allocated"] == 0 and out["free"] == 2 << 20
+    assert re.fullmatch(r"page-locking the worker ring \(/dev/shm/stoker-test-ring\) needs its 3 MiB in memory, and "
+                        r"its file system has 2 MiB free \(fallocate: No space left on device\)", out["error"]), out

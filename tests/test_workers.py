@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import TorchDataLoader, assert_batches_equal, assert_same
+from helpers import TorchDataLoader, assert_batches_equal, assert_same, in_small_shm
 from torch.utils.data import Dataset, get_worker_info
 
 import stoker
@@ -717,32 +717,11 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _in_small_shm(script: str, megabytes: int) -> dict:
-    """Runs `script` in a mount namespace of its own whose /dev/shm is a tmpfs of `megabytes`; skips where
-    that cannot be made (not root, no unshare)."""
-    import json
-    import shutil
-
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare to give a process a small /dev/shm")
-    shell = f"mount -t tmpfs -o size={megabytes}m tmpfs /dev/shm && exec {sys.executable} -c \"$0\""
-    try:
-        proc = subprocess.run(["unshare", "-m", "sh", "-c", shell, script], capture_output=True, text=True,
-                              timeout=240)
-    except subprocess.TimeoutExpired:
-        raise AssertionError("the loaders hung with a small /dev/shm") from None
-    if proc.returncode != 0 and "RESULT" not in proc.stdout and ("unshare" in proc.stderr or "mount" in proc.stderr):
-        pytest.skip(f"cannot make a small /dev/shm here: {proc.stderr.strip()[-300:]}")
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def test_a_small_dev_shm_fails_as_torch_does_never_by_sigbus():
     # The ring's file is sparse: a page written where /dev/shm is full would kill the worker with SIGBUS. Each
     # slot's pages are reserved before a batch is written there; a batch without room travels as shared-memory
     # segments, whose allocation then fails with torch's own clear error (torch's loader fails there alike).
-    out = _in_small_shm(_SMALL_SHM, 64)
+    out = in_small_shm(_SMALL_SHM, 64)
     expected = [float(sum(range(i, i + 4))) for i in range(0, 96, 4)]
     assert out["torch-4"] == ["ok", expected] and out["stoker-4"] == ["ok", expected]
     assert out["torch-32"][0] == "RuntimeError" and "unable to allocate shared memory" in out["torch-32"][1]
