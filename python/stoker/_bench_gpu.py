@@ -206,11 +206,11 @@ def _normalize(opts, device: torch.device) -> list[dict]:
         records.append(rec)
         print(f"  {name:<46} {rate:10.0f} images/s   x{rate / c:5.2f}", file=out, flush=True)
     # Asked after the runs: kernels that failed to load have switched normalise to torch ops by now.
-    used = "yes" if _normalize_module.kernels_available() else \
-        f"no, torch ops ({core.cuda_kernels_reason() or 'they failed to load'})"
+    fused = _normalize_module.kernels_available()
+    used = "yes" if fused else f"no, torch ops ({core.cuda_kernels_reason() or 'they failed to load'})"
     print(f"  (fused kernel: {used})", file=out, flush=True)
     for rec in records:
-        rec["fused_kernel"] = _normalize_module.kernels_available()
+        rec["fused_kernel"] = fused
     return records
 
 

@@ -327,7 +327,7 @@ class _Arena(_StackTarget):
     shared-memory segment of its own (as with no slot at all), and travels by handle beside the slot's
     places."""
 
-    def __init__(self, view: torch.Tensor, reserve: Callable[[int], bool] = lambda end: True) -> None:
+    def __init__(self, view: torch.Tensor, reserve: Callable[[int], bool]) -> None:
         self.view = view
         self.base = view.data_ptr()
         self.used = 0

@@ -6,6 +6,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -66,9 +67,8 @@ void SlotRing::pin(std::shared_ptr<cuda::PrimaryContext> ctx) {
     registration_ = std::make_unique<cuda::HostRegistration>(std::move(ctx), base_, bytes);
   } catch (...) {
     // The reservation goes back, but only while no slot is lent (so that no worker is writing into one).
-    bool idle = true;
-    for (char lent : lent_) idle = idle && !lent;
-    if (idle) (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes));
+    if (std::none_of(lent_.begin(), lent_.end(), [](char lent) { return lent != 0; }))
+      (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes));
     throw;
   }
 }
