@@ -477,6 +477,68 @@ def test_a_block_is_freed_when_its_own_size_fills_the_cache():
     assert pool.stats()["reuses"] - stats["reuses"] == 4
 
 
+def test_the_cache_grows_to_the_most_bytes_out_at_once_up_to_its_limit():
+    from stoker._native import core, from_dlpack
+
+    fixed = core.BufferPool(512 << 10)
+    grows = core.BufferPool(512 << 10, grow_to=2 << 20)
+    capped = core.BufferPool(512 << 10, grow_to=768 << 10)
+    for pool in (fixed, grows, capped):
+        for _ in range(3):  # four 256 KiB blocks out at once, three times over
+            held = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(4)]
+            del held
+    fixed_stats, grows_stats, capped_stats = fixed.stats(), grows.stats(), capped.stats()
+    # The fixed cache keeps two of the four: the other two are allocated afresh each time.
+    assert fixed_stats["allocations"] == 2 + 2 * 3 and fixed_stats["cached_bytes"] == 512 << 10
+    # Grown to the peak, it keeps all four: allocated once, reused after.
+    assert grows_stats["allocations"] == 4 and grows_stats["reuses"] == 8
+    assert grows_stats["cached_bytes"] == grows_stats["cache_bound"] == 1 << 20
+    assert grows_stats["peak_outstanding_bytes"] == 1 << 20 and grows_stats["outstanding_bytes"] == 0
+    # Never past grow_to.
+    assert capped_stats["cache_bound"] == 768 << 10 and capped_stats["cached_bytes"] == 768 << 10
+    assert capped_stats["allocations"] == 4 + 1 * 2
+
+
+def test_setting_the_cache_bound_forgets_the_peak_and_frees_past_it():
+    from stoker._native import core, from_dlpack
+
+    pool = core.BufferPool(256 << 10, grow_to=4 << 20)
+    held = [from_dlpack(pool.empty([256 << 10], 1, 8)) for _ in range(8)]
+    kept = held.pop()
+    del held
+    assert pool.stats()["cached_bytes"] == 7 * (256 << 10)
+    pool.set_max_cached_bytes(0)  # the peak now counts from the one block still out
+    stats = pool.stats()
+    assert stats["peak_outstanding_bytes"] == 256 << 10 and stats["cache_bound"] == 256 << 10
+    assert stats["cached_bytes"] == 256 << 10 and stats["outstanding"] == 1
+    del kept
+    assert pool.stats()["cached_bytes"] == 256 << 10  # the returned block took the room freed for it
+
+
+def test_batches_larger_than_the_base_cache_are_reused_across_epochs():
+    from stoker import _native
+
+    # 24 MiB batches, several in flight at once: more than the 64 MiB base bound, within its growth.
+    data = torch.randn(48, 1 << 20)
+    dataset = TensorDataset(data, torch.arange(48))
+    loader = stoker.DataLoader(dataset, batch_size=6, shuffle=True, seed=3)
+
+    def epoch():  # every sample once, each batch's rows those of its labels (a reused block rewritten whole)
+        seen = []
+        for x, y in loader:
+            assert torch.equal(x, data[y])
+            seen += y.tolist()
+        assert sorted(seen) == list(range(48))
+
+    epoch()  # sets the peak
+    before = _native.POOL.stats()
+    epoch()
+    epoch()
+    after = _native.POOL.stats()
+    assert after["allocations"] == before["allocations"]  # every block of later epochs was a cached one
+    assert after["reuses"] - before["reuses"] >= 16
+
+
 def _large_rows():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 255, (1100, 3, 64, 64), dtype=torch.uint8, generator=g)  # 12 KiB a row

@@ -523,3 +523,20 @@ print("RESULT " + json.dumps({"error": error, "pinned": ring.pinned, "allocated"
     assert out["pinned"] is False and out["allocated"] == 0 and out["free"] == 2 << 20
     assert re.fullmatch(r"page-locking the worker ring \(/dev/shm/stoker-test-ring\) needs its 3 MiB in memory, and "
                         r"its file system has 2 MiB free \(fallocate: No space left on device\)", out["error"]), out
+
+
+def test_the_pinned_pool_keeps_page_locked_blocks_for_the_batches_in_flight_past_its_base_bound(fake_driver):
+    # Four 160 MiB batches in flight (640 MiB, more than the 512 MiB base bound): returned, every block stays
+    # cached for the next four, instead of being unpinned and page-locked again each time.
+    out = run("""
+        pool = _cuda.pinned_pool(0)
+        for _ in range(3):
+            held = [pool.empty([160 << 20], 1, 8) for _ in range(4)]  # capsules: never written
+            del held
+        out["counts"] = {k: count(k) for k in ("host_alloc", "host_free")}
+        out["stats"] = pool.stats()
+    """, library=fake_driver["current"], package=True)
+    assert out["counts"] == {"host_alloc": 4, "host_free": 0}
+    stats = out["stats"]
+    assert stats["cached_bytes"] == stats["pinned_bytes"] == stats["cache_bound"] == 640 << 20
+    assert stats["reuses"] == 8

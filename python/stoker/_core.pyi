@@ -38,8 +38,9 @@ class BufferPool:
         self,
         max_cached_bytes: typing.SupportsInt | typing.SupportsIndex,
         pin_device: typing.SupportsInt | typing.SupportsIndex | None = None,
+        grow_to: typing.SupportsInt | typing.SupportsIndex = 0,
     ) -> None:
-        """With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context."""
+        """With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context. The cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed at max_cached_bytes)."""
     def empty(
         self,
         shape: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
@@ -50,6 +51,8 @@ class BufferPool:
     def pinned(self) -> bool: ...
     def set_fence(self, fence: FenceQueue) -> None:
         """Blocks returned from now on go back through the fence queue (None: straight to the cache)."""
+    def set_growth(self, grow_to: typing.SupportsInt | typing.SupportsIndex) -> None:
+        """The cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed)."""
     def set_max_cached_bytes(self, bytes: typing.SupportsInt | typing.SupportsIndex) -> None: ...
     def stats(self) -> dict[typing.Any, typing.Any]: ...
 

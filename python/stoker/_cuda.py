@@ -18,9 +18,11 @@ from stoker._native import core
 __all__ = ["cuda_available", "cuda_status", "current_target", "pin_device", "pinned_pool", "pinned_pool_for",
            "resolve_device"]
 
-# Page-locked blocks stay cached up to this many bytes. A block that no longer fits is freed, and the next
-# batch of that size page-locks a new one, so the bound must cover the batches in flight (depth x batch size).
+# Page-locked blocks stay cached up to this many bytes, raised to the most bytes out at once (the batches in
+# flight: depth x batch size, and those the user holds) up to PINNED_GROW_TO. A block that does not fit is
+# freed (cuMemFreeHost, which may wait for the device), and the next batch of that size page-locks a new one.
 PINNED_CACHE_BYTES = 512 << 20
+PINNED_GROW_TO = 4 << 30
 
 _pinned = None
 _pinned_lock = threading.Lock()
@@ -108,7 +110,7 @@ def pinned_pool(device: int = 0):
         if _pinned is None:
             if not core.cuda_available():
                 return None
-            _pinned = core.BufferPool(PINNED_CACHE_BYTES, pin_device=device)
+            _pinned = core.BufferPool(PINNED_CACHE_BYTES, pin_device=device, grow_to=PINNED_GROW_TO)
         return _pinned
 
 

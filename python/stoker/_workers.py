@@ -643,7 +643,7 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
            num_workers, base_seed, init_fn, parent, iterable):
     torch.set_num_threads(1)
     # A pool of our own: a fork may have copied the parent's pool while another thread held its lock.
-    fresh = _native.core.BufferPool(64 << 20)
+    fresh = _native.new_pool()
     import stoker._collate as _collate_module
 
     _collate_module.POOL = fresh

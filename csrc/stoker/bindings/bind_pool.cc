@@ -44,12 +44,16 @@ void register_pool(py::module_& m) {
       .def_property_readonly("device", &FenceQueue::device);
 
   py::class_<BufferPool, std::shared_ptr<BufferPool>>(m, "BufferPool")
-      .def(py::init([](size_t max_cached_bytes, std::optional<int> pin_device) {
-             if (!pin_device) return std::make_shared<BufferPool>(max_cached_bytes);
-             return std::make_shared<BufferPool>(max_cached_bytes, cuda::primary_context(*pin_device));
+      .def(py::init([](size_t max_cached_bytes, std::optional<int> pin_device, size_t grow_to) {
+             auto pool = pin_device ? std::make_shared<BufferPool>(max_cached_bytes, cuda::primary_context(*pin_device))
+                                    : std::make_shared<BufferPool>(max_cached_bytes);
+             pool->set_growth(grow_to);
+             return pool;
            }),
-           py::arg("max_cached_bytes"), py::arg("pin_device") = py::none(), py::call_guard<py::gil_scoped_release>(),
-           "With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context.")
+           py::arg("max_cached_bytes"), py::arg("pin_device") = py::none(), py::arg("grow_to") = 0,
+           py::call_guard<py::gil_scoped_release>(),
+           "With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context. The "
+           "cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed at max_cached_bytes).")
       .def_property_readonly("pinned", &BufferPool::pinned)
       .def("stats", [](const BufferPool& p) {
         const PoolStats s = p.stats();
@@ -59,9 +63,14 @@ void register_pool(py::module_& m) {
         d["outstanding"] = s.outstanding;
         d["cached_bytes"] = s.cached_bytes;
         d["pinned_bytes"] = s.pinned_bytes;
+        d["outstanding_bytes"] = s.outstanding_bytes;
+        d["peak_outstanding_bytes"] = s.peak_outstanding_bytes;
+        d["cache_bound"] = s.cache_bound;
         return d;
       })
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
+      .def("set_growth", &BufferPool::set_growth, py::arg("grow_to"),
+           "The cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed).")
       .def("set_fence", &BufferPool::set_fence, py::arg("fence").none(true),
            "Blocks returned from now on go back through the fence queue (None: straight to the cache).")
       .def("empty", [](BufferPool& p, std::vector<int64_t> shape, int code, int bits) {

@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <new>
@@ -71,6 +72,7 @@ struct BufferPool::State {
   std::mutex mu;
   std::unordered_map<size_t, std::vector<void*>> free;  // exact size -> cached blocks
   size_t max_cached = 0;
+  size_t grow_to = 0;
   PoolStats stats;
   std::shared_ptr<cuda::PrimaryContext> pin;  // set: blocks come from cuMemHostAlloc in this context
   std::shared_ptr<FenceQueue> fence;          // set: returned blocks wait there first (under mu)
@@ -83,7 +85,19 @@ struct BufferPool::State {
       for (void* p : list) release(p);
   }
 
+  // What the cache may hold now (under mu): max_cached, raised to the peak handed out at once up to grow_to.
+  size_t bound() const {
+    return std::max(max_cached, std::min(static_cast<size_t>(stats.peak_outstanding_bytes), grow_to));
+  }
+
   void* allocate(size_t size) { return pin ? cuda::alloc_pinned(*pin, size) : std::aligned_alloc(64, size); }
+
+  // Undoes acquire's count of a block whose allocation failed (the peak stays: a retry needs the same room).
+  void not_allocated(size_t size) {
+    std::lock_guard<std::mutex> lock(mu);
+    --stats.outstanding;
+    stats.outstanding_bytes -= static_cast<int64_t>(size);
+  }
 
   // Frees a block's memory; never throws (a failed cuMemFreeHost can only be dropped, see driver.h).
   void release(void* p) noexcept {
@@ -101,12 +115,14 @@ struct BufferPool::State {
     {
       std::lock_guard<std::mutex> lock(mu);
       --stats.outstanding;
+      stats.outstanding_bytes -= static_cast<int64_t>(bytes);
+      const size_t limit = bound();
       auto& same = free[bytes];
-      if ((same.size() + 1) * bytes <= max_cached) {
-        for (auto it = free.begin(); it != free.end() && static_cast<size_t>(stats.cached_bytes) + bytes > max_cached;
+      if ((same.size() + 1) * bytes <= limit) {
+        for (auto it = free.begin(); it != free.end() && static_cast<size_t>(stats.cached_bytes) + bytes > limit;
              ++it) {
           if (it->first == bytes) continue;
-          while (!it->second.empty() && static_cast<size_t>(stats.cached_bytes) + bytes > max_cached) {
+          while (!it->second.empty() && static_cast<size_t>(stats.cached_bytes) + bytes > limit) {
             freed.emplace_back(it->second.back(), it->first);
             it->second.pop_back();
             stats.cached_bytes -= static_cast<int64_t>(it->first);
@@ -160,18 +176,19 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
       ++state_->stats.allocations;
     }
     ++state_->stats.outstanding;
+    state_->stats.outstanding_bytes += static_cast<int64_t>(size);
+    state_->stats.peak_outstanding_bytes = std::max(state_->stats.peak_outstanding_bytes,
+                                                    state_->stats.outstanding_bytes);
   }
   if (p == nullptr) {
     try {
       p = state_->allocate(size);  // outside the lock: page-locking can take milliseconds
     } catch (...) {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      --state_->stats.outstanding;
+      state_->not_allocated(size);
       throw;
     }
     if (p == nullptr) {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      --state_->stats.outstanding;
+      state_->not_allocated(size);
       throw std::bad_alloc();
     }
     if (state_->pin) {
@@ -199,7 +216,14 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
 
 PoolStats BufferPool::stats() const {
   std::lock_guard<std::mutex> lock(state_->mu);
-  return state_->stats;
+  PoolStats s = state_->stats;
+  s.cache_bound = static_cast<int64_t>(state_->bound());
+  return s;
+}
+
+void BufferPool::set_growth(size_t grow_to) {
+  std::lock_guard<std::mutex> lock(state_->mu);
+  state_->grow_to = grow_to;
 }
 
 bool BufferPool::pinned() const { return state_->pin != nullptr; }
@@ -214,9 +238,11 @@ void BufferPool::set_max_cached_bytes(size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->max_cached = bytes;
-    if (static_cast<size_t>(state_->stats.cached_bytes) > bytes) {
+    state_->stats.peak_outstanding_bytes = state_->stats.outstanding_bytes;  // the peak counts from now
+    const size_t limit = state_->bound();
+    if (static_cast<size_t>(state_->stats.cached_bytes) > limit) {
       for (auto& [size, list] : state_->free) {
-        while (!list.empty() && static_cast<size_t>(state_->stats.cached_bytes) > bytes) {
+        while (!list.empty() && static_cast<size_t>(state_->stats.cached_bytes) > limit) {
           drop.push_back(list.back());
           list.pop_back();
           state_->stats.cached_bytes -= static_cast<int64_t>(size);

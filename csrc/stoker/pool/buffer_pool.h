@@ -29,11 +29,17 @@ struct PoolStats {
   int64_t outstanding = 0;   // blocks handed out and not yet returned
   int64_t cached_bytes = 0;  // bytes waiting in the free list
   int64_t pinned_bytes = 0;  // page-locked bytes the pool holds, cached or handed out (0 for a plain pool)
+  int64_t outstanding_bytes = 0;       // bytes of the blocks handed out and not yet returned
+  int64_t peak_outstanding_bytes = 0;  // the most bytes handed out at once
+  int64_t cache_bound = 0;             // what the cache may hold now (see BufferPool)
 };
 
 /// A thread-safe pool of 64-byte aligned blocks, kept per exact size. Returned blocks are cached while the
-/// cache holds at most `max_cached_bytes`: past that, cached blocks of other sizes are freed to make room,
-/// and a returned block is freed only when blocks of its own size fill the cache.
+/// cache holds at most its bound: past that, cached blocks of other sizes are freed to make room, and a
+/// returned block is freed only when blocks of its own size fill the cache. The bound is `max_cached_bytes`,
+/// raised to the most bytes ever handed out at once, up to `grow_to` (set_growth): batches too large for the
+/// fixed bound, several in flight, would otherwise be allocated (and page-faulted, or page-locked) afresh each
+/// time, since the cache could never hold those that return while others are out.
 class BufferPool {
  public:
   /// Plain blocks (aligned_alloc), sizes rounded up to 64 bytes.
@@ -51,7 +57,12 @@ class BufferPool {
   /// A block of at least `bytes` bytes (contents unspecified). Never waits.
   std::shared_ptr<Block> acquire(size_t bytes);
   PoolStats stats() const;
+  /// Sets the fixed bound and forgets the peak (it counts again from the bytes out now); cached blocks past
+  /// the new bound are freed.
   void set_max_cached_bytes(size_t bytes);
+  /// The cache's bound follows the peak of bytes handed out at once up to `grow_to` bytes (0, the default:
+  /// it stays max_cached_bytes).
+  void set_growth(size_t grow_to);
   /// Whether this pool's blocks are page-locked.
   bool pinned() const;
   /// From now on a returned block goes back through `fence` (see FenceQueue) instead of straight to the
