@@ -11,7 +11,7 @@ import torch
 import stoker
 from stoker import _bench
 
-THROUGHPUT = {"arrays", "mmap", "tiny", "large", "crop", "png", "padding"}
+THROUGHPUT = {"arrays", "mmap", "tiny", "large", "big", "crop", "png", "padding"}
 
 
 def has(module: str) -> bool:

@@ -397,6 +397,20 @@ def bench_large(opts: Options) -> list[dict]:
     ], opts)
 
 
+def bench_big(opts: Options) -> list[dict]:
+    # Batches of tens of MiB (ImageNet-sized float32 batches are 150), several in flight at once: more than a
+    # fixed pool bound of 64 MiB caches, so each would be allocated and page-faulted afresh.
+    g = torch.Generator().manual_seed(0)
+    n = max(32, int(2_048 * opts.scale))
+    bs = max(8, min(512, n // 4))
+    big = TensorDataset(torch.randn(n, 3, 128, 128, generator=g), torch.arange(n))
+    return _throughput(f"big batches: 192 KiB samples, batch {bs} ({bs * 3 * 128 * 128 * 4 >> 20} MiB)", n, [
+        Case("torch num_workers=0", _torch_dl(big, bs), baseline=True),
+        Case("stoker num_workers=0", _stoker_dl(big, bs)),
+        Case("stoker num_workers=2", _stoker_dl(big, bs, 2)),
+    ], opts, min_samples=4 * bs)
+
+
 def bench_crop_flip(opts: Options) -> list[dict]:
     crop = _crop_flip(_crop_flip_size(opts.scale))
     return _throughput("Python dataset: crop 56 + flip of uint8 3x64x64, batch 256", len(crop), [
@@ -974,6 +988,7 @@ SECTIONS = [
     Section("mmap", "memory-mapped .npy", bench_mmap),
     Section("tiny", "tiny samples", bench_tiny),
     Section("large", "large samples", bench_large),
+    Section("big", "big batches", bench_big),
     Section("crop", "Python dataset: crop + flip", bench_crop_flip),
     Section("png", "PNG files decoded with PIL", bench_png),
     Section("padding", "variable-length tokens + PadCollate", bench_padding),
