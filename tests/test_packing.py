@@ -1670,25 +1670,23 @@ def test_the_helper_thread_writes_the_same_batches(dtype, window, batch_size, op
     helped, alone = make(True), make(False)
     # No plan built ahead: while one is built, batches are written without the helper.
     helped._plan_ahead = lambda epoch: None
-    helped_rows, epochs, deadline = 0, 0, time.monotonic() + 60  # under load the race can take long
-    # A new helper thread can start on the core of the thread building the batches and yields it until the
-    # scheduler moves it (milliseconds on a 2-core VM, longer than an epoch here): epochs go on until it took
-    # part in one, each compared value by value.
-    while epochs < 2 or (helped_rows == 0 and time.monotonic() < deadline):
-        alone.set_epoch(epochs)
-        helped.set_epoch(epochs)
+    for epoch in range(2):
+        alone.set_epoch(epoch)
+        helped.set_epoch(epoch)
         expected = list(alone)
         it = iter(helped)
-        got = [next(it) for _ in range(len(it))]
-        if it._helper is None:  # where the process may use one CPU only
-            helped_rows = -1
-        else:
-            helped_rows += it._helper.rows_written
+        got = [next(it)]
+        if it._helper is not None:  # None where the process may use one CPU only
+            # The second batch was begun on the helper before the first was handed over: while this thread
+            # waits, the helper writes its rows (a new thread can wait long for a core under load).
+            deadline = time.monotonic() + 60
+            while it._helper.rows_written == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert it._helper.rows_written > 0
+        got += [next(it) for _ in range(len(it) - 1)]
         assert list(it) == []
         assert len(got) == len(expected) >= 3
         assert_same(got, expected)
-        epochs += 1
-    assert helped_rows != 0
 
 
 def test_sharded_ranks_with_padding_rows_are_the_same_with_the_helper():
