@@ -44,6 +44,7 @@ typedef unsigned long long CUdeviceptr;
 enum {
   SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, NO_DEVICE = 100,
   INVALID_DEVICE = 101, INVALID_CONTEXT = 201, INVALID_HANDLE = 400, NOT_READY = 600,
+  ALREADY_REGISTERED = 712,
 };
 
 #define EXPORT __attribute__((visibility("default")))
@@ -64,11 +65,11 @@ static int driver_version(void) {
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
-       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_PAGEABLE, C_COUNT };
+       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_PAGEABLE, C_REGISTERED_BYTES, C_COUNT };
 static const char* counter_names[C_COUNT] = {
   "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
   "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
-  "bad_handle", "set_current", "launch", "freed_in_flight", "pageable"};
+  "bad_handle", "set_current", "launch", "freed_in_flight", "pageable", "registered_bytes"};
 static long counters[C_COUNT];
 static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
 
@@ -189,6 +190,12 @@ static size_t remove_range(const void* p, int kind) {
   }
   return 0;
 }
+static int overlaps_pinned(const void* p, size_t bytes) {
+  const char* c = p;
+  for (size_t i = 0; i < pinned_count; ++i)
+    if (c < pinned_ranges[i].p + pinned_ranges[i].bytes && pinned_ranges[i].p < c + bytes) return 1;
+  return 0;
+}
 static int is_pinned(const void* p, size_t bytes) {
   const char* c = p;
   for (size_t i = 0; i < pinned_count; ++i)
@@ -224,6 +231,7 @@ EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
     case INVALID_CONTEXT: n = "CUDA_ERROR_INVALID_CONTEXT"; break;
     case INVALID_HANDLE: n = "CUDA_ERROR_INVALID_HANDLE"; break;
     case NOT_READY: n = "CUDA_ERROR_NOT_READY"; break;
+    case ALREADY_REGISTERED: n = "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"; break;
   }
   if (!s) return INVALID_VALUE;
   *s = n;
@@ -337,10 +345,14 @@ EXPORT CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned flags) {
   if (!p || bytes == 0 || flags > 0xF) return INVALID_VALUE;
   if (is("noregister")) return OUT_OF_MEMORY;
   pthread_mutex_lock(&device_lock);
-  int added = add_range(p, bytes, 2);
+  /* As the driver: a range overlapping one already page-locked is refused. */
+  int overlap = overlaps_pinned(p, bytes);
+  int added = !overlap && add_range(p, bytes, 2);
   pthread_mutex_unlock(&device_lock);
+  if (overlap) return ALREADY_REGISTERED;
   if (!added) return OUT_OF_MEMORY;
   bump(C_REGISTER, 1);
+  bump(C_REGISTERED_BYTES, (long)bytes);
   return SUCCESS;
 }
 
@@ -353,6 +365,7 @@ EXPORT CUresult cuMemHostUnregister(void* p) {
   if (bytes == 0) return INVALID_VALUE;  /* CUDA_ERROR_HOST_MEMORY_NOT_REGISTERED, as far as stoker can tell */
   host_memory_gone(p, bytes);
   bump(C_UNREGISTER, 1);
+  bump(C_REGISTERED_BYTES, -(long)bytes);
   return SUCCESS;
 }
 

@@ -518,25 +518,28 @@ def test_setting_the_cache_bound_forgets_the_peak_and_frees_past_it():
 def test_batches_larger_than_the_base_cache_are_reused_across_epochs():
     from stoker import _native
 
-    # 24 MiB batches, several in flight at once: more than the 64 MiB base bound, within its growth.
-    data = torch.randn(48, 1 << 20)
-    dataset = TensorDataset(data, torch.arange(48))
-    loader = stoker.DataLoader(dataset, batch_size=6, shuffle=True, seed=3)
+    # 24 MiB batches, several in flight at once: more than the 64 MiB base bound, within its growth. One tensor
+    # per sample (a second, smaller one's blocks could be evicted to make room, and counted as allocated again):
+    # row i is filled with i.
+    data = torch.arange(48.0)[:, None].expand(48, 1 << 20).contiguous()
+    loader = stoker.DataLoader(TensorDataset(data), batch_size=6, shuffle=True, seed=3)
 
-    def epoch():  # every sample once, each batch's rows those of its labels (a reused block rewritten whole)
+    def epoch():  # every sample once, each row whole (a reused block rewritten whole)
         seen = []
-        for x, y in loader:
-            assert torch.equal(x, data[y])
-            seen += y.tolist()
+        for (x,) in loader:
+            assert torch.equal(x, x[:, :1].expand_as(x))
+            seen += x[:, 0].long().tolist()
         assert sorted(seen) == list(range(48))
 
-    epoch()  # sets the peak
+    epoch()  # sets the peak (a later epoch may find the loader's threads one batch further ahead)
     before = _native.POOL.stats()
-    epoch()
-    epoch()
+    for _ in range(4):
+        epoch()
     after = _native.POOL.stats()
-    assert after["allocations"] == before["allocations"]  # every block of later epochs was a cached one
-    assert after["reuses"] - before["reuses"] >= 16
+    # 32 batches: blocks come from the cache, but for one or two more in flight than ever before (with a fixed
+    # 64 MiB bound, two of every three or four out at once are cached, and each epoch allocates several afresh).
+    assert after["allocations"] - before["allocations"] <= 2
+    assert after["reuses"] - before["reuses"] >= 30
 
 
 def _large_rows():

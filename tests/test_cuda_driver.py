@@ -345,12 +345,12 @@ def test_streams_and_events_copy_wait_and_are_released(fake_driver):
 
 @pytest.fixture
 def ring_file():
-    """A sparse ring file of 3 x 64 KiB where worker rings live (tmpfs, /dev/shm, where there is one)."""
+    """A sparse ring file of 3 x 1 MiB where worker rings live (tmpfs, /dev/shm, where there is one)."""
     from stoker import _workers
 
     path = os.path.join(_workers._ring_dir(), f"stoker-test-ring-{os.getpid()}")
     with open(path, "wb") as f:
-        f.truncate(3 << 16)
+        f.truncate(3 << 20)
     yield path
     os.unlink(path)
 
@@ -359,35 +359,63 @@ def _allocated(path) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def test_worker_ring_is_registered_once(fake_driver, ring_file):
+def test_a_pinned_worker_ring_locks_each_slot_as_far_as_its_batches_reach(fake_driver, ring_file):
     out = run(f"""
-        ring = core.SlotRing({ring_file!r}, 1 << 16, 3)
+        ring = core.SlotRing({ring_file!r}, 1 << 20, 3)
         out["before"] = ring.pinned
         ring.pin(0)
         ring.pin(0)
         out["after"] = ring.pinned
-        out["registered"] = count("register")
-        del ring
+        out["at_pin"] = count("register")
+        state = lambda: [count("register"), count("unregister"), count("registered_bytes"), ring.pinned_bytes]
+        lease = ring.lease(ring.acquire(), 100_000)  # slot 0: 100000 bytes, locked in their size class
+        out["first"] = state()
+        del lease
+        lease = ring.lease(ring.acquire(), 90_000)  # slot 0 again, within what it has locked: nothing new
+        out["within"] = state()
+        del lease
+        lease = ring.lease(ring.acquire(), 300_000)  # slot 0 grows: its range is registered anew, larger
+        out["grown"] = state()
+        whole = ring.lease(ring.acquire(), 1 << 20)  # slot 1: the whole slot
+        out["whole"] = state()
+        out["empty"] = ring.lease(ring.acquire(), 0).slot, state()  # slot 2: an empty batch locks nothing
+        out["too_big"] = error_of(ring.lease, 2, (1 << 20) + 1)
+        out["pin_error"] = ring.pin_error
+        del lease, whole, ring
         gc.collect()
-        out["unregistered"] = count("unregister")
+        out["end"] = [count("register"), count("unregister"), count("registered_bytes")]
         out["bad_context"] = count("bad_context")
     """, library=fake_driver["current"])
-    assert out["before"] is False and out["after"] is True
-    assert out["registered"] == 1 and out["unregistered"] == 1 and out["bad_context"] == 0
-    # registering faults in every page of the file: they were reserved first, all at once (a file system without
+    assert out["before"] is False and out["after"] is True and out["at_pin"] == 0
+    assert out["first"] == [1, 0, 106496, 106496]  # 13 x 8 KiB: the class of 100000 bytes
+    assert out["within"] == out["first"]
+    assert out["grown"] == [2, 1, 327680, 327680]  # 10 x 32 KiB
+    assert out["whole"] == [3, 1, 327680 + (1 << 20), 327680 + (1 << 20)]
+    assert out["empty"] == [2, out["whole"]]
+    assert out["too_big"] == ["ValueError", f"a batch of {(1 << 20) + 1} bytes does not fit a slot of 1048576 bytes"]
+    assert out["pin_error"] == ""
+    assert out["end"] == [3, 3, 0] and out["bad_context"] == 0
+    # registering faults in every page of a range: they were reserved first, all at once (a file system without
     # the room fails there, instead of filling up page by page)
-    assert _allocated(ring_file) >= 3 << 16
+    assert _allocated(ring_file) >= 327680 + (1 << 20)
 
 
-def test_a_ring_the_driver_refuses_to_lock_gives_its_reservation_back(fake_driver, ring_file):
+def test_a_ring_the_driver_refuses_to_lock_stops_locking_and_says_why(fake_driver, ring_file):
     out = run(f"""
-        ring = core.SlotRing({ring_file!r}, 1 << 16, 3)
-        out["error"] = error_of(ring.pin, 0)
+        ring = core.SlotRing({ring_file!r}, 1 << 20, 3)
+        ring.pin(0)
+        lease = ring.lease(ring.acquire(), 5000)  # served all the same, not page-locked
+        out["slot"] = lease.slot
         out["pinned"] = ring.pinned
+        out["error"] = ring.pin_error
+        ring.pin(0)  # no second try
+        out["again"] = ring.pinned
+        out["registered"] = count("register"), ring.pinned_bytes
     """, library=fake_driver["current"], mode="noregister")
-    assert out["error"][0] == "RuntimeError" and "CUDA_ERROR_OUT_OF_MEMORY" in out["error"][1]
-    assert out["pinned"] is False
-    assert _allocated(ring_file) == 0
+    assert out["slot"] == 0 and out["pinned"] is False and out["again"] is False
+    assert out["error"].startswith("cuMemHostRegister failed (8192 bytes at 0x") and \
+        out["error"].endswith("CUDA_ERROR_OUT_OF_MEMORY (out of memory (fake driver))"), out["error"]
+    assert out["registered"] == [0, 0]
 
 
 def test_device_cuda_with_a_cpu_only_torch_says_so(fake_driver):
@@ -498,8 +526,9 @@ def test_kernels_of_a_newer_toolkit_than_the_driver_say_so(fake_driver):
 
 
 def test_a_ring_without_room_to_lock_says_how_much_it_needs(fake_driver):
-    # Page-locking commits every page of the ring's file: on a small /dev/shm the reservation fails first,
-    # naming the room needed and free, and takes nothing (a later batch's pages are not squeezed out).
+    # Page-locking commits every page of a slot's range in the ring's file: on a small /dev/shm the reservation
+    # fails first, naming the room needed and free, and locks nothing (a later batch's pages are not squeezed
+    # out); the batch is served from the slot as it is.
     from helpers import in_small_shm
 
     out = in_small_shm("""
@@ -510,19 +539,17 @@ from stoker import _workers
 path = os.path.join(_workers._ring_dir(), "stoker-test-ring")
 with open(path, "wb") as f:
     f.truncate(3 << 20)
-ring = core.SlotRing(path, 1 << 20, 3)
-try:
-    ring.pin(0)
-    error = None
-except RuntimeError as exc:
-    error = str(exc)
+ring = core.SlotRing(path, 3 << 20, 1)
+ring.pin(0)
+lease = ring.lease(ring.acquire(), 2_900_000)
 st = os.statvfs(path)
-print("RESULT " + json.dumps({"error": error, "pinned": ring.pinned, "allocated": os.stat(path).st_blocks * 512,
-                              "free": st.f_bavail * st.f_frsize}))
+print("RESULT " + json.dumps({"error": ring.pin_error, "pinned": ring.pinned, "slot": lease.slot,
+                              "allocated": os.stat(path).st_blocks * 512, "free": st.f_bavail * st.f_frsize}))
 """, 2, STOKER_LIBCUDA=fake_driver["current"], STOKER_FAKE_CUDA="one")
-    assert out["pinned"] is False and out["allocated"] == 0 and out["free"] == 2 << 20
-    assert re.fullmatch(r"page-locking the worker ring \(/dev/shm/stoker-test-ring\) needs its 3 MiB in memory, and "
-                        r"its file system has 2 MiB free \(fallocate: No space left on device\)", out["error"]), out
+    assert out["pinned"] is False and out["slot"] == 0 and out["allocated"] == 0 and out["free"] == 2 << 20
+    assert re.fullmatch(r"page-locking slot 0 of the worker ring \(/dev/shm/stoker-test-ring\) needs 3 MiB of it in "
+                        r"memory, and its file system has 2 MiB free \(fallocate: No space left on device\)",
+                        out["error"]), out
 
 
 def test_the_pinned_pool_keeps_page_locked_blocks_for_the_batches_in_flight_past_its_base_bound(fake_driver):

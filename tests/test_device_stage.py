@@ -543,3 +543,37 @@ def test_pinned_batches_copied_to_another_gpu_are_fenced_there_too(fake_driver):
         out["count"] = len(dsts) == len(expected)
     """, fake_driver, mode="two", STOKER_FAKE_CUDA_LAG="3")
     assert out == {"active": [0, 1], "wrong": 0, "count": True}
+
+
+def test_worker_batches_of_growing_size_are_copied_from_page_locked_slots(fake_driver):
+    # Each slot of the worker ring is page-locked as far as its batches reach, registered anew (larger) when a
+    # later batch reaches further: every copy still reads page-locked memory (the fake counts copies from
+    # pageable memory), none reads a range while it is registered anew, and each slot locks only what it uses.
+    out = stage("""
+        class Grow(torch.utils.data.Dataset):
+            def __len__(self): return 96
+            def __getitem__(self, i):
+                return torch.full((1000 + 2000 * i,), float(i))  # 4 KiB to 770 KiB
+
+        pad = lambda batch: torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
+        kw = dict(batch_size=4, num_workers=2, collate_fn=pad, persistent_workers=True)
+        cpu = epochs(stoker.DataLoader(Grow(), **kw), 2)
+        loader = stoker.DataLoader(Grow(), device="cuda", device_prefetch=3, **kw)
+        dev = epochs(loader, 2)
+        ring = loader._stoker_pool.ring
+        out["same"] = same(cpu, dev)
+        out["ring"] = [ring.pinned, ring.pin_error, ring.pinned_bytes, ring.slots * ring.slot_bytes]
+        out["largest_batch"] = max(b.numel() * 4 for b in dev[0])
+        out["counts"] = {k: count(k) for k in ("pageable", "freed_in_flight", "register", "unregister",
+                                                "bad_context")}
+    """, fake_driver)
+    assert out["same"] is True
+    pinned, error, pinned_bytes, ring_bytes = out["ring"]
+    assert pinned is True and error == ""
+    c = out["counts"]
+    assert c["pageable"] == 0 and c["freed_in_flight"] == 0 and c["bad_context"] == 0
+    # The sizes grew batch after batch: slots were registered anew, each time in a larger class.
+    assert c["register"] > c["unregister"] > 0
+    # Each slot locks at most its largest batch's class (1/8 over it), far from the ring's 32 MiB slots.
+    slots = ring_bytes // (32 << 20)
+    assert pinned_bytes <= slots * out["largest_batch"] * 9 // 8 < ring_bytes // 8

@@ -189,12 +189,22 @@ class SlotRing:
     def acquire(self) -> int: ...
     @property
     def free_slots(self) -> int: ...
-    def lease(self, slot: typing.SupportsInt | typing.SupportsIndex) -> SlotLease:
-        """Takes over a lent slot: it returns to the ring when the lease and its tensors are gone."""
+    def lease(
+        self,
+        slot: typing.SupportsInt | typing.SupportsIndex,
+        used: typing.SupportsInt | typing.SupportsIndex = 0,
+    ) -> SlotLease:
+        """Takes over a lent slot whose batch fills its bytes [0, used): it returns to the ring when the lease and its tensors are gone. A pinned ring page-locks those bytes first (see pin_error when they are not)."""
     def pin(self, device: typing.SupportsInt | typing.SupportsIndex) -> None:
-        """Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context."""
+        """From now on each slot is page-locked (cuMemHostRegister) in the device's primary context as far as its batches reach, when it is leased."""
+    @property
+    def pin_error(self) -> str:
+        """Why page-locking stopped ('' while it goes on)."""
     @property
     def pinned(self) -> bool: ...
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes page-locked now, over all slots."""
     def release(self, slot: typing.SupportsInt | typing.SupportsIndex, fenced: bool = True) -> None:
         """Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got."""
     def set_fence(self, fence: FenceQueue) -> None:

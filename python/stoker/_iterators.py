@@ -24,13 +24,12 @@ from torch.utils.data.dataloader import _DatasetKind
 from stoker import _collate, _cuda, _device, _resume
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
-                             load_batch, set_thread_worker_info, shutdown_all, start_method_of)
+                             load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
 
 __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
 _profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
-_ring_pin_warned = False  # a worker ring that could not be page-locked is said once per process
 
 
 @atexit.register
@@ -527,20 +526,15 @@ class ProcessIterator(_Iterator):
 
     def _dispatch(self, loader, pool: WorkerPool, iterable: bool, persistent: bool) -> None:
         """Pins the ring if batches are pinned, then queues the epoch's first tasks."""
-        if self._pin_device is not None and not pool.ring.pinned and not getattr(pool, "_pin_failed", False):
-            # The ring the workers collate into is page-locked in place, once: its batches arrive pinned.
+        if self._pin_device is not None and not pool.ring.pinned and not pool.ring.pin_error:
+            # The ring the workers collate into is page-locked in place, each slot as far as its batches reach:
+            # they arrive pinned.
             try:
                 pool.ring.pin(self._pin_device)
                 if self._fence is not None:
                     pool.ring.set_fence(self._fence)
-            except RuntimeError as exc:  # e.g. the ring's file is not in memory, or the driver refused
-                pool._pin_failed = True
-                global _ring_pin_warned
-                if not _ring_pin_warned:
-                    _ring_pin_warned = True
-                    warnings.warn(f"stoker could not page-lock its worker ring ({exc}); batches from worker processes "
-                                  "are loaded as usual and pinned (or copied to the GPU) from ordinary memory "
-                                  "(said once per process)", RuntimeWarning, stacklevel=2)
+            except RuntimeError as exc:  # the driver could not give the device's context
+                warn_ring_not_pinned(str(exc))
         batches = None if iterable else self._index_batches()
         # Each worker's position (an IterableDataset's pass; a stateful map-style dataset's copy).
         dataset_stateful = is_stateful(loader.dataset)

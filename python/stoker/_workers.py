@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -51,7 +52,8 @@ from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 
 __all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
-           "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of"]
+           "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of",
+           "warn_ring_not_pinned"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -768,14 +770,15 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
         finally:
             _collate_module.ARENA = None
         if view is not None:
+            used = [arena.used]
             try:
-                structure = _into_slot(batch, view, [arena.used], arena)
+                structure = _into_slot(batch, view, used, arena)
             except _NoFit:
                 # Too large for its slot: what collate already wrote there must not travel as a view of it.
                 batch = _detach_from(batch, arena)
             else:
                 del view, arena, batch
-                reply("ring", structure)
+                reply("ring", (structure, used[0]))  # with the bytes of the slot it fills
                 del structure  # its own segments, if any, are the main process's now
                 continue
             del view, arena
@@ -786,6 +789,19 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
 # ----------------------------------------------------------------------------------------------------------------
 # The main process's side
 # ----------------------------------------------------------------------------------------------------------------
+
+
+_ring_pin_warned = False  # a worker ring that could not be page-locked is said once per process
+
+
+def warn_ring_not_pinned(reason: str) -> None:
+    """Says, once per process, that batches from worker processes are not pinned, and why."""
+    global _ring_pin_warned
+    if not _ring_pin_warned:
+        _ring_pin_warned = True
+        warnings.warn(f"stoker could not page-lock its worker ring ({reason}); batches from worker processes are "
+                      "loaded as usual and pinned (or copied to the GPU) from ordinary memory (said once per process)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _ring_dir() -> str:
@@ -840,7 +856,10 @@ class WorkerPool:
         # An IterableDataset is iterated by each worker, cut into (batch_size, drop_last) batches there.
         self.iterable = (loader.batch_size, bool(loader.drop_last)) if iterable else None
         self.slots = (loader.prefetch_factor or 2) * self.num_workers + 2
-        if loader.pin_memory:
+        if getattr(loader, "_stoker_device", None) is not None:
+            # The device stage holds device_prefetch + 1 batches whose copies may be in flight.
+            self.slots += int(getattr(loader, "device_prefetch", 2)) + 1
+        elif loader.pin_memory:
             self.slots += 3  # pinned batches the user released stay lent until the GPU has passed (a fence)
         self.slot_bytes = _DEFAULT_SLOT_BYTES
         self.pid = os.getpid()
@@ -1492,6 +1511,7 @@ class ProcessBatches:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
+        self._ring_pinned = pool.ring.pinned  # until a slot cannot be page-locked (said once)
         self.batches = batches  # iterator of index batches (or sampler errors as exceptions); unused if iterable
         self.iterable = pool.iterable is not None
         self.tracked = self.iterable or position is not None  # each worker's position is followed
@@ -1567,7 +1587,11 @@ class ProcessBatches:
             return
         self.outstanding.discard(number)
         if kind == "ring":
-            batch = _from_slot(payload, pool.ring.lease(slot))
+            structure, used = payload
+            batch = _from_slot(structure, pool.ring.lease(slot, used))  # a pinned ring page-locks what it fills
+            if self._ring_pinned and not pool.ring.pinned:
+                self._ring_pinned = False
+                warn_ring_not_pinned(pool.ring.pin_error)
             self.ready[number] = ("batch", batch, worker, state)
             return
         if slot >= 0:

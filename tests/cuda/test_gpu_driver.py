@@ -100,7 +100,7 @@ def test_side_stream_copy_then_torch_stream_waits_on_its_event(device):
     assert done.query()
 
 
-def test_worker_ring_pinned_once(device):
+def test_worker_ring_slots_pinned_as_far_as_their_batches_reach(device):
     from stoker import _workers
 
     # where worker rings live (tmpfs): a file on disk may not be page-locked at all (long-term pins of shared
@@ -113,10 +113,13 @@ def test_worker_ring_pinned_once(device):
         ring.pin(device)
         ring.pin(device)
         assert ring.pinned
-        lease = ring.lease(ring.acquire())
+        lease = ring.lease(ring.acquire(), 4096)  # a batch of 4 KiB: that slot's first page is locked
         view = from_dlpack(lease.tensor(0, [1024], 2, 32))
-        assert view.is_pinned()
-        del view, lease, ring
+        assert view.is_pinned() and ring.pin_error == "" and ring.pinned_bytes == 4096
+        grown = ring.lease(ring.acquire(), 1 << 20)  # the second slot, whole
+        whole = from_dlpack(grown.tensor(0, [1 << 18], 2, 32))
+        assert whole.is_pinned() and ring.pinned_bytes == 4096 + (1 << 20)
+        del view, lease, whole, grown, ring
     finally:
         os.unlink(path)
 

@@ -123,11 +123,22 @@ void register_pool(py::module_& m) {
            "Slots released from now on go back through the fence queue before they are lent again.")
       .def("pin", [](SlotRing& ring, int device) { ring.pin(cuda::primary_context(device)); }, py::arg("device"),
            py::call_guard<py::gil_scoped_release>(),
-           "Page-locks the whole mapping once (cuMemHostRegister) in the device's primary context.")
-      .def("lease", [](std::shared_ptr<SlotRing> ring, int slot) {
+           "From now on each slot is page-locked (cuMemHostRegister) in the device's primary context as far as its "
+           "batches reach, when it is leased.")
+      .def_property_readonly("pin_error", &SlotRing::pin_error, "Why page-locking stopped ('' while it goes on).")
+      .def_property_readonly("pinned_bytes", &SlotRing::pinned_bytes, "Bytes page-locked now, over all slots.")
+      .def("lease", [](std::shared_ptr<SlotRing> ring, int slot, size_t used) {
         STOKER_CHECK_AS(IndexError, slot >= 0 && slot < ring->slots(), "slot ", slot, " out of range");
+        STOKER_CHECK_AS(ValueError, used <= ring->slot_bytes(), "a batch of ", used, " bytes does not fit a slot of ",
+                        ring->slot_bytes(), " bytes");
+        if (used > 0) {
+          py::gil_scoped_release release;  // page-locking can take milliseconds
+          ring->pin_slot(slot, used);
+        }
         return std::make_shared<SlotLease>(ring, slot);
-      }, py::arg("slot"), "Takes over a lent slot: it returns to the ring when the lease and its tensors are gone.");
+      }, py::arg("slot"), py::arg("used") = 0,
+      "Takes over a lent slot whose batch fills its bytes [0, used): it returns to the ring when the lease and its "
+      "tensors are gone. A pinned ring page-locks those bytes first (see pin_error when they are not).");
 }
 
 }  // namespace stoker::bindings

@@ -12,6 +12,7 @@
 
 #include "stoker/common/check.h"
 #include "stoker/cuda/driver.h"
+#include "stoker/pool/buffer_pool.h"
 #include "stoker/pool/fence.h"
 
 namespace stoker {
@@ -41,41 +42,69 @@ SlotRing::SlotRing(const std::string& path, size_t slot_bytes, int slots)
 }
 
 SlotRing::~SlotRing() {
-  registration_.reset();  // unregister while the pages are still mapped
+  registered_.clear();  // unregister while the pages are still mapped
   if (base_) ::munmap(base_, slot_bytes_ * static_cast<size_t>(slots_));
   if (fd_ >= 0) ::close(fd_);
 }
 
 void SlotRing::pin(std::shared_ptr<cuda::PrimaryContext> ctx) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (registration_) return;
-  const size_t bytes = slot_bytes_ * static_cast<size_t>(slots_);
-  // Page-locking faults in every page of the file. Reserved first, all at once: on a file system without the
+  std::lock_guard<std::mutex> lock(pin_mu_);
+  if (pin_ctx_ || !pin_error_.empty()) return;
+  pin_ctx_ = std::move(ctx);
+  registered_.resize(static_cast<size_t>(slots_));
+}
+
+bool SlotRing::pin_slot(int slot, size_t bytes) {
+  std::lock_guard<std::mutex> lock(pin_mu_);
+  if (!pin_ctx_ || slot < 0 || slot >= slots_) return false;
+  auto& reg = registered_[static_cast<size_t>(slot)];
+  if (reg && reg->bytes() >= bytes) return true;
+  const size_t want = std::min(slot_bytes_, pinned_size_class(std::max(bytes, reg ? reg->bytes() + 1 : 1)));
+  uint8_t* data = slot_data(slot);
+  const off_t start = static_cast<off_t>(static_cast<size_t>(slot) * slot_bytes_);
+  // Page-locking faults in every page of the range. Reserved first, all at once: on a file system without the
   // room (a container's small /dev/shm) this fails cleanly (tmpfs gives back what it took), where faulting
   // page by page would fill it and leave later writes to the ring (or anyone's shared memory) to die of SIGBUS.
-  if (::fallocate(fd_, 0, 0, static_cast<off_t>(bytes)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
+  if (::fallocate(fd_, 0, start, static_cast<off_t>(want)) != 0 && errno != EOPNOTSUPP && errno != ENOSYS) {
     const int err = errno;
     struct statvfs fs {};
     const bool known = ::fstatvfs(fd_, &fs) == 0;
-    throw std::runtime_error(detail::concat(
-        "page-locking the worker ring (", path_, ") needs its ", bytes >> 20, " MiB in memory, and ",
+    pin_error_ = detail::concat(
+        "page-locking slot ", slot, " of the worker ring (", path_, ") needs ", (want + (1 << 20) - 1) >> 20,
+        " MiB of it in memory, and ",
         known ? detail::concat("its file system has ", (fs.f_bavail * fs.f_frsize) >> 20, " MiB free")
               : std::string("its file system's free space is unknown"),
-        " (fallocate: ", std::strerror(err), ")"));
+        " (fallocate: ", std::strerror(err), ")");
+    pin_ctx_.reset();
+    return false;
   }
+  reg.reset();  // a range overlapping a registered one cannot be registered: the smaller one goes first
   try {
-    registration_ = std::make_unique<cuda::HostRegistration>(std::move(ctx), base_, bytes);
-  } catch (...) {
-    // The reservation goes back, but only while no slot is lent (so that no worker is writing into one).
-    if (std::none_of(lent_.begin(), lent_.end(), [](char lent) { return lent != 0; }))
-      (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes));
-    throw;
+    reg = std::make_unique<cuda::HostRegistration>(pin_ctx_, data, want);
+  } catch (const std::exception& e) {
+    pin_error_ = e.what();
+    pin_ctx_.reset();
+    return false;
   }
+  return true;
 }
 
 bool SlotRing::pinned() const {
-  std::lock_guard<std::mutex> lock(mu_);
-  return registration_ != nullptr;
+  std::lock_guard<std::mutex> lock(pin_mu_);
+  return pin_ctx_ != nullptr;
+}
+
+std::string SlotRing::pin_error() const {
+  std::lock_guard<std::mutex> lock(pin_mu_);
+  return pin_error_;
+}
+
+size_t SlotRing::pinned_bytes() const {
+  std::lock_guard<std::mutex> lock(pin_mu_);
+  size_t total = 0;
+  for (const auto& reg : registered_)
+    if (reg) total += reg->bytes();
+  return total;
 }
 
 int SlotRing::acquire() {

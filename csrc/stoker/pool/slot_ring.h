@@ -40,21 +40,37 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   int slots() const { return slots_; }
   size_t slot_bytes() const { return slot_bytes_; }
   uint8_t* slot_data(int slot) const { return base_ + static_cast<size_t>(slot) * slot_bytes_; }
-  /// Page-locks the whole mapping once (cuMemHostRegister, portable), so tensors over its slots are pinned
-  /// in this process; later calls do nothing. Registering commits every page of the (sparse) file: they are
-  /// reserved first (fallocate): a file system without the room fails here, before any page is locked. Undone
-  /// before the mapping goes. Throws CudaError when the driver refuses, std::runtime_error without the room.
+  /// From now on each slot is page-locked (cuMemHostRegister, portable) in `ctx` as far as its batches reach,
+  /// when it is leased (pin_slot), so tensors over it are pinned in this process; later calls do nothing. The
+  /// ring locks what its batches use, not its whole mapping: 1 MiB batches in 32 MiB slots lock about 1 MiB a
+  /// slot. Undone before the mapping goes.
   void pin(std::shared_ptr<cuda::PrimaryContext> ctx);
+  /// Page-locks bytes [0, bytes) of a lent slot, at least, if the ring is pinned: what the slot has locked
+  /// grows in size classes (see pinned_size_class) up to the slot, re-registered whole while the slot is lent
+  /// (no copy reads it: a slot returns only once the GPU has passed its release). Registering commits the
+  /// range's pages of the (sparse) file: they are reserved first (fallocate), so a file system without the
+  /// room fails here, before any page is locked. Never throws: a failure (no room, the driver refusing) stops
+  /// the ring's page-locking (what is locked stays so), and pin_error() says why. Whether the range is locked.
+  bool pin_slot(int slot, size_t bytes);
+  /// Why page-locking stopped ("" while it goes on, or was never asked for).
+  std::string pin_error() const;
+  /// Bytes page-locked now, over all slots.
+  size_t pinned_bytes() const;
   bool pinned() const;
 
  private:
   uint8_t* base_ = nullptr;
   int fd_ = -1;  // the ring's file, open while it is mapped
   std::string path_;
-  std::unique_ptr<cuda::HostRegistration> registration_;  // set once pinned
   size_t slot_bytes_;
   int slots_;
   void release_now(int slot);
+
+  // Page-locking, under pin_mu_ (registering takes milliseconds: never under mu_, which releases wait on).
+  mutable std::mutex pin_mu_;
+  std::shared_ptr<cuda::PrimaryContext> pin_ctx_;                   // set while slots are page-locked
+  std::vector<std::unique_ptr<cuda::HostRegistration>> registered_;  // per slot: its locked prefix, if any
+  std::string pin_error_;
 
   mutable std::mutex mu_;
   std::vector<char> lent_;
