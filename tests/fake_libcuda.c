@@ -23,7 +23,9 @@
  *
  * STOKER_FAKE_CUDA picks the machine: "one" (default: one device), "two", "nodevice" (cuInit fails with
  * CUDA_ERROR_NO_DEVICE), "zero" (cuInit succeeds and no device is visible), "old" (a 10.2 driver), "oom"
- * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY), "noregister" (cuMemHostRegister fails so). Built
+ * (cuMemHostAlloc fails with CUDA_ERROR_OUT_OF_MEMORY), "noregister" (cuMemHostRegister fails so), "capture"
+ * (a CUDA graph is being captured in the global mode all along: memory, stream and event calls fail with
+ * CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, counted as "capture_refused", on a thread whose mode is not relaxed). Built
  * with -DFAKE_NO_PROC_ADDRESS it exports no cuGetProcAddress, as drivers before 11.3, and stoker falls back to
  * dlsym on the exported names.
  *
@@ -44,7 +46,7 @@ typedef unsigned long long CUdeviceptr;
 enum {
   SUCCESS = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, NO_DEVICE = 100,
   INVALID_DEVICE = 101, INVALID_CONTEXT = 201, INVALID_HANDLE = 400, NOT_READY = 600,
-  ALREADY_REGISTERED = 712,
+  ALREADY_REGISTERED = 712, CAPTURE_UNSUPPORTED = 900,
 };
 
 #define EXPORT __attribute__((visibility("default")))
@@ -65,11 +67,11 @@ static int driver_version(void) {
 
 enum { C_INIT, C_RETAIN, C_RELEASE, C_HOST_ALLOC, C_HOST_FREE, C_HOST_BYTES, C_REGISTER, C_UNREGISTER,
        C_STREAM_CREATE, C_STREAM_DESTROY, C_EVENT_CREATE, C_EVENT_DESTROY, C_COPY, C_WAIT, C_BAD_CONTEXT,
-       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_PAGEABLE, C_REGISTERED_BYTES, C_COUNT };
+       C_BAD_HANDLE, C_SET_CURRENT, C_LAUNCH, C_FREED_IN_FLIGHT, C_PAGEABLE, C_REGISTERED_BYTES, C_CAPTURE_REFUSED, C_COUNT };
 static const char* counter_names[C_COUNT] = {
   "init", "retain", "release", "host_alloc", "host_free", "host_bytes", "register", "unregister",
   "stream_create", "stream_destroy", "event_create", "event_destroy", "copy", "wait", "bad_context",
-  "bad_handle", "set_current", "launch", "freed_in_flight", "pageable", "registered_bytes"};
+  "bad_handle", "set_current", "launch", "freed_in_flight", "pageable", "registered_bytes", "capture_refused"};
 static long counters[C_COUNT];
 static void bump(int c, long by) { __atomic_fetch_add(&counters[c], by, __ATOMIC_SEQ_CST); }
 
@@ -95,9 +97,21 @@ static int context_ok(void) {
     if (current == &contexts[d]) return __atomic_load_n(&retained[d], __ATOMIC_SEQ_CST) > 0;
   return 0;
 }
+/* The calling thread's stream-capture mode: 0 global (the default), 1 thread-local, 2 relaxed. */
+static __thread int capture_mode;
+/* Whether a call is refused on this thread as unsafe during a global capture ("capture": the fake treats
+ * every memory, stream and event call so, stricter than the driver, which refuses some). */
+static int capture_refuses(void) {
+  if (!is("capture") || capture_mode == 2) return 0;
+  bump(C_CAPTURE_REFUSED, 1);
+  return 1;
+}
+EXPORT int fake_thread_capture_mode(void) { return capture_mode; }
+
 #define NEED_CONTEXT()                 \
   do {                                 \
     if (!initialised) return NOT_INITIALIZED; \
+    if (capture_refuses()) return CAPTURE_UNSUPPORTED; \
     if (!context_ok()) {               \
       bump(C_BAD_CONTEXT, 1);          \
       return INVALID_CONTEXT;          \
@@ -232,6 +246,7 @@ EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
     case INVALID_HANDLE: n = "CUDA_ERROR_INVALID_HANDLE"; break;
     case NOT_READY: n = "CUDA_ERROR_NOT_READY"; break;
     case ALREADY_REGISTERED: n = "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED"; break;
+    case CAPTURE_UNSUPPORTED: n = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
   }
   if (!s) return INVALID_VALUE;
   *s = n;
@@ -562,6 +577,14 @@ EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, u
 /* ---- cuGetProcAddress ---- */
 
 #ifndef FAKE_NO_PROC_ADDRESS
+EXPORT CUresult cuThreadExchangeStreamCaptureMode(int* mode) {
+  if (!mode || *mode < 0 || *mode > 2) return INVALID_VALUE;
+  int previous = capture_mode;
+  capture_mode = *mode;
+  *mode = previous;
+  return SUCCESS;
+}
+
 struct entry { const char* name; int since; void* fn; };
 /* The version where each entry point's current signature and behaviour began. */
 static const struct entry entries[] = {
@@ -592,6 +615,7 @@ static const struct entry entries[] = {
   {"cuModuleLoadData", 2000, (void*)cuModuleLoadData},
   {"cuModuleGetFunction", 2000, (void*)cuModuleGetFunction},
   {"cuLaunchKernel", 4000, (void*)cuLaunchKernel},
+  {"cuThreadExchangeStreamCaptureMode", 10010, (void*)cuThreadExchangeStreamCaptureMode},
 };
 
 static CUresult lookup(const char* name, void** fn, int version, unsigned long long flags, int* status) {

@@ -32,6 +32,8 @@ PINNED_VERSIONS = {
     # work (fences for pinned batches)
     "cuModuleLoadData": 2000, "cuModuleGetFunction": 2000, "cuLaunchKernel": 4000,
     "cuDevicePrimaryCtxGetState": 7000,
+    # optional: the thread's stream-capture mode (page-locking while a user's CUDA graph is captured)
+    "cuThreadExchangeStreamCaptureMode": 10010,
 }
 
 # ---- this machine, as it is ----------------------------------------------------------------------------------
@@ -567,3 +569,62 @@ def test_the_pinned_pool_keeps_page_locked_blocks_for_the_batches_in_flight_past
     stats = out["stats"]
     assert stats["cached_bytes"] == stats["pinned_bytes"] == stats["cache_bound"] == 640 << 20
     assert stats["reuses"] == 8
+
+
+def test_driver_calls_work_while_a_cuda_graph_is_captured_in_the_global_mode(fake_driver, ring_file):
+    # torch.cuda.graph captures in the global mode by default: page-locking or unlocking memory (perhaps also
+    # querying an event) on any thread would fail and invalidate the user's capture. stoker's calls run with
+    # their thread's mode relaxed (the fake refuses them otherwise) and the mode is put back after each.
+    out = run(f"""
+        import numpy as np
+        lib = fake()
+        pool = core.BufferPool(1 << 20, pin_device=0)
+        data = np.arange(64 * 10, dtype=np.float32).reshape(64, 10)
+        source = core.ArraySource([("x", data.ctypes.data, 64, 40, 40, 2, 32, [10])])
+        pipe = core.ArrayPipeline(source, pool, (64, 8, False, True, 7, 0, 0, 1), 0, 3, 4)  # native threads
+        batches = 0
+        while (caps := pipe.next()) is not None:
+            batches += 1
+        pipe.stop()
+        del pipe, caps
+        block = pool.empty([3 << 20], 1, 8)  # larger than the cache: freed when dropped
+        del block
+        ring = core.SlotRing({ring_file!r}, 1 << 20, 3)
+        ring.pin(0)
+        lease = ring.lease(ring.acquire(), 5000)
+        out["ring"] = [ring.pinned, ring.pin_error]
+        stream = core.CudaStream(0)
+        src, dst = np.arange(256, dtype=np.uint8), np.zeros(256, dtype=np.uint8)
+        stream.copy_to_device(dst.ctypes.data, src.ctypes.data, 256)
+        event = stream.record()
+        event.query()
+        event.synchronize()
+        event.block_stream(0)
+        out["copied"] = bool((dst == src).all())
+        del lease, ring, pool, stream, event
+        gc.collect()
+        out["batches"] = batches
+        out["counts"] = {{k: count(k) for k in ("host_alloc", "host_free", "register", "unregister",
+                                                 "capture_refused")}}
+        out["mode_after"] = lib.fake_thread_capture_mode()
+    """, library=fake_driver["current"], mode="capture")
+    assert out["batches"] == 8 and out["ring"] == [True, ""] and out["copied"] is True
+    c = out["counts"]
+    assert c["capture_refused"] == 0
+    assert c["host_alloc"] == c["host_free"] >= 2 and c["register"] == c["unregister"] == 1
+    assert out["mode_after"] == 0  # the thread's own (global) mode, back
+
+
+@pytest.mark.parametrize("given", [None, "EAGER"])
+def test_lazy_module_loading_is_asked_for_before_the_driver_starts_unless_set(given):
+    # torch asks for it at its first CUDA call; stoker's driver layer may start the driver before that.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
+    if given is not None:
+        env["CUDA_MODULE_LOADING"] = given
+    code = "import os, stoker; print(os.environ.get('CUDA_MODULE_LOADING'))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (given or "LAZY")

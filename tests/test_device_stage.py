@@ -243,6 +243,31 @@ def test_the_transform_runs_on_the_staged_batch(fake_driver):
     assert out["dtype"] == "torch.float32" and out["calls"] >= 2
 
 
+def test_tensors_a_transform_returns_in_a_dataclass_are_marked_as_used_by_the_consumer(fake_driver):
+    # Made on stoker's stream, they must be marked as used by the consumer's (record_stream), or their memory
+    # could go to the next batch's copy while the user's kernels still read them.
+    out = stage("""
+        import dataclasses
+
+        @dataclasses.dataclass
+        class Pair:
+            x: torch.Tensor
+            half: torch.Tensor
+            name: str = "pair"
+
+        ds = torch.utils.data.TensorDataset(torch.arange(12.0).reshape(6, 2))
+        def transform(batch):
+            stream_runs()
+            return Pair(batch[0], batch[0] / 2)
+        loader = stoker.DataLoader(ds, batch_size=2, device="cuda", device_transform=transform)
+        got = list(loader)
+        out["halves"] = [p.half.tolist() for p in got]
+        out["used"] = len(FakeTarget.used)
+    """, fake_driver)
+    assert out["halves"] == [[[0, 0.5], [1, 1.5]], [[2, 2.5], [3, 3.5]], [[4, 4.5], [5, 5.5]]]
+    assert out["used"] == 3 * 2  # both tensors of each of the three batches
+
+
 def test_a_device_without_an_index_follows_torchs_current_device_at_each_iterator(monkeypatch):
     from stoker import _cuda
 
@@ -577,3 +602,31 @@ def test_worker_batches_of_growing_size_are_copied_from_page_locked_slots(fake_d
     # Each slot locks at most its largest batch's class (1/8 over it), far from the ring's 32 MiB slots.
     slots = ring_bytes // (32 << 20)
     assert pinned_bytes <= slots * out["largest_batch"] * 9 // 8 < ring_bytes // 8
+
+
+def test_the_stage_and_pinned_batches_work_while_a_cuda_graph_is_captured(fake_driver):
+    # A graph captured in the global mode all along (the fake refuses every memory, stream and event call on a
+    # thread whose capture mode is not relaxed): the stage's copies, events and waits, the pool's page-locking
+    # on the loader's threads, the ring's on the main thread, and the fences of pinned batches all go on.
+    out = stage("""
+        class Py(torch.utils.data.Dataset):
+            def __len__(self): return 40
+            def __getitem__(self, i):
+                return torch.full((16 + i,), float(i))
+        tensors = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.arange(64))
+        pad = lambda batch: torch.nn.utils.rnn.pad_sequence(batch, batch_first=True)
+        results = {}
+        for name, ds, kw in [("array_threads", tensors, dict(batch_size=8, num_workers=2)),
+                             ("processes", Py(), dict(batch_size=4, num_workers=2, collate_fn=pad))]:
+            cpu = epochs(stoker.DataLoader(ds, **kw), 2)
+            results[name] = same(cpu, epochs(stoker.DataLoader(ds, device="cuda", **kw), 2))
+        pin_as_torch_would_on_a_gpu()
+        _device.current_stream_handle = lambda device: 0
+        pinned = epochs(stoker.DataLoader(tensors, batch_size=8, num_workers=2, pin_memory=True), 2)
+        results["pinned"] = same(epochs(stoker.DataLoader(tensors, batch_size=8, num_workers=2), 2), pinned)
+        out["same"] = results
+        out["counts"] = {k: count(k) for k in ("capture_refused", "copy", "bad_context")}
+    """, fake_driver, mode="capture")
+    assert out["same"] == {"array_threads": True, "processes": True, "pinned": True}
+    assert out["counts"]["capture_refused"] == 0 and out["counts"]["copy"] > 0
+    assert out["counts"]["bad_context"] == 0

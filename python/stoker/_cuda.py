@@ -27,6 +27,12 @@ PINNED_GROW_TO = 4 << 30
 _pinned = None
 _pinned_lock = threading.Lock()
 
+# The driver reads CUDA_MODULE_LOADING when it initialises, and torch sets it to LAZY (unless it is set) only at
+# its own first CUDA call: stoker's driver layer may initialise the driver first (cuda_available(), a loader
+# with pin_memory or device=), which would leave a driver that loads modules eagerly by default loading every
+# kernel of torch's at once (seconds, and hundreds of MiB per GPU). So it is set here as torch would set it.
+os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
+
 
 def cuda_available() -> bool:
     """True when stoker can use CUDA: the driver (libcuda.so.1) loads, initialises and sees at least one GPU.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import os
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
@@ -72,7 +73,8 @@ class CudaTarget:
 
 
 def _leaves(batch, out: list) -> list:
-    """The tensors of a batch structure (tuples, lists, mappings, namedtuples), in order."""
+    """The tensors of a batch structure (tuples, lists, mappings, namedtuples, dataclass instances, as a
+    transform may return), in order."""
     if isinstance(batch, torch.Tensor):
         out.append(batch)
     elif isinstance(batch, Mapping):
@@ -81,6 +83,9 @@ def _leaves(batch, out: list) -> list:
     elif isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)):
         for v in batch:
             _leaves(v, out)
+    elif dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        for field in dataclasses.fields(batch):
+            _leaves(getattr(batch, field.name, None), out)
     return out
 
 

@@ -276,3 +276,40 @@ def test_a_device_without_an_index_follows_set_device():
             assert {b[0].device for b in loader} == {torch.device("cuda", index)}
     finally:
         torch.cuda.set_device(previous)
+
+
+def test_loading_goes_on_while_a_cuda_graph_is_captured():
+    # torch.cuda.graph captures in the global mode: a page-locking call on any thread of the process would
+    # fail and invalidate the capture. A thread loads pinned batches of ever new sizes (each a new page-locked
+    # block, allocated by the loader's native threads) on a stream of its own while graphs are captured.
+    import threading
+
+    data = torch.utils.data.TensorDataset(torch.arange(20_000.0)[:, None].expand(20_000, 256).contiguous())
+    errors, done = [], threading.Event()
+
+    def load():
+        try:
+            with torch.cuda.stream(torch.cuda.Stream()):
+                for batch_size in range(1000, 1040):  # blocks of a new size class every few loaders
+                    loader = stoker.DataLoader(data, batch_size=batch_size, pin_memory=True, num_workers=2)
+                    for (x,) in loader:
+                        assert x.is_pinned() and torch.equal(x[:, 0], x[:, -1])
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    static = torch.zeros(1 << 16, device="cuda")
+    captured = 0
+    while not done.is_set() and captured < 200:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static.add_(1)
+        graph.replay()
+        captured += 1
+    thread.join(timeout=300)
+    torch.cuda.synchronize()
+    assert not errors, errors
+    assert captured > 0 and torch.equal(static, torch.full_like(static, captured))

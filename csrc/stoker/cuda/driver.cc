@@ -136,7 +136,9 @@ Driver load() {
   resolve(&a.cuModuleGetFunction, "cuModuleGetFunction", 2000, "cuModuleGetFunction");
   resolve(&a.cuLaunchKernel, "cuLaunchKernel", 4000, "cuLaunchKernel");
   resolve(&a.cuDevicePrimaryCtxGetState, "cuDevicePrimaryCtxGetState", 7000, "cuDevicePrimaryCtxGetState");
-  missing.resize(required);  // the kernels' entry points and cuDevicePrimaryCtxGetState are optional
+  resolve(&a.cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode", 10010,
+          "cuThreadExchangeStreamCaptureMode");
+  missing.resize(required);  // the kernels' entry points and the two after them are optional
   if (!missing.empty()) {
     std::string names;
     for (const auto& m : missing) names += (names.empty() ? "" : ", ") + m;
@@ -180,8 +182,15 @@ bool forked(const Driver& d) { return ::getpid() != d.pid; }
 // Usable for cleanup in this process: loaded and available here (never in a forked child).
 bool usable(const Driver& d) { return d.status.available && !forked(d); }
 
-// Runs `call` with `ctx` current on this thread and restores the thread's context after. Never throws: for
-// destructors and deleters, which can only drop a failure.
+// Relaxes the calling thread's stream-capture mode, its own left in *mode; whether it did (a driver without
+// cuThreadExchangeStreamCaptureMode has no graphs to capture either). See ScopedContext.
+bool relax_capture(const Api& a, int* mode) noexcept {
+  *mode = CU_STREAM_CAPTURE_MODE_RELAXED;
+  return a.cuThreadExchangeStreamCaptureMode != nullptr && a.cuThreadExchangeStreamCaptureMode(mode) == CUDA_SUCCESS;
+}
+
+// Runs `call` with `ctx` current on this thread (its capture mode relaxed) and restores the thread's context
+// and mode after. Never throws: for destructors and deleters, which can only drop a failure.
 template <typename Call>
 CUresult in_context_noexcept(const PrimaryContext& ctx, Call&& call) noexcept {
   const Driver& d = driver();
@@ -191,7 +200,10 @@ CUresult in_context_noexcept(const PrimaryContext& ctx, Call&& call) noexcept {
   if (r != CUDA_SUCCESS) return r;
   const bool switched = previous != ctx.get();
   if (switched && (r = d.api.cuCtxSetCurrent(ctx.get())) != CUDA_SUCCESS) return r;
+  int mode = CU_STREAM_CAPTURE_MODE_RELAXED;  // see ScopedContext
+  const bool exchanged = relax_capture(d.api, &mode);
   r = call(d.api);
+  if (exchanged) d.api.cuThreadExchangeStreamCaptureMode(&mode);
   if (switched) d.api.cuCtxSetCurrent(previous);
   return r;
 }
@@ -299,11 +311,14 @@ ScopedContext::ScopedContext(const PrimaryContext& ctx) {
     check(a.cuCtxSetCurrent(ctx.get()), "cuCtxSetCurrent", detail::concat("device ", ctx.ordinal()));
     switched_ = true;
   }
+  exchanged_ = relax_capture(a, &capture_mode_);
 }
 
 ScopedContext::~ScopedContext() {
   const Driver& d = driver();
-  if (switched_ && usable(d)) d.api.cuCtxSetCurrent(previous_);
+  if (!usable(d)) return;
+  if (exchanged_) d.api.cuThreadExchangeStreamCaptureMode(&capture_mode_);
+  if (switched_) d.api.cuCtxSetCurrent(previous_);
 }
 
 // ---- Page-locked memory ----------------------------------------------------------------------------------

@@ -78,7 +78,11 @@ struct Api {
                              void** extra);                                            // 4000
   // Optional: which devices' primary contexts are active (see active_devices).
   CUresult (*cuDevicePrimaryCtxGetState)(CUdevice dev, unsigned* flags, int* active);  // 7000
+  // Optional: the calling thread's stream-capture mode (a CUstreamCaptureMode), exchanged (see RelaxedCapture).
+  CUresult (*cuThreadExchangeStreamCaptureMode)(int* mode);                            // 10010
 };
+
+constexpr int CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 
 /// What loading the driver found, filled once per process at the first query.
 struct Status {
@@ -147,7 +151,11 @@ class PrimaryContext {
 std::shared_ptr<PrimaryContext> primary_context(int ordinal);
 
 /// Makes a context current on this thread for a scope and restores the thread's previous one after: for work
-/// done on threads stoker does not own (a tensor's deleter runs on whichever thread frees it).
+/// done on threads stoker does not own (a tensor's deleter runs on whichever thread frees it). The thread's
+/// stream-capture mode is relaxed for the scope too, and put back after: while a user's CUDA graph is captured
+/// in the global mode (torch.cuda.graph's default), a call the driver deems unsafe (page-locking, unlocking,
+/// perhaps querying an event) would fail on any thread and invalidate the capture, and stoker makes such
+/// calls on its own threads at any moment.
 class ScopedContext {
  public:
   explicit ScopedContext(const PrimaryContext& ctx);
@@ -158,6 +166,8 @@ class ScopedContext {
  private:
   CUcontext previous_ = nullptr;
   bool switched_ = false;
+  int capture_mode_ = CU_STREAM_CAPTURE_MODE_RELAXED;  // the thread's own, while exchanged
+  bool exchanged_ = false;
 };
 
 /// Page-locked host memory from cuMemHostAlloc (portable: pinned for every context); freed on destruction.
