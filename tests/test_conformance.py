@@ -841,3 +841,109 @@ def test_batches_are_equal_across_repeated_epochs(dataset):
     expected = list(TorchDataLoader(ds, batch_size=5))
     for _ in range(3):
         assert_batches_equal(list(loader), expected)
+
+
+# ---- found by a drop-in audit: behaviours a user swapping loaders would otherwise meet ----------------------
+
+
+class _Curriculum(torch.utils.data.Sampler):
+    """A sampler the training loop steers: each index is drawn from the level the loop set last."""
+
+    def __init__(self):
+        self.level = 0
+
+    def __len__(self):
+        return 8
+
+    def __iter__(self):
+        for step in range(8):
+            yield self.level * 100 + step
+
+
+@pytest.mark.parametrize("dataset", [TensorDataset(torch.arange(1000)), list(range(1000))],
+                         ids=["tensor_dataset", "list"])
+def test_a_sampler_the_loop_steers_is_read_as_torch_reads_it_without_workers(dataset):
+    def run(cls):
+        sampler, seen = _Curriculum(), []
+        for i, batch in enumerate(cls(dataset, batch_size=2, sampler=sampler)):
+            seen.append((batch[0] if isinstance(batch, list) else batch).tolist())
+            sampler.level = i + 1  # the loop moves the curriculum on after every batch
+        return seen
+
+    assert run(stoker.DataLoader) == run(TorchDataLoader) == [[0, 1], [102, 103], [204, 205], [306, 307]]
+
+
+def _record_worker(worker_id):
+    import os
+
+    info = torch.utils.data.get_worker_info()
+    _record_worker.calls.append((worker_id, os.getpid(), info.id if info else None))
+    np.random.seed(1234 + worker_id)  # the usual recipe: must reseed the worker's generators, not the caller's
+
+
+_record_worker.calls = []
+
+
+@pytest.mark.parametrize("collate_fn", [None, lambda batch: batch], ids=["default_collate", "custom_collate"])
+def test_worker_init_fn_with_an_array_dataset_runs_in_worker_processes_as_torchs(collate_fn):
+    ds = TensorDataset(torch.arange(40.0))
+    kw = dict(batch_size=4, num_workers=2, worker_init_fn=_record_worker)
+    if collate_fn is not None:
+        kw["collate_fn"] = collate_fn
+    np.random.seed(0)
+    expected_draw = np.random.rand()
+    np.random.seed(0)
+    batches = list(stoker.DataLoader(ds, **kw))
+    assert np.random.rand() == expected_draw  # the main process's generator untouched
+    assert _record_worker.calls == []  # called in the workers, not here
+    assert_batches_equal(batches, list(TorchDataLoader(ds, **kw)))
+
+
+class _Augmented(TensorDataset):
+    """A TensorDataset subclass that indexes in a way of its own (a random augmentation)."""
+
+    def __getitem__(self, i):
+        import os
+
+        x, = super().__getitem__(i)
+        return x + torch.rand(()), os.getpid()
+
+
+def test_a_tensor_dataset_subclass_with_its_own_indexing_is_loaded_by_worker_processes():
+    import os
+
+    ds = _Augmented(torch.zeros(32))
+
+    def run(cls):
+        torch.manual_seed(7)
+        return list(cls(ds, batch_size=4, num_workers=2, generator=torch.Generator().manual_seed(1)))
+
+    first, second = run(stoker.DataLoader), run(stoker.DataLoader)
+    assert all(pid != os.getpid() for _, pids in first for pid in pids.tolist())  # worker processes
+    # seeded per worker as torch seeds them: the same run twice gives the same augmentations
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("kw", [dict(batch_size=None), dict(batch_size=2, collate_fn=lambda batch: batch[0])],
+                         ids=["unbatched", "collate_returns_a_sample"])
+def test_batches_from_threads_serving_an_array_dataset_are_copies_as_from_worker_processes(kw):
+    # The dataset's rows are indexed in this process (threads): a batch that is a row of it must not be a view,
+    # or writing into it would change the dataset, which torch's workers never do.
+    data = torch.arange(12.0).reshape(6, 2)
+    array = np.arange(12.0).reshape(6, 2)
+    for ds in (TensorDataset(data), data, array):
+        for batch in stoker.DataLoader(ds, num_workers=2, **kw):
+            for t in batch if isinstance(batch, (list, tuple)) else [batch]:
+                t.mul_(0) if isinstance(t, torch.Tensor) else np.multiply(t, 0, out=t)
+    assert data.tolist() == torch.arange(12.0).reshape(6, 2).tolist()
+    assert array.tolist() == np.arange(12.0).reshape(6, 2).tolist()
+
+
+def test_an_iterator_of_persistent_workers_superseded_by_a_later_iter_says_so():
+    loader = stoker.DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+    it = iter(loader)
+    next(it)
+    assert next(iter(loader)).tolist() == [0, 1]  # a peek: a new epoch on the same workers
+    with pytest.raises(RuntimeError, match=r"this iterator's epoch was ended by a later iter\(\) of its loader"):
+        next(it)  # never a silently empty epoch
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]

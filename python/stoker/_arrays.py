@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
-    "ArrayDataset", "ArrayPlan", "array_plan", "dlpack_type_of_numpy", "dlpack_type_of_torch", "is_array_dataset",
+    "ArrayDataset", "ArrayPlan", "array_plan", "array_ranges", "dlpack_type_of_numpy", "dlpack_type_of_torch",
+    "is_array_dataset",
 ]
 
 # (DLPack code, bits) for each torch dtype stoker hands over.
@@ -196,5 +197,36 @@ def array_plan(dataset: Any) -> ArrayPlan | None:
 
 def is_array_dataset(dataset: Any) -> bool:
     """True for the dataset types that hold arrays (served on threads even when the native path declines
-    them, say for tensors that need grad): indexing them needs no Python work worth a process."""
-    return isinstance(dataset, (ArrayDataset, TensorDataset, np.ndarray, torch.Tensor))
+    them, say for tensors that need grad): indexing them needs no Python work worth a process. A subclass
+    that indexes in a way of its own (its own __getitem__ or __getitems__: an augmentation, say) is a Python
+    dataset, loaded by worker processes as torch would."""
+    for base in (ArrayDataset, TensorDataset, np.ndarray, torch.Tensor):
+        if isinstance(dataset, base):
+            kind = type(dataset)
+            return all(getattr(kind, name, None) is getattr(base, name, None) for name in ("__getitem__",
+                                                                                         "__getitems__"))
+    return False
+
+
+def array_ranges(dataset: Any) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) of the memory an array dataset's columns lie in (empty for others)."""
+    if isinstance(dataset, ArrayDataset):
+        arrays = list(dataset.arrays) + list(dataset.named_arrays.values())
+    elif isinstance(dataset, TensorDataset):
+        arrays = list(dataset.tensors)
+    elif isinstance(dataset, (np.ndarray, torch.Tensor)):
+        arrays = [dataset]
+    else:
+        return []
+    ranges = []
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            storage = a.untyped_storage()
+            ranges.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+        elif isinstance(a, np.ndarray):
+            base = a
+            while isinstance(base.base, np.ndarray):
+                base = base.base
+            start = base.__array_interface__["data"][0]
+            ranges.append((start, start + base.nbytes))
+    return ranges

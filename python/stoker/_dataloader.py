@@ -607,9 +607,13 @@ class DataLoader(_TorchDataLoader):
         (the main process, or worker threads); with the dataset's array plan (None if it has none)."""
         plan = array_plan(self.dataset)
         default = self.collate_fn is _tc.default_collate
-        if plan is not None and default and self._auto_collation and _collate.map_is_pristine():
+        # A worker_init_fn asks for worker processes (it may open files per worker, or seed the generators
+        # that worker's samples draw from): they are started as torch starts them, whatever the dataset.
+        wants_workers = self.num_workers > 0 and self.worker_mode == "auto" and self.worker_init_fn is not None
+        if plan is not None and default and self._auto_collation and _collate.map_is_pristine() \
+                and not wants_workers:
             return "array", plan
-        if self.num_workers > 0 and (self.worker_mode == "process" or self.worker_mode == "auto" and plan is None
-                                     and not is_array_dataset(self.dataset)):
+        if self.num_workers > 0 and (self.worker_mode == "process" or wants_workers or self.worker_mode == "auto"
+                                     and plan is None and not is_array_dataset(self.dataset)):
             return "process", plan
         return "python", plan

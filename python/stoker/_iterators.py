@@ -22,9 +22,11 @@ from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
 from stoker import _collate, _cuda, _device, _resume
+from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
-                             load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
+                             load_batch, map_leaves, set_thread_worker_info, shutdown_all, start_method_of,
+                             warn_ring_not_pinned)
 
 __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
@@ -310,14 +312,18 @@ class ArrayIterator(_Iterator):
         pool = POOL if self._host_pool is None else self._host_pool
         self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
+        # How far a sampler you pass is read ahead: as torch reads it, not at all with num_workers=0 (each batch
+        # of indices is drawn at its next(): a sampler the training loop steers, a curriculum say, sees the
+        # loop's latest word), prefetch_factor x num_workers batches (and two) with workers.
+        self._ahead = depth if self._num_threads > 0 else 1
         self._started()
-        if self._batches is not None:
+        if self._batches is not None and self._num_threads > 0:
             self._top_up()
 
     def _top_up(self) -> None:
         # Reads the sampler ahead. A batch it cannot serve (the sampler raised, or gave no integers) is kept
         # in line as the exception to raise at that batch's turn, so the batches before it still arrive.
-        while self._batches is not None and len(self._pending) < self._depth:
+        while self._batches is not None and len(self._pending) < self._ahead:
             try:
                 indices = next(self._batches)
             except StopIteration:
@@ -356,6 +362,23 @@ class ArrayIterator(_Iterator):
                 self._pipe.stop()
 
 
+def _unaliased(batch, ranges: list[tuple[int, int]]):
+    """The batch with each tensor or array that views memory in `ranges` (a dataset's arrays) copied, as a
+    batch from a worker process would be: writing into it must not change the dataset."""
+
+    def inside(ptr: int) -> bool:
+        return any(start <= ptr < end for start, end in ranges)
+
+    def leaf(x):
+        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and inside(x.untyped_storage().data_ptr()):
+            return x.clone()
+        if isinstance(x, np.ndarray) and x.size and inside(x.__array_interface__["data"][0]):
+            return x.copy()
+        return x
+
+    return map_leaves(batch, leaf)
+
+
 class PythonIterator(_Iterator):
     """Batches of any map-style dataset: `__getitems__`/`__getitem__` in Python, collated into pooled
     buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order."""
@@ -375,6 +398,9 @@ class PythonIterator(_Iterator):
             raise ValueError("sample_seeds=True seeds the process-wide random, numpy and torch generators before each "
                              "sample, which threads would share: use worker_mode='process' (or num_workers=0)")
         self._pool = None
+        # Threads serving an array dataset index its arrays in this process: a batch may be a view of them
+        # (batch_size=None, a collate_fn that returns samples), where torch's worker processes give copies.
+        self._dataset_ranges = array_ranges(self._dataset) if self._num_threads > 0 else []
         if self._num_threads > 0:
             worker_ids = itertools.count()
             init = loader.worker_init_fn
@@ -403,8 +429,9 @@ class PythonIterator(_Iterator):
 
     def _load(self, number: int, indices):
         with _collate.use_pool(self._host_pool):  # page-locked blocks when pinned, else the ordinary pool
-            return load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
-                              self._rng_key)
+            batch = load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
+                               self._rng_key)
+        return _unaliased(batch, self._dataset_ranges) if self._dataset_ranges else batch
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:

@@ -53,7 +53,7 @@ from stoker._arrays import dlpack_type_of_torch
 
 __all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
            "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of",
-           "warn_ring_not_pinned"]
+           "map_leaves", "warn_ring_not_pinned"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -393,18 +393,18 @@ def _fits_slot(t) -> bool:
             and not t.requires_grad and t.dtype in _TORCH_DTYPES)
 
 
-def _map_leaves(obj, leaf):
+def map_leaves(obj, leaf):
     """obj rebuilt with leaf(x) for every x below its lists, tuples, namedtuples and plain dicts (the
     containers default_collate builds); anything else is a leaf, kept whole."""
     kind = type(obj)
     if kind is list:
-        return [_map_leaves(x, leaf) for x in obj]
+        return [map_leaves(x, leaf) for x in obj]
     if kind is tuple:
-        return tuple(_map_leaves(x, leaf) for x in obj)
+        return tuple(map_leaves(x, leaf) for x in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return kind(*(_map_leaves(x, leaf) for x in obj))
+        return kind(*(map_leaves(x, leaf) for x in obj))
     if kind is dict:
-        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
+        return {k: map_leaves(v, leaf) for k, v in obj.items()}
     return leaf(obj)
 
 
@@ -433,7 +433,7 @@ def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
             slot[offset:end].view(t.dtype).view(t.shape).copy_(t)
         return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
 
-    return _map_leaves(obj, place)
+    return map_leaves(obj, place)
 
 
 def _detach_from(obj, arena: _Arena):
@@ -443,7 +443,7 @@ def _detach_from(obj, arena: _Arena):
     def detach(t):
         return t.clone() if isinstance(t, torch.Tensor) and arena.base <= t.data_ptr() < end else t
 
-    return _map_leaves(obj, detach)
+    return map_leaves(obj, detach)
 
 
 def _from_slot(obj, lease):
@@ -454,7 +454,7 @@ def _from_slot(obj, lease):
             return _native.from_dlpack(lease.tensor(x.offset, list(x.shape), x.code, x.bits))
         return x
 
-    return _map_leaves(obj, wrap)
+    return map_leaves(obj, wrap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1536,6 +1536,7 @@ class ProcessBatches:
         for _ in range(self.position.next_worker):
             next(self.cycle)
         self.exhausted = False
+        self.superseded = False  # set when a later iterator of the same persistent workers began (drain)
         self._top_up()
 
     def _next_worker(self) -> int | None:
@@ -1638,6 +1639,11 @@ class ProcessBatches:
 
     def next(self):
         """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
+        if self.superseded:
+            raise RuntimeError(
+                "this iterator's epoch was ended by a later iter() of its loader: with persistent_workers=True the "
+                "workers serve one iterator at a time (torch's loader resets that one iterator and hands it out "
+                "again; stoker's starts a new one). Take the iterator you go on with from the latest iter(loader)")
         while True:
             self._top_up()
             if not self.order:
@@ -1664,4 +1670,5 @@ class ProcessBatches:
         self.ready.clear()
         self.order.clear()
         self.exhausted = True
+        self.superseded = True
 
