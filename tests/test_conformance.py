@@ -947,3 +947,18 @@ def test_an_iterator_of_persistent_workers_superseded_by_a_later_iter_says_so():
     with pytest.raises(RuntimeError, match=r"this iterator's epoch was ended by a later iter\(\) of its loader"):
         next(it)  # never a silently empty epoch
     assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_a_large_array_dataset_with_rows_not_contiguous_is_not_copied_whole_at_each_iter(monkeypatch):
+    from stoker import _arrays
+
+    monkeypatch.setattr(_arrays, "NONCONTIGUOUS_COPY_LIMIT", 32 << 10)  # the limit, scaled down
+    nhwc = torch.arange(64 * 8 * 8 * 3, dtype=torch.float32).reshape(64, 8, 8, 3)
+    small = TensorDataset(nhwc[:4].permute(0, 3, 1, 2))  # 3 KiB: copied, served natively
+    large = TensorDataset(nhwc.permute(0, 3, 1, 2))      # 48 KiB: indexed in Python, row by row
+    strided = np.arange(64 * 1024, dtype=np.float32).reshape(64, 1024)[:, ::2]  # 128 KiB, every other column
+    assert stoker.DataLoader(small, batch_size=2)._stoker_iterator_kind()[0] == "array"
+    for ds in (large, strided):
+        loader = stoker.DataLoader(ds, batch_size=8, shuffle=False)
+        assert loader._stoker_iterator_kind()[0] == "python"
+        assert_batches_equal(list(loader), list(TorchDataLoader(ds, batch_size=8)))

@@ -62,6 +62,13 @@ def _inner_contiguous(shape, strides, itemsize) -> bool:
     return all(n <= 1 or s == e for n, s, e in zip(shape, strides, _c_strides(shape, itemsize)))
 
 
+# A dataset's column whose rows are not contiguous in memory is copied (made contiguous) for the native gather.
+# For a TensorDataset or bare array that copy is made at each iter(), beside the dataset: past this size it
+# is not, and the dataset goes through Python indexing (as torch's loader does), which copies only the rows
+# of each batch. (An ArrayDataset copies once, when it is built.)
+NONCONTIGUOUS_COPY_LIMIT = 64 << 20
+
+
 def _column(name: str, array: Any, strict: bool):
     """(spec, owner) for one column, or None when it cannot go native (only when not strict)."""
     if isinstance(array, torch.Tensor):
@@ -80,6 +87,8 @@ def _column(name: str, array: Any, strict: bool):
             raise ValueError(f"ArrayDataset: column {name!r} is 0-d; a column needs a sample dimension")
         itemsize = t.element_size()
         if not _inner_contiguous(tuple(t.shape[1:]), t.stride()[1:], 1):
+            if not strict and t.numel() * itemsize > NONCONTIGUOUS_COPY_LIMIT:
+                return None
             t = t.contiguous()
         rows, row_shape = t.shape[0], list(t.shape[1:])
         row_bytes = itemsize * int(np.prod(row_shape, dtype=np.int64))
@@ -97,6 +106,8 @@ def _column(name: str, array: Any, strict: bool):
     if a.ndim == 0:
         raise ValueError(f"ArrayDataset: column {name!r} is 0-d; a column needs a sample dimension")
     if not _inner_contiguous(a.shape[1:], a.strides[1:], a.itemsize):
+        if not strict and a.nbytes > NONCONTIGUOUS_COPY_LIMIT:
+            return None
         a = np.ascontiguousarray(a)  # copied once, here, so every gather is a plain row copy
     rows, row_shape = a.shape[0], list(a.shape[1:])
     row_bytes = a.itemsize * int(np.prod(row_shape, dtype=np.int64))
