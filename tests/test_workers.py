@@ -728,3 +728,21 @@ def test_a_small_dev_shm_fails_as_torch_does_never_by_sigbus():
         assert out[key] == ["ok", expected] or "shared memory" in out[key][1] or "No space left" in out[key][1], out
     assert out["stoker-32"][0] == "RuntimeError", out["stoker-32"]
     assert "unable to allocate shared memory" in out["stoker-32"][1], out["stoker-32"]
+
+
+class _NestedSamples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.nested.nested_tensor([torch.full((2,), float(i)), torch.full((3,), float(i))])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_nested_tensor_from_a_worker_arrives_as_torchs_does():
+    # The ring cannot describe it (its sizes are ragged): it travels pickled, never killing the worker.
+    got = list(stoker.DataLoader(_NestedSamples(), batch_size=None, num_workers=2))
+    expected = list(TorchDataLoader(_NestedSamples(), batch_size=None, num_workers=2))
+    assert len(got) == len(expected) == 4
+    for a, b in zip(got, expected):
+        assert a.is_nested and all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind()))

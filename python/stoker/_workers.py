@@ -389,7 +389,7 @@ class _SharedArena(_StackTarget):
 
 
 def _fits_slot(t) -> bool:
-    return (type(t) is torch.Tensor and t.layout is torch.strided and t.device.type == "cpu"
+    return (type(t) is torch.Tensor and t.layout is torch.strided and not t.is_nested and t.device.type == "cpu"
             and not t.requires_grad and t.dtype in _TORCH_DTYPES)
 
 
@@ -441,7 +441,7 @@ def _detach_from(obj, arena: _Arena):
     end = arena.base + arena.view.numel()
 
     def detach(t):
-        return t.clone() if isinstance(t, torch.Tensor) and arena.base <= t.data_ptr() < end else t
+        return t.clone() if _fits_slot(t) and arena.base <= t.data_ptr() < end else t
 
     return map_leaves(obj, detach)
 
@@ -773,8 +773,9 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
             used = [arena.used]
             try:
                 structure = _into_slot(batch, view, used, arena)
-            except _NoFit:
-                # Too large for its slot: what collate already wrote there must not travel as a view of it.
+            except Exception:  # noqa: BLE001 - _NoFit, or a tensor the ring cannot describe: sent pickled
+                # Too large for its slot (or of a kind the slot cannot hold): what collate already wrote there
+                # must not travel as a view of it.
                 batch = _detach_from(batch, arena)
             else:
                 del view, arena, batch
