@@ -361,3 +361,33 @@ def test_array_dataset_rejects_0d(scalar):
 def test_unsupported_bare_array_errors_like_torch():
     data = np.array([["a", "b"]] * 6)
     raises_same(lambda: list(TorchDataLoader(data, batch_size=3)), lambda: list(stoker.DataLoader(data, batch_size=3)))
+
+
+class _HoldsALambda(Exception):
+    """An exception whose attributes do not pickle: its class still crosses from the worker."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.callback = lambda: 0
+
+
+class _RaisesUnpicklable(Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 1:
+            raise _HoldsALambda(f"bad sample {i}")
+        return i
+
+
+def test_an_exception_that_does_not_pickle_keeps_its_type_as_with_torch():
+    def first_error(cls):
+        with pytest.raises(Exception) as info:
+            list(cls(_RaisesUnpicklable(), batch_size=2, num_workers=2))
+        return info.value
+
+    ours, theirs = first_error(stoker.DataLoader), first_error(TorchDataLoader)
+    assert type(ours) is type(theirs) is _HoldsALambda
+    assert str(ours).startswith("Caught _HoldsALambda in DataLoader worker process 0")
+    assert "Original Traceback (most recent call last):" in str(ours) and "bad sample 1" in str(ours)

@@ -471,7 +471,7 @@ class _WorkerError:
         self.traceback = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         self.worker_id = worker_id
         self.where = where
-        self.pickled = self.parts = None
+        self.pickled = self.parts = self.kind = None
         try:
             self.pickled = pickle.dumps(exc)
             pickle.loads(self.pickled)
@@ -483,7 +483,12 @@ class _WorkerError:
                 self.parts = pickle.dumps((type(exc), exc.args, dict(getattr(exc, "__dict__", {}))))
                 pickle.loads(self.parts)
             except Exception:
-                self.parts = None  # reported by name and message
+                self.parts = None
+                try:  # its class alone (attributes that do not pickle): rebuilt from the message, as torch does
+                    self.kind = pickle.dumps(type(exc))
+                    pickle.loads(self.kind)
+                except Exception:
+                    self.kind = None  # reported by name and message
 
     def exception(self, pid) -> BaseException:
         note = (f"stoker: raised in DataLoader worker process {self.worker_id} (pid {pid}) {self.where}.\n"
@@ -502,6 +507,14 @@ class _WorkerError:
         if exc is not None:
             _add_note(exc, note)
             return exc
+        if self.kind is not None:
+            # torch's own recipe (ExceptionWrapper.reraise): the class called with the message and traceback.
+            text = (f"Caught {self.type_name} in DataLoader worker process {self.worker_id} {self.where}.\n"
+                    f"Original {self.traceback}")
+            try:
+                return pickle.loads(self.kind)(text)
+            except Exception:
+                pass
         return RuntimeError(f"Caught {self.type_name} in DataLoader worker process {self.worker_id}: "
                             f"{self.message}\n{note}")
 
