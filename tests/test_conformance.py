@@ -962,3 +962,13 @@ def test_a_large_array_dataset_with_rows_not_contiguous_is_not_copied_whole_at_e
         loader = stoker.DataLoader(ds, batch_size=8, shuffle=False)
         assert loader._stoker_iterator_kind()[0] == "python"
         assert_batches_equal(list(loader), list(TorchDataLoader(ds, batch_size=8)))
+
+
+def test_a_loader_with_live_persistent_workers_refuses_pickling_as_torchs_does():
+    import pickle
+
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        loader = cls(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+        list(loader)
+        with pytest.raises(NotImplementedError, match="cannot be pickled"):
+            pickle.dumps(loader)

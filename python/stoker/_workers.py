@@ -863,6 +863,11 @@ def start_method_of(loader) -> str:
 class WorkerPool:
     """`num_workers` processes serving batches of one dataset, and the ring they write into."""
 
+    def __getstate__(self):
+        # As torch's loader, whose persistent workers' iterator refuses so: processes do not travel.
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled: it holds the worker processes of a "
+                                  "loader with persistent_workers=True")
+
     def __init__(self, loader, collate, base_seed: int, iterable: bool = False, zygote: Zygote | None = None) -> None:
         self.num_workers = int(loader.num_workers)
         ctx = _context_of(loader)
