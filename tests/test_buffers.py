@@ -542,6 +542,35 @@ def test_batches_larger_than_the_base_cache_are_reused_across_epochs():
     assert after["reuses"] - before["reuses"] >= 30
 
 
+
+def test_batches_once_kept_do_not_keep_their_memory_cached_for_good():
+    from stoker import _native
+
+    # 20 batches of 10 MiB kept in a list (200 MiB out at once), then dropped: the cache may hold them through
+    # the next epoch, which is the window after theirs, and no longer once another iterator begins.
+    data = torch.zeros(200, 1 << 18)
+    loader = stoker.DataLoader(TensorDataset(data), batch_size=10)
+    kept = list(loader)
+    del kept
+    assert _native.POOL.stats()["cached_bytes"] > 100 << 20
+    for _ in loader:  # an epoch whose batches are dropped as they come
+        pass
+    it = iter(loader)  # its start ends the window of the kept batches
+    stats = _native.POOL.stats()
+    assert stats["cached_bytes"] <= stats["cache_bound"] < 100 << 20
+    del it
+
+
+def test_a_failed_allocation_does_not_raise_the_cache_bound():
+    from stoker._native import new_pool
+
+    pool = new_pool()
+    with pytest.raises(MemoryError):
+        pool.empty([1 << 50], 1, 8)
+    stats = pool.stats()
+    assert stats["peak_outstanding_bytes"] == 0 and stats["outstanding"] == 0
+    assert stats["cache_bound"] == 64 << 20
+
 def _large_rows():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 255, (1100, 3, 64, 64), dtype=torch.uint8, generator=g)  # 12 KiB a row

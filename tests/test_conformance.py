@@ -972,3 +972,39 @@ def test_a_loader_with_live_persistent_workers_refuses_pickling_as_torchs_does()
         list(loader)
         with pytest.raises(NotImplementedError, match="cannot be pickled"):
             pickle.dumps(loader)
+
+
+def test_an_array_dataset_with_rows_not_contiguous_is_copied_once_and_stays_native(monkeypatch):
+    from stoker import _arrays
+
+    monkeypatch.setattr(_arrays, "NONCONTIGUOUS_COPY_LIMIT", 32 << 10)
+    nhwc = torch.arange(64 * 8 * 8 * 3, dtype=torch.float32).reshape(64, 8, 8, 3)
+    ds = stoker.ArrayDataset(nhwc.permute(0, 3, 1, 2))  # 48 KiB, over the (scaled) limit: copied here, once
+    assert ds.arrays[0].is_contiguous() and torch.equal(ds.arrays[0], nhwc.permute(0, 3, 1, 2))
+    loader = stoker.DataLoader(ds, batch_size=8)
+    assert loader._stoker_iterator_kind()[0] == "array"
+    assert [b[0].tolist() for b in loader] == [nhwc.permute(0, 3, 1, 2)[i:i + 8].tolist() for i in range(0, 64, 8)]
+
+
+def test_a_memory_map_is_an_array_dataset(tmp_path):
+    from stoker._arrays import is_array_dataset
+
+    path = tmp_path / "x.npy"
+    np.save(path, np.arange(12.0).reshape(6, 2))
+    assert is_array_dataset(np.load(path, mmap_mode="r"))
+
+
+def test_thread_served_batches_in_other_containers_are_copies_too():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Pair:
+        x: torch.Tensor
+        n: int
+
+    data = torch.arange(12.0).reshape(6, 2)
+    for collate in (lambda b: collections.OrderedDict(x=b[0][0]), lambda b: Pair(b[0][0], 1)):
+        for batch in stoker.DataLoader(TensorDataset(data), batch_size=1, num_workers=2, collate_fn=collate):
+            (batch["x"] if isinstance(batch, dict) else batch.x).mul_(0)
+            assert type(batch) in (collections.OrderedDict, Pair)
+    assert data.tolist() == torch.arange(12.0).reshape(6, 2).tolist()

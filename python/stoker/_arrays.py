@@ -136,6 +136,10 @@ class ArrayDataset(Dataset):
         }
         columns = [(f"#{i}", a) for i, a in enumerate(self.arrays)] + list(self.named_arrays.items())
         specs = [_column(name, a, strict=True) for name, a in columns]
+        # The arrays as the gather reads them: a column whose rows are not contiguous is its copy, made here once.
+        owners = [spec[1] for spec in specs]
+        self.arrays = tuple(owners[:len(self.arrays)])
+        self.named_arrays = dict(zip(self.named_arrays, owners[len(self.arrays):]))
         lengths = {name: spec[0][2] for (name, _), spec in zip(columns, specs)}
         first = next(iter(lengths))
         for name, n in lengths.items():
@@ -211,6 +215,8 @@ def is_array_dataset(dataset: Any) -> bool:
     them, say for tensors that need grad): indexing them needs no Python work worth a process. A subclass
     that indexes in a way of its own (its own __getitem__ or __getitems__: an augmentation, say) is a Python
     dataset, loaded by worker processes as torch would."""
+    if type(dataset) is np.memmap:
+        return True
     for base in (ArrayDataset, TensorDataset, np.ndarray, torch.Tensor):
         if isinstance(dataset, base):
             kind = type(dataset)

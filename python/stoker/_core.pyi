@@ -47,6 +47,8 @@ class BufferPool:
         code: typing.SupportsInt | typing.SupportsIndex,
         bits: typing.SupportsInt | typing.SupportsIndex,
     ) -> typing_extensions.CapsuleType: ...
+    def forget_peak(self) -> None:
+        """The peak counts again from the bytes out now; cached blocks past the bound are freed."""
     @property
     def pinned(self) -> bool: ...
     def set_fence(self, fence: FenceQueue) -> None:

@@ -6,6 +6,7 @@ import atexit
 import collections
 import contextlib
 import copy
+import dataclasses
 import functools
 import itertools
 import os
@@ -13,6 +14,7 @@ import sys
 import threading
 import warnings
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as _FutureTimeout
 
@@ -25,8 +27,7 @@ from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
-                             load_batch, map_leaves, set_thread_worker_info, shutdown_all, start_method_of,
-                             warn_ring_not_pinned)
+                             load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
 
 __all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
 
@@ -114,6 +115,9 @@ class _Iterator:
         # Page-locked when batches are pinned or go to a GPU; None: the ordinary pool.
         self._pin_device = _cuda.pin_device(getattr(loader, "_stoker_device", None), self._pin)
         self._host_pool = None if self._pin_device is None else _cuda.pinned_pool(self._pin_device)
+        # What the pool caches follows the bytes out at once since the latest iterator began (batches a user
+        # once kept in a list must not keep their memory cached for good).
+        (POOL if self._host_pool is None else self._host_pool).forget_peak()
         staged = getattr(loader, "_stoker_device", None) is not None
         # Pinned batches of stoker's memory handed to the user (with device=, the stage keeps them itself): their
         # memory returns through the fence queue once released.
@@ -314,10 +318,11 @@ class ArrayIterator(_Iterator):
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
         # How far a sampler you pass is read ahead: as torch reads it, not at all with num_workers=0 (each batch
         # of indices is drawn at its next(): a sampler the training loop steers, a curriculum say, sees the
-        # loop's latest word), prefetch_factor x num_workers batches (and two) with workers.
-        self._ahead = depth if self._num_threads > 0 else 1
+        # loop's latest word), prefetch_factor x num_workers batches (and two) with workers. torch's own
+        # samplers, whose order is fixed when their iteration begins, are read ahead either way.
+        self._ahead = depth if self._num_threads > 0 or _fixed_at_start(loader) else 1
         self._started()
-        if self._batches is not None and self._num_threads > 0:
+        if self._batches is not None and self._ahead > 1:
             self._top_up()
 
     def _top_up(self) -> None:
@@ -362,21 +367,61 @@ class ArrayIterator(_Iterator):
                 self._pipe.stop()
 
 
+def _fixed_at_start(loader) -> bool:
+    """Whether the loader's index batches come from torch's own samplers that fix their whole order when their
+    iteration begins (reading them ahead then changes nothing that anyone could see)."""
+    from torch.utils.data import (BatchSampler, DistributedSampler, RandomSampler, SequentialSampler,
+                                  SubsetRandomSampler, WeightedRandomSampler)
+
+    batches = loader.batch_sampler
+    sampler = batches.sampler if type(batches) is BatchSampler else loader.sampler if batches is None else None
+    if type(sampler) is RandomSampler:  # with replacement, or past one pass, it draws as it goes
+        return not sampler.replacement and sampler.num_samples <= len(sampler.data_source)
+    return type(sampler) in (SequentialSampler, SubsetRandomSampler, WeightedRandomSampler, DistributedSampler)
+
+
 def _unaliased(batch, ranges: list[tuple[int, int]]):
     """The batch with each tensor or array that views memory in `ranges` (a dataset's arrays) copied, as a
-    batch from a worker process would be: writing into it must not change the dataset."""
+    batch from a worker process would be: writing into it must not change the dataset. Containers (sequences,
+    mappings, namedtuples, dataclass instances) are rebuilt only where something inside was copied."""
 
     def inside(ptr: int) -> bool:
         return any(start <= ptr < end for start, end in ranges)
 
-    def leaf(x):
-        if isinstance(x, torch.Tensor) and x.device.type == "cpu" and inside(x.untyped_storage().data_ptr()):
-            return x.clone()
-        if isinstance(x, np.ndarray) and x.size and inside(x.__array_interface__["data"][0]):
-            return x.copy()
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            return x.clone() if x.device.type == "cpu" and inside(x.untyped_storage().data_ptr()) else x
+        if isinstance(x, np.ndarray):
+            return x.copy() if x.size and inside(x.__array_interface__["data"][0]) else x
+        if isinstance(x, (str, bytes)):
+            return x
+        if isinstance(x, Mapping):
+            items = {k: walk(v) for k, v in x.items()}
+            if all(items[k] is v for k, v in x.items()):
+                return x
+            try:
+                clone = copy.copy(x)  # keeps the type (and attributes) of a mapping subclass
+                clone.update(items)
+                return clone
+            except Exception:
+                return items
+        if isinstance(x, (list, tuple)):
+            parts = [walk(v) for v in x]
+            if all(p is v for p, v in zip(parts, x)):
+                return x
+            if isinstance(x, tuple) and hasattr(x, "_fields"):
+                return type(x)(*parts)
+            try:
+                return type(x)(parts)
+            except Exception:
+                return parts
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            changes = {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
+            if any(changes[k] is not getattr(x, k) for k in changes):
+                return dataclasses.replace(x, **changes)
         return x
 
-    return map_leaves(batch, leaf)
+    return walk(batch)
 
 
 class PythonIterator(_Iterator):

@@ -16,7 +16,8 @@ __all__ = ["POOL", "core", "from_dlpack", "new_pool"]
 
 core = _core
 
-# What a plain pool caches: 64 MiB, raised to the most bytes its blocks have been out at once up to 1 GiB.
+# What a plain pool caches: 64 MiB, raised to the most bytes its blocks have been out at once (since the latest
+# iterator began: see BufferPool.forget_peak) up to 1 GiB.
 # Batches of tens of MiB, a few in flight, would otherwise be allocated and page-faulted afresh each time
 # (96 MiB batches loaded at half torch's speed that way, at 6.8x with the bound raised to their peak).
 POOL_CACHE_BYTES = 64 << 20

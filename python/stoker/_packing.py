@@ -550,6 +550,7 @@ class _PackedIterator:
         self._next_batch = cursor.served
         pinned = _cuda.pinned_pool_for(loader._device, False)
         self._pool = POOL if pinned is None else pinned  # page-locked when batches go to a GPU
+        self._pool.forget_peak()  # its cache follows the bytes out at once since this iterator began
         self._source = loader.documents._source
         self._options = (loader.pad_id, loader.return_doc_ids, loader.shift_labels, self._pool)
         self._pipe = None

@@ -53,7 +53,7 @@ from stoker._arrays import dlpack_type_of_torch
 
 __all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
            "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of",
-           "map_leaves", "warn_ring_not_pinned"]
+           "warn_ring_not_pinned"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -393,18 +393,18 @@ def _fits_slot(t) -> bool:
             and not t.requires_grad and t.dtype in _TORCH_DTYPES)
 
 
-def map_leaves(obj, leaf):
+def _map_leaves(obj, leaf):
     """obj rebuilt with leaf(x) for every x below its lists, tuples, namedtuples and plain dicts (the
     containers default_collate builds); anything else is a leaf, kept whole."""
     kind = type(obj)
     if kind is list:
-        return [map_leaves(x, leaf) for x in obj]
+        return [_map_leaves(x, leaf) for x in obj]
     if kind is tuple:
-        return tuple(map_leaves(x, leaf) for x in obj)
+        return tuple(_map_leaves(x, leaf) for x in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return kind(*(map_leaves(x, leaf) for x in obj))
+        return kind(*(_map_leaves(x, leaf) for x in obj))
     if kind is dict:
-        return {k: map_leaves(v, leaf) for k, v in obj.items()}
+        return {k: _map_leaves(v, leaf) for k, v in obj.items()}
     return leaf(obj)
 
 
@@ -433,7 +433,7 @@ def _into_slot(obj, slot: torch.Tensor, at: list, arena: _Arena | None = None):
             slot[offset:end].view(t.dtype).view(t.shape).copy_(t)
         return _InSlot(offset, tuple(t.shape), *_TORCH_DTYPES[t.dtype])
 
-    return map_leaves(obj, place)
+    return _map_leaves(obj, place)
 
 
 def _detach_from(obj, arena: _Arena):
@@ -441,9 +441,11 @@ def _detach_from(obj, arena: _Arena):
     end = arena.base + arena.view.numel()
 
     def detach(t):
-        return t.clone() if _fits_slot(t) and arena.base <= t.data_ptr() < end else t
+        inside = isinstance(t, torch.Tensor) and t.layout is torch.strided and not t.is_nested \
+            and arena.base <= t.data_ptr() < end
+        return t.clone() if inside else t
 
-    return map_leaves(obj, detach)
+    return _map_leaves(obj, detach)
 
 
 def _from_slot(obj, lease):
@@ -454,7 +456,7 @@ def _from_slot(obj, lease):
             return _native.from_dlpack(lease.tensor(x.offset, list(x.shape), x.code, x.bits))
         return x
 
-    return map_leaves(obj, wrap)
+    return _map_leaves(obj, wrap)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ void register_pool(py::module_& m) {
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
       .def("set_growth", &BufferPool::set_growth, py::arg("grow_to"),
            "The cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed).")
+      .def("forget_peak", &BufferPool::forget_peak, py::call_guard<py::gil_scoped_release>(),
+           "The peak counts again from the bytes out now; cached blocks past the bound are freed.")
       .def("set_fence", &BufferPool::set_fence, py::arg("fence").none(true),
            "Blocks returned from now on go back through the fence queue (None: straight to the cache).")
       .def("empty", [](BufferPool& p, std::vector<int64_t> shape, int code, int bits) {
@@ -129,13 +131,14 @@ void register_pool(py::module_& m) {
       .def_property_readonly("pinned_bytes", &SlotRing::pinned_bytes, "Bytes page-locked now, over all slots.")
       .def("lease", [](std::shared_ptr<SlotRing> ring, int slot, size_t used) {
         STOKER_CHECK_AS(IndexError, slot >= 0 && slot < ring->slots(), "slot ", slot, " out of range");
+        auto lease = std::make_shared<SlotLease>(ring, slot);  // first: a lease refused below still returns it
         STOKER_CHECK_AS(ValueError, used <= ring->slot_bytes(), "a batch of ", used, " bytes does not fit a slot of ",
                         ring->slot_bytes(), " bytes");
         if (used > 0) {
           py::gil_scoped_release release;  // page-locking can take milliseconds
           ring->pin_slot(slot, used);
         }
-        return std::make_shared<SlotLease>(ring, slot);
+        return lease;
       }, py::arg("slot"), py::arg("used") = 0,
       "Takes over a lent slot whose batch fills its bytes [0, used): it returns to the ring when the lease and its "
       "tensors are gone. A pinned ring page-locks those bytes first (see pin_error when they are not).");

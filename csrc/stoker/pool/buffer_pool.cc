@@ -85,6 +85,11 @@ struct BufferPool::State {
       for (void* p : list) release(p);
   }
 
+  // The peak of bytes out at once is kept over two windows (see forget_peak): the current one and the one
+  // before; stats.peak_outstanding_bytes is the larger.
+  int64_t window_peak = 0;
+  int64_t earlier_peak = 0;
+
   // What the cache may hold now (under mu): max_cached, raised to the peak handed out at once up to grow_to.
   size_t bound() const {
     return std::max(max_cached, std::min(static_cast<size_t>(stats.peak_outstanding_bytes), grow_to));
@@ -92,7 +97,34 @@ struct BufferPool::State {
 
   void* allocate(size_t size) { return pin ? cuda::alloc_pinned(*pin, size) : std::aligned_alloc(64, size); }
 
-  // Undoes acquire's count of a block whose allocation failed (the peak stays: a retry needs the same room).
+  // The peak of bytes out at once, with the block just counted (under mu).
+  void note_peak() {
+    window_peak = std::max(window_peak, stats.outstanding_bytes);
+    stats.peak_outstanding_bytes = std::max(window_peak, earlier_peak);
+  }
+
+  // A new window begins, with the bytes out now; `keep_earlier`: the one ending still counts through it.
+  void new_window(bool keep_earlier) {
+    earlier_peak = keep_earlier ? window_peak : 0;
+    window_peak = stats.outstanding_bytes;
+    stats.peak_outstanding_bytes = std::max(window_peak, earlier_peak);
+  }
+
+  // Takes the cached blocks past the bound out of the cache (under mu), into `drop` for the caller to release
+  // outside the lock.
+  void trim(std::vector<void*>& drop) {
+    const size_t limit = bound();
+    for (auto& [size, list] : free) {
+      while (!list.empty() && static_cast<size_t>(stats.cached_bytes) > limit) {
+        drop.push_back(list.back());
+        list.pop_back();
+        stats.cached_bytes -= static_cast<int64_t>(size);
+        if (pin) stats.pinned_bytes -= static_cast<int64_t>(size);
+      }
+    }
+  }
+
+  // Undoes acquire's count of a block whose allocation failed (never counted in the peak).
   void not_allocated(size_t size) {
     std::lock_guard<std::mutex> lock(mu);
     --stats.outstanding;
@@ -177,8 +209,7 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
     }
     ++state_->stats.outstanding;
     state_->stats.outstanding_bytes += static_cast<int64_t>(size);
-    state_->stats.peak_outstanding_bytes = std::max(state_->stats.peak_outstanding_bytes,
-                                                    state_->stats.outstanding_bytes);
+    if (p != nullptr) state_->note_peak();  // a block allocated below counts once it exists
   }
   if (p == nullptr) {
     try {
@@ -191,10 +222,9 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
       state_->not_allocated(size);
       throw std::bad_alloc();
     }
-    if (state_->pin) {
-      std::lock_guard<std::mutex> lock(state_->mu);
-      state_->stats.pinned_bytes += static_cast<int64_t>(size);
-    }
+    std::lock_guard<std::mutex> lock(state_->mu);
+    state_->note_peak();
+    if (state_->pin) state_->stats.pinned_bytes += static_cast<int64_t>(size);
   }
   auto* block = new Block{p, size, state_->pin != nullptr};
   std::shared_ptr<State> state = state_;
@@ -221,6 +251,18 @@ PoolStats BufferPool::stats() const {
   return s;
 }
 
+void BufferPool::forget_peak() {
+  std::vector<void*> drop;
+  {
+    std::lock_guard<std::mutex> lock(state_->mu);
+    // The window ending still counts through the next, so epochs alike keep their blocks, and a peak reached
+    // once (a user keeping a list of batches) is forgotten a window later.
+    state_->new_window(true);
+    state_->trim(drop);
+  }
+  for (void* p : drop) state_->release(p);
+}
+
 void BufferPool::set_growth(size_t grow_to) {
   std::lock_guard<std::mutex> lock(state_->mu);
   state_->grow_to = grow_to;
@@ -238,18 +280,8 @@ void BufferPool::set_max_cached_bytes(size_t bytes) {
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->max_cached = bytes;
-    state_->stats.peak_outstanding_bytes = state_->stats.outstanding_bytes;  // the peak counts from now
-    const size_t limit = state_->bound();
-    if (static_cast<size_t>(state_->stats.cached_bytes) > limit) {
-      for (auto& [size, list] : state_->free) {
-        while (!list.empty() && static_cast<size_t>(state_->stats.cached_bytes) > limit) {
-          drop.push_back(list.back());
-          list.pop_back();
-          state_->stats.cached_bytes -= static_cast<int64_t>(size);
-          if (state_->pin) state_->stats.pinned_bytes -= static_cast<int64_t>(size);
-        }
-      }
-    }
+    state_->new_window(false);  // the peak counts from now
+    state_->trim(drop);
   }
   for (void* p : drop) state_->release(p);
 }

@@ -37,9 +37,9 @@ struct PoolStats {
 /// A thread-safe pool of 64-byte aligned blocks, kept per exact size. Returned blocks are cached while the
 /// cache holds at most its bound: past that, cached blocks of other sizes are freed to make room, and a
 /// returned block is freed only when blocks of its own size fill the cache. The bound is `max_cached_bytes`,
-/// raised to the most bytes ever handed out at once, up to `grow_to` (set_growth): batches too large for the
-/// fixed bound, several in flight, would otherwise be allocated (and page-faulted, or page-locked) afresh each
-/// time, since the cache could never hold those that return while others are out.
+/// raised to the most bytes handed out at once (since forget_peak), up to `grow_to` (set_growth): batches too
+/// large for the fixed bound, several in flight, would otherwise be allocated (and page-faulted, or
+/// page-locked) afresh each time, since the cache could never hold those that return while others are out.
 class BufferPool {
  public:
   /// Plain blocks (aligned_alloc), sizes rounded up to 64 bytes.
@@ -63,6 +63,10 @@ class BufferPool {
   /// The cache's bound follows the peak of bytes handed out at once up to `grow_to` bytes (0, the default:
   /// it stays max_cached_bytes).
   void set_growth(size_t grow_to);
+  /// Begins a new window of the peak (the bytes out now); the window ending still counts through it, then
+  /// is forgotten, and cached blocks past the bound that leaves are freed. Called as an iterator begins: a
+  /// peak that epochs reach alike stays, one reached once (batches a user kept) goes an epoch later.
+  void forget_peak();
   /// Whether this pool's blocks are page-locked.
   bool pinned() const;
   /// From now on a returned block goes back through `fence` (see FenceQueue) instead of straight to the
