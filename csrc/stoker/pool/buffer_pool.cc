@@ -86,42 +86,39 @@ struct BufferPool::State {
   }
 
   // The peak of bytes out at once is kept over two windows (see forget_peak): the current one and the one
-  // before; stats.peak_outstanding_bytes is the larger.
+  // before; the peak is the larger.
   int64_t window_peak = 0;
   int64_t earlier_peak = 0;
 
+  int64_t peak() const { return std::max(window_peak, earlier_peak); }
+
   // What the cache may hold now (under mu): max_cached, raised to the peak handed out at once up to grow_to.
-  size_t bound() const {
-    return std::max(max_cached, std::min(static_cast<size_t>(stats.peak_outstanding_bytes), grow_to));
-  }
+  size_t bound() const { return std::max(max_cached, std::min(static_cast<size_t>(peak()), grow_to)); }
 
   void* allocate(size_t size) { return pin ? cuda::alloc_pinned(*pin, size) : std::aligned_alloc(64, size); }
 
   // The peak of bytes out at once, with the block just counted (under mu).
-  void note_peak() {
-    window_peak = std::max(window_peak, stats.outstanding_bytes);
-    stats.peak_outstanding_bytes = std::max(window_peak, earlier_peak);
-  }
+  void note_peak() { window_peak = std::max(window_peak, stats.outstanding_bytes); }
 
-  // A new window begins, with the bytes out now; `keep_earlier`: the one ending still counts through it.
+  // A new window of the peak begins, with the bytes out now (`keep_earlier`: the one ending still counts
+  // through it), and the cached blocks past the bound that leaves are freed.
   void new_window(bool keep_earlier) {
-    earlier_peak = keep_earlier ? window_peak : 0;
-    window_peak = stats.outstanding_bytes;
-    stats.peak_outstanding_bytes = std::max(window_peak, earlier_peak);
-  }
-
-  // Takes the cached blocks past the bound out of the cache (under mu), into `drop` for the caller to release
-  // outside the lock.
-  void trim(std::vector<void*>& drop) {
-    const size_t limit = bound();
-    for (auto& [size, list] : free) {
-      while (!list.empty() && static_cast<size_t>(stats.cached_bytes) > limit) {
-        drop.push_back(list.back());
-        list.pop_back();
-        stats.cached_bytes -= static_cast<int64_t>(size);
-        if (pin) stats.pinned_bytes -= static_cast<int64_t>(size);
+    std::vector<void*> drop;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      earlier_peak = keep_earlier ? window_peak : 0;
+      window_peak = stats.outstanding_bytes;
+      const size_t limit = bound();
+      for (auto& [size, list] : free) {
+        while (!list.empty() && static_cast<size_t>(stats.cached_bytes) > limit) {
+          drop.push_back(list.back());
+          list.pop_back();
+          stats.cached_bytes -= static_cast<int64_t>(size);
+          if (pin) stats.pinned_bytes -= static_cast<int64_t>(size);
+        }
       }
     }
+    for (void* p : drop) release(p);  // outside the lock: unpinning can take milliseconds
   }
 
   // Undoes acquire's count of a block whose allocation failed (never counted in the peak).
@@ -247,20 +244,15 @@ std::shared_ptr<Block> BufferPool::acquire(size_t bytes) {
 PoolStats BufferPool::stats() const {
   std::lock_guard<std::mutex> lock(state_->mu);
   PoolStats s = state_->stats;
+  s.peak_outstanding_bytes = state_->peak();
   s.cache_bound = static_cast<int64_t>(state_->bound());
   return s;
 }
 
 void BufferPool::forget_peak() {
-  std::vector<void*> drop;
-  {
-    std::lock_guard<std::mutex> lock(state_->mu);
-    // The window ending still counts through the next, so epochs alike keep their blocks, and a peak reached
-    // once (a user keeping a list of batches) is forgotten a window later.
-    state_->new_window(true);
-    state_->trim(drop);
-  }
-  for (void* p : drop) state_->release(p);
+  // The window ending still counts through the next, so epochs alike keep their blocks, and a peak reached
+  // once (a user keeping a list of batches) is forgotten a window later.
+  state_->new_window(true);
 }
 
 void BufferPool::set_growth(size_t grow_to) {
@@ -276,14 +268,11 @@ void BufferPool::set_fence(std::shared_ptr<FenceQueue> fence) {
 }
 
 void BufferPool::set_max_cached_bytes(size_t bytes) {
-  std::vector<void*> drop;
   {
     std::lock_guard<std::mutex> lock(state_->mu);
     state_->max_cached = bytes;
-    state_->new_window(false);  // the peak counts from now
-    state_->trim(drop);
   }
-  for (void* p : drop) state_->release(p);
+  state_->new_window(false);  // the peak counts from now
 }
 
 }  // namespace stoker
