@@ -9,6 +9,7 @@ worker count); stoker runs with num_workers 0 and 2 (threads).
 from __future__ import annotations
 
 import collections
+import time
 import warnings
 
 import numpy as np
@@ -939,14 +940,71 @@ def test_batches_from_threads_serving_an_array_dataset_are_copies_as_from_worker
     assert array.tolist() == np.arange(12.0).reshape(6, 2).tolist()
 
 
-def test_an_iterator_of_persistent_workers_superseded_by_a_later_iter_says_so():
+@pytest.mark.parametrize("dataset", [list(range(8)), torch.arange(8)], ids=["python", "array"])
+def test_persistent_workers_reset_and_hand_out_their_one_iterator_again_as_torchs(dataset):
+    # torch's loader with persistent workers has one iterator: iter() resets it, the epoch it served ends there,
+    # and that same object serves the next epoch.
+    seen = {}
+    for cls in (stoker.DataLoader, TorchDataLoader):
+        loader = cls(dataset, batch_size=2, num_workers=2, persistent_workers=True)
+        it = iter(loader)
+        first = next(it).tolist()
+        again = iter(loader)
+        seen[cls] = (again is it, first, [b.tolist() for b in it], [b.tolist() for b in loader],
+                     len(iter(loader)))
+    assert seen[stoker.DataLoader] == seen[TorchDataLoader]
+    assert seen[TorchDataLoader][0] is True
+
+
+def test_a_persistent_loader_dropped_with_its_iterator_ends_its_workers_at_once():
+    import gc
+
     loader = stoker.DataLoader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
     it = iter(loader)
     next(it)
-    assert next(iter(loader)).tolist() == [0, 1]  # a peek: a new epoch on the same workers
-    with pytest.raises(RuntimeError, match=r"this iterator's epoch was ended by a later iter\(\) of its loader"):
-        next(it)  # never a silently empty epoch
-    assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    pids = [w.pid for w in it._workers]
+    gc.disable()  # no reference cycle keeps them: the loader holds its iterator weakly
+    try:
+        del it, loader
+        deadline = time.monotonic() + 30
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_running(pid) for pid in pids] == [False, False]
+    finally:
+        gc.enable()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_persistent_loader_whose_epoch_fails_to_begin_serves_the_next_from_the_same_iterator():
+    class Sampler(torch.utils.data.Sampler):
+        fail = False
+
+        def __iter__(self):
+            if self.fail:
+                raise ValueError("the sampler cannot begin")
+            return iter(range(8))
+
+        def __len__(self):
+            return 8
+
+    sampler = Sampler()
+    loader = stoker.DataLoader(list(range(8)), batch_size=4, sampler=sampler, num_workers=2,
+                               persistent_workers=True)
+    it = iter(loader)
+    assert next(it).tolist() == [0, 1, 2, 3]
+    sampler.fail = True
+    with pytest.raises(ValueError, match="the sampler cannot begin"):
+        next(iter(loader))  # raised at the batch it stops (torch raises it at iter(), reading ahead)
+    assert iter(loader) is it
+    sampler.fail = False
+    assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 
 def test_a_large_array_dataset_with_rows_not_contiguous_is_not_copied_whole_at_each_iter(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.utils.data.dataloader import _DatasetKind
 from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_plan, is_array_dataset
 from stoker._cursor import Cursor as _Cursor
-from stoker._iterators import ArrayIterator, IterableIterator, ProcessIterator, PythonIterator
+from stoker._iterators import ArrayIterator, IterableIterator, PersistentIterator, ProcessIterator, PythonIterator
 from stoker._native import core
 from stoker._shard import check_count, resolve_shard
 from stoker._workers import is_stateful
@@ -51,6 +52,11 @@ def _encode_rng(states: dict | None) -> dict | None:
     if not states:
         return None
     return {key: _resume.encode_rng(state) for key, state in states.items()}
+
+
+# A loader with persistent workers -> its one iterator (both weakly held: in the loader's own attributes the
+# reference would not pickle, nor let the loader end its workers once dropped).
+_persistent_iterators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class DataLoader(_TorchDataLoader):
@@ -580,6 +586,21 @@ class DataLoader(_TorchDataLoader):
         return ProcessIterator(self, collate)
 
     def __iter__(self):
+        if self.persistent_workers and self.num_workers > 0:
+            # As torch's loader: one iterator, which each iter() resets (ending the epoch it served) and hands
+            # out again. The loader holds it weakly: one nobody holds cannot be told from a new one, and the
+            # loader dropped must end its workers at once (an iterator holds its loader).
+            held = _persistent_iterators.get(self)
+            it = held() if held is not None else None
+            if it is not None:
+                it._reset(self._stoker_iter)
+            else:
+                it = PersistentIterator(self._stoker_iter)
+                _persistent_iterators[self] = weakref.ref(it)
+            return it
+        return self._stoker_iter()
+
+    def _stoker_iter(self):
         self._stoker_device = _cuda.current_target(self._stoker_device, self.device)
         inner = self._stoker_cpu_iter()
         if self._stoker_device is None:

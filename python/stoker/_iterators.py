@@ -29,7 +29,7 @@ from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
                              load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
 
-__all__ = ["ArrayIterator", "IterableIterator", "ProcessIterator", "PythonIterator"]
+__all__ = ["ArrayIterator", "IterableIterator", "PersistentIterator", "ProcessIterator", "PythonIterator"]
 
 _profiler_enabled = torch.autograd._profiler_enabled
 _live: weakref.WeakSet = weakref.WeakSet()
@@ -278,6 +278,42 @@ class _Iterator:
 
     def close(self) -> None:
         self._closed = True
+
+
+class PersistentIterator:
+    """The one iterator of a loader with persistent workers, as torch's: each ``iter(loader)`` resets it (the
+    epoch it was serving ends, its prefetched batches are dropped) and hands out this same object again, now
+    serving the next epoch. Whatever else is asked of it is asked of the epoch's own iterator."""
+
+    def __init__(self, begin) -> None:
+        self._inner = begin()
+
+    def _reset(self, begin) -> None:
+        """Ends the current epoch's iterator, then begins the next (``begin()``). If the next cannot begin, the
+        error is raised and this iterator stays ended."""
+        self._inner.close()
+        self._inner = begin()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._inner)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getattr__(self, name: str):
+        inner = self.__dict__.get("_inner")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __getstate__(self):
+        raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
 
 
 def _index_array(indices):

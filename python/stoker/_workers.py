@@ -1663,8 +1663,7 @@ class ProcessBatches:
         if self.superseded:
             raise RuntimeError(
                 "this iterator's epoch was ended by a later iter() of its loader: with persistent_workers=True the "
-                "workers serve one iterator at a time (torch's loader resets that one iterator and hands it out "
-                "again; stoker's starts a new one). Take the iterator you go on with from the latest iter(loader)")
+                "workers serve one epoch at a time. Take the iterator you go on with from the latest iter(loader)")
         while True:
             self._top_up()
             if not self.order:
