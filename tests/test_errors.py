@@ -110,6 +110,37 @@ def test_getitem_error_notes_name_the_index(batch_size, num_workers):
     assert str(info.value) == "corrupt sample at position 7"  # the message itself is torch's
 
 
+class KeepsItsError(Dataset):
+    """Raises one exception object it keeps, at every odd index."""
+
+    error = ValueError("this sample is unreadable")
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i % 2:
+            raise self.error
+        return i
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_an_exception_object_raised_again_names_its_latest_index_only(num_workers):
+    dataset = KeepsItsError()
+    it = iter(stoker.DataLoader(dataset, batch_size=None, num_workers=num_workers, worker_mode="thread"))
+    for i in range(6):
+        if i % 2 == 0:
+            assert int(next(it)) == i
+            continue
+        with pytest.raises(ValueError, match="this sample is unreadable") as info:
+            next(it)
+        notes = [n for n in getattr(info.value, "__notes__", []) if "index" in n]
+        assert len(notes) == 1, notes
+        if num_workers == 0:  # (threads loading ahead may have raised the same object at a later index since)
+            assert f"index {i} " in notes[0], notes
+
+
 class FailingGetitems(Dataset):
     def __len__(self):
         return N

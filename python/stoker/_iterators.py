@@ -93,11 +93,6 @@ def _pin_requested(loader) -> bool:
     return True
 
 
-def _add_note(exc: BaseException, note: str) -> None:
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-
-
 class _Iterator:
     """Common protocol: iter/next/len, close(), no pickling, the epoch's seed drawn at creation.
 

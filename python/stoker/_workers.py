@@ -79,8 +79,16 @@ for _dt in _TORCH_DTYPES:
         pass
 
 
-def _add_note(exc: BaseException, note: str) -> None:
+_LOADING_NOTE = "stoker: raised while loading"  # the note of the batch (and index) an error was raised at
+
+
+def _add_note(exc: BaseException, note: str, kind: str = _LOADING_NOTE) -> None:
+    """Adds stoker's note saying where ``exc`` was raised (``note`` starts with ``kind``), in place of any of
+    that kind it had: an exception object raised again (a dataset keeping one) names its latest batch only."""
     if hasattr(exc, "add_note"):
+        notes = getattr(exc, "__notes__", None)
+        if isinstance(notes, list):
+            notes[:] = [n for n in notes if not (isinstance(n, str) and n.startswith(kind))]
         exc.add_note(note)
 
 
@@ -143,7 +151,7 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
         except StopIteration:
             raise
         except Exception as exc:
-            _add_note(exc, f"stoker: raised by __getitems__ for dataset indices {list(indices)!r} (batch {number})")
+            _add_note(exc, f"{_LOADING_NOTE} dataset indices {list(indices)!r} with __getitems__ (batch {number})")
             raise
     else:
         data = []
@@ -507,7 +515,7 @@ class _WorkerError:
             except Exception:
                 exc = None
         if exc is not None:
-            _add_note(exc, note)
+            _add_note(exc, note, "stoker: raised in DataLoader worker process")
             return exc
         if self.kind is not None:
             # torch's own recipe (ExceptionWrapper.reraise): the class called with the message and traceback.
