@@ -232,3 +232,42 @@ def test_a_zygote_that_cannot_start_leaves_the_workers_spawned_per_epoch(monkeyp
     for _ in range(2):
         assert [b["i"].tolist() for b in loader] == [list(range(k, k + 4)) for k in range(0, 48, 4)]
         assert loader._stoker_zygote is None
+
+
+class StartsAThread(Dataset):
+    """Unpickling starts a thread that holds the dataset's lock most of the time (as a module's background
+    flusher might, imported with the dataset); each sample takes that lock."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        with self.lock:
+            return i
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        import threading
+
+        self.lock = threading.Lock()
+
+        def flush() -> None:
+            while True:
+                with self.lock:
+                    time.sleep(0.05)
+                time.sleep(0.001)
+
+        threading.Thread(target=flush, daemon=True).start()
+
+
+@pytest.mark.parametrize("context", CONTEXTS)
+def test_a_dataset_whose_unpickling_starts_threads_gets_workers_spawned_not_forked(context):
+    # A fork made while that thread holds the lock would leave it held in the worker for good (a hang).
+    ds = StartsAThread()
+    ds.__setstate__({})
+    loader = stoker.DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context=context, timeout=60)
+    for _ in range(2):
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert getattr(loader, "_stoker_zygote", None) is None

@@ -1230,11 +1230,14 @@ def _zygote_main(source, control, alive) -> None:
         dataset, auto, collate, init_fn, iterable = pickle.load(f)
     me = os.getpid()
     children: set[int] = set()
-    # A dataset whose unpickling started CUDA cannot be forked from (CUDA does not survive a fork): the main
-    # process then spawns workers per epoch instead.
+    # A dataset whose unpickling started CUDA cannot be forked from (CUDA does not survive a fork), nor one
+    # whose unpickling started Python threads (a module's background thread, say, imported with it): a fork
+    # made while such a thread holds a lock leaves that lock held in the worker for good. The main process then
+    # spawns workers per epoch instead, each importing those modules afresh, as torch's do.
     cuda = getattr(torch, "cuda", None)
+    threads = any(t is not threading.main_thread() and t.is_alive() for t in threading.enumerate())
     try:
-        control.send(("ready", bool(cuda is not None and cuda.is_initialized())))
+        control.send(("ready", bool(cuda is not None and cuda.is_initialized()) or threads))
     except OSError:
         return
     while True:
@@ -1375,7 +1378,7 @@ class Zygote:
             return None
         if old is None:
             old = cls(ctx, key, loader, collate, iterable)
-            if not old.ready():  # CUDA started in it, or it could not start: spawned per epoch, as torch does
+            if not old.ready():  # CUDA or threads started in it, or it could not start: spawned per epoch, as torch
                 loader._stoker_zygote_refused = key
                 loader._stoker_zygote = None
                 return None
