@@ -422,3 +422,26 @@ def test_an_exception_that_does_not_pickle_keeps_its_type_as_with_torch():
     assert type(ours) is type(theirs) is _HoldsALambda
     assert str(ours).startswith("Caught _HoldsALambda in DataLoader worker process 0")
     assert "Original Traceback (most recent call last):" in str(ours) and "bad sample 1" in str(ours)
+
+
+class WindowSampler(torch.utils.data.Sampler):
+    """A window of three rows per sample: indexing the dataset with it gives one sample of three rows."""
+
+    def __len__(self):
+        return 6
+
+    def __iter__(self):
+        return (list(range(i, i + 3)) for i in range(6))
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_a_sequence_per_sample_into_an_array_dataset_is_refused_at_its_batch_not_flattened(num_workers):
+    frames = torch.arange(8.0).reshape(8, 1)
+    for ds in (TensorDataset(frames), frames, frames.numpy()):
+        loader = stoker.DataLoader(ds, sampler=WindowSampler(), batch_size=2, num_workers=num_workers)
+        with pytest.raises(IndexError, match=r"each sample's index into an array dataset must be one integer"):
+            next(iter(loader))
+    # A Dataset that indexes the tensor itself gets torch's batches of windows.
+    wrapped = MapDataset(lambda i: frames[i], 8)
+    assert_same(list(stoker.DataLoader(wrapped, sampler=WindowSampler(), batch_size=2)),
+                list(TorchDataLoader(wrapped, sampler=WindowSampler(), batch_size=2)))

@@ -312,11 +312,19 @@ class PersistentIterator:
 
 
 def _index_array(indices):
-    """(int64 array, None) for a batch of integer indices, else (None, the IndexError torch would raise)."""
+    """(int64 array, None) for a batch of integer indices, else (None, the IndexError to raise at that batch)."""
     try:
         array = np.asarray(indices)
     except Exception as exc:  # ragged or exotic: what indexing with it would raise
         return None, IndexError(f"a batch of indices must be integers; the sampler gave {indices!r} ({exc})")
+    if array.ndim != 1:
+        # A sequence per sample (a window of rows, say), which indexing the dataset with would give as one
+        # sample of several rows: the native gather takes one row per sample, so it says so rather than
+        # gathering the rows as samples of their own.
+        return None, IndexError(
+            f"each sample's index into an array dataset must be one integer; the sampler gave {indices!r}. To "
+            "index it with a sequence per sample, wrap the dataset in a torch.utils.data.Dataset whose "
+            "__getitem__ indexes it")
     if array.size == 0:
         return None, IndexError("list index out of range")  # default_collate's error for an empty batch
     if array.dtype.kind not in "iu" or array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
