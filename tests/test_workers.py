@@ -746,3 +746,18 @@ def test_a_nested_tensor_from_a_worker_arrives_as_torchs_does():
     assert len(got) == len(expected) == 4
     for a, b in zip(got, expected):
         assert a.is_nested and all(torch.equal(x, y) for x, y in zip(a.unbind(), b.unbind()))
+
+
+def _init_fails(worker_id):
+    raise ValueError(f"worker_init_fn failed in worker {worker_id}")
+
+
+def test_a_worker_init_fn_that_raises_in_worker_threads_raises_its_error_at_the_first_batch_as_torchs():
+    it = iter(stoker.DataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=_init_fails,
+                                worker_mode="thread"))  # iter() itself succeeds, as torch's
+    with pytest.raises(ValueError, match=r"worker_init_fn failed in worker \d"):
+        next(it)
+    with pytest.raises(StopIteration):  # the epoch has ended
+        next(it)
+    with pytest.raises(ValueError, match=r"worker_init_fn failed in worker \d"):
+        next(iter(TorchDataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=_init_fails)))

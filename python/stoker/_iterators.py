@@ -28,6 +28,7 @@ from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
                              load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
+from stoker._workers import _add_note as _add_worker_note
 
 __all__ = ["ArrayIterator", "IterableIterator", "PersistentIterator", "ProcessIterator", "PythonIterator"]
 
@@ -467,6 +468,8 @@ class PythonIterator(_Iterator):
     """Batches of any map-style dataset: `__getitems__`/`__getitem__` in Python, collated into pooled
     buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order."""
 
+    _init_error: Exception | None = None  # a worker thread's worker_init_fn raised it: raised at the next batch
+
     def __init__(self, loader, collate) -> None:
         super().__init__(loader)
         self._dataset = loader.dataset
@@ -489,6 +492,7 @@ class PythonIterator(_Iterator):
             worker_ids = itertools.count()
             init = loader.worker_init_fn
             num_threads, base_seed, dataset = self._num_threads, self._base_seed, self._dataset
+            init_errors: list = []
 
             def start_worker() -> None:
                 wid = next(worker_ids)
@@ -497,18 +501,25 @@ class PythonIterator(_Iterator):
                 # random generators, which are therefore not seeded per worker.
                 set_thread_worker_info(wid, num_threads, base_seed + wid, dataset)
                 if init is not None:
-                    init(wid)
+                    try:
+                        init(wid)
+                    except Exception as exc:  # raised at the first batch, as a worker's error (the pool goes on)
+                        _add_worker_note(exc, f"stoker: raised by worker_init_fn in worker thread {wid}",
+                                         "stoker: raised by worker_init_fn")
+                        init_errors.append(exc)
 
             self._pool = ThreadPoolExecutor(self._num_threads, "stoker_worker", initializer=start_worker)
             # The executor starts threads lazily and reuses idle ones, so a short epoch could run on fewer
-            # threads (and call worker_init_fn fewer times) than asked: start them all now.
+            # threads (and call worker_init_fn fewer times) than asked: start them all now (however long
+            # worker_init_fn takes, as torch waits for its workers).
             barrier = threading.Barrier(self._num_threads)
-            for f in [self._pool.submit(barrier.wait, 10.0) for _ in range(self._num_threads)]:
+            for f in [self._pool.submit(barrier.wait) for _ in range(self._num_threads)]:
                 f.result()
+            self._init_error = init_errors[0] if init_errors else None
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
             self._pending: collections.deque = collections.deque()
         self._started()
-        if self._pool is not None:
+        if self._pool is not None and self._init_error is None:
             self._top_up()
 
     def _load(self, number: int, indices):
@@ -543,6 +554,10 @@ class PythonIterator(_Iterator):
                 return self._load(next(self._count), indices)
             except StopIteration:  # a dataset that raises StopIteration ends the epoch, as with torch
                 self._finish()
+        if self._init_error is not None:
+            error, self._init_error = self._init_error, None
+            self.close()  # as torch's loader, whose worker failing to start ends its epoch
+            raise error
         self._top_up()
         if not self._pending:
             self._finish()
