@@ -445,3 +445,12 @@ def test_a_sequence_per_sample_into_an_array_dataset_is_refused_at_its_batch_not
     wrapped = MapDataset(lambda i: frames[i], 8)
     assert_same(list(stoker.DataLoader(wrapped, sampler=WindowSampler(), batch_size=2)),
                 list(TorchDataLoader(wrapped, sampler=WindowSampler(), batch_size=2)))
+
+
+@pytest.mark.parametrize("prefetch_factor", [0, 1.5])
+@pytest.mark.parametrize("dataset", [list(range(8)), torch.arange(8)], ids=["python", "array"])
+def test_a_prefetch_factor_torchs_workers_refuse_is_refused_at_iter_as_torchs(dataset, prefetch_factor):
+    def make(cls):
+        return lambda: iter(cls(dataset, batch_size=2, num_workers=2, prefetch_factor=prefetch_factor))
+
+    raises_same(make(TorchDataLoader), make(stoker.DataLoader))

@@ -612,6 +612,10 @@ class DataLoader(_TorchDataLoader):
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
+        if self.num_workers > 0:  # torch's checks at iter(), in its workers' iterator, in its order
+            if self.prefetch_factor <= 0:
+                raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
+            operator.index(self.prefetch_factor * self.num_workers)  # a float: torch's TypeError from range()
         default = self.collate_fn is _tc.default_collate
         collate: Any = _collate.default_collate if default else self.collate_fn
         if self._dataset_kind != _DatasetKind.Map:
