@@ -874,6 +874,28 @@ def test_a_sampler_the_loop_steers_is_read_as_torch_reads_it_without_workers(dat
     assert run(stoker.DataLoader) == run(TorchDataLoader) == [[0, 1], [102, 103], [204, 205], [306, 307]]
 
 
+@pytest.mark.parametrize("kind", ["tensor", "tensor_dataset", "ndarray"])
+@pytest.mark.parametrize("order", [dict(), dict(shuffle=True), dict(sampler=list(range(63, -1, -1)))],
+                         ids=["sequential", "shuffled", "sampler"])
+def test_a_dataset_the_loop_changes_is_read_at_each_batch_as_torch_reads_it_without_workers(kind, order):
+    # A replay buffer, say: without workers torch indexes it at each next(), so every batch sees the loop's
+    # latest writes.
+    def run(cls):
+        buffer = torch.zeros(64, 3)
+        dataset = {"tensor": buffer, "tensor_dataset": TensorDataset(buffer), "ndarray": buffer.numpy()}[kind]
+        generator = torch.Generator().manual_seed(5)
+        seen = []
+        for step, batch in enumerate(cls(dataset, batch_size=4, generator=generator, **order)):
+            batch = batch[0] if isinstance(batch, list) else batch
+            seen.append(torch.as_tensor(batch).unique().tolist())
+            buffer.fill_(step + 1)
+        return seen
+
+    expected = run(TorchDataLoader)
+    assert expected == [[float(step)] for step in range(16)]
+    assert run(stoker.DataLoader) == expected
+
+
 def _record_worker(worker_id):
     import os
 

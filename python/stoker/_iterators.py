@@ -351,16 +351,23 @@ class ArrayIterator(_Iterator):
         self._source_owners = plan.owners  # the arrays the native source points into
         self._batches = self._user_batches
         self._track_in_process()
-        stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
-        start = self._start if self._native_order else 0
+        # With num_workers=0 each batch is gathered at its next(), as torch indexes the dataset then: a dataset
+        # the loop changes as it goes (a replay buffer, say) is never served from before the change. Workers
+        # gather stoker's own order ahead, natively.
+        self._submitted = not self._native_order or self._num_threads == 0  # index batches are submitted here
+        if self._native_order and self._submitted:
+            order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
+            self._batches = (order.batch(b) for b in range(self._start, len(order)))
+        stream = None if self._submitted else self._native_stream(loader.batch_size, loader.drop_last)
+        start = 0 if self._submitted else self._start
         pool = POOL if self._host_pool is None else self._host_pool
         self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
-        # How far a sampler you pass is read ahead: as torch reads it, not at all with num_workers=0 (each batch
-        # of indices is drawn at its next(): a sampler the training loop steers, a curriculum say, sees the
-        # loop's latest word), prefetch_factor x num_workers batches (and two) with workers. torch's own
-        # samplers, whose order is fixed when their iteration begins, are read ahead either way.
-        self._ahead = depth if self._num_threads > 0 or _fixed_at_start(loader) else 1
+        # How far the index batches are read (and gathered) ahead: as torch reads them, not at all with
+        # num_workers=0 (each is drawn and gathered at its next(): a sampler the training loop steers, a
+        # curriculum say, sees the loop's latest word, and a dataset the loop changes is read as it is then),
+        # prefetch_factor x num_workers batches (and two) with workers.
+        self._ahead = depth if self._num_threads > 0 else 1
         self._started()
         if self._batches is not None and self._ahead > 1:
             self._top_up()
@@ -378,7 +385,8 @@ class ArrayIterator(_Iterator):
             except Exception as exc:
                 self._pending.append(exc)
                 continue
-            array, error = _index_array(indices)
+            # (stoker's own order is int64 arrays already)
+            array, error = (indices, None) if self._native_order else _index_array(indices)
             if error is not None:
                 self._pending.append(error)
             else:
@@ -388,7 +396,7 @@ class ArrayIterator(_Iterator):
     def _next(self):
         if self._closed:
             raise StopIteration
-        if not self._native_order:
+        if self._submitted:
             self._top_up()
             if not self._pending:
                 self._finish()
@@ -405,19 +413,6 @@ class ArrayIterator(_Iterator):
             self._closed = True
             if self._pid == os.getpid():  # in a forked child there are no threads to stop
                 self._pipe.stop()
-
-
-def _fixed_at_start(loader) -> bool:
-    """Whether the loader's index batches come from torch's own samplers that fix their whole order when their
-    iteration begins (reading them ahead then changes nothing that anyone could see)."""
-    from torch.utils.data import (BatchSampler, DistributedSampler, RandomSampler, SequentialSampler,
-                                  SubsetRandomSampler, WeightedRandomSampler)
-
-    batches = loader.batch_sampler
-    sampler = batches.sampler if type(batches) is BatchSampler else loader.sampler if batches is None else None
-    if type(sampler) is RandomSampler:  # with replacement, or past one pass, it draws as it goes
-        return not sampler.replacement and sampler.num_samples <= len(sampler.data_source)
-    return type(sampler) in (SequentialSampler, SubsetRandomSampler, WeightedRandomSampler, DistributedSampler)
 
 
 def _unaliased(batch, ranges: list[tuple[int, int]]):
