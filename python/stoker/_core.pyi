@@ -32,6 +32,13 @@ class ArraySource:
         columns: collections.abc.Sequence[tuple[str, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, typing.SupportsInt | typing.SupportsIndex, collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]]],
     ) -> None: ...
     def __len__(self) -> int: ...
+    def gather(
+        self,
+        pool: BufferPool,
+        indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+        number: typing.SupportsInt | typing.SupportsIndex,
+    ) -> list[typing.Any]:
+        """Gathers the rows of `indices` into a block of `pool` on the calling thread: one capsule per column. An index out of range raises IndexError naming it and batch `number`."""
 
 class BufferPool:
     def __init__(

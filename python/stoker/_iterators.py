@@ -336,7 +336,8 @@ def _index_array(indices):
 
 
 class ArrayIterator(_Iterator):
-    """Batches of an array dataset, gathered by native threads into pooled blocks and handed over zero-copy."""
+    """Batches of an array dataset, gathered natively into pooled blocks (at each next() without workers, by
+    native threads ahead with them) and handed over zero-copy."""
 
     def __init__(self, loader, plan) -> None:
         super().__init__(loader)
@@ -351,31 +352,32 @@ class ArrayIterator(_Iterator):
         self._source_owners = plan.owners  # the arrays the native source points into
         self._batches = self._user_batches
         self._track_in_process()
-        # With num_workers=0 each batch is gathered at its next(), as torch indexes the dataset then: a dataset
-        # the loop changes as it goes (a replay buffer, say) is never served from before the change. Workers
-        # gather stoker's own order ahead, natively.
-        self._submitted = not self._native_order or self._num_threads == 0  # index batches are submitted here
-        if self._native_order and self._submitted:
-            order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
-            self._batches = (order.batch(b) for b in range(self._start, len(order)))
-        stream = None if self._submitted else self._native_stream(loader.batch_size, loader.drop_last)
-        start = 0 if self._submitted else self._start
         pool = POOL if self._host_pool is None else self._host_pool
+        # With num_workers=0 each batch's indices are drawn, and its rows gathered, at its next() on the calling
+        # thread, as torch indexes the dataset then: a sampler the training loop steers (a curriculum, say)
+        # sees the loop's latest word, and a dataset the loop changes as it goes (a replay buffer) is read as
+        # it is then. With workers, native threads gather prefetch_factor x num_workers batches (and two) ahead.
+        self._inline = self._num_threads == 0
+        if self._inline:
+            self._source, self._pool = source, pool
+            self._numbers = itertools.count(self._start)
+            if self._native_order:
+                order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
+                self._batches = (order.batch(b) for b in range(self._start, len(order)))
+            self._started()
+            return
+        stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
+        start = self._start if self._native_order else 0
         self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
         self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
-        # How far the index batches are read (and gathered) ahead: as torch reads them, not at all with
-        # num_workers=0 (each is drawn and gathered at its next(): a sampler the training loop steers, a
-        # curriculum say, sees the loop's latest word, and a dataset the loop changes is read as it is then),
-        # prefetch_factor x num_workers batches (and two) with workers.
-        self._ahead = depth if self._num_threads > 0 else 1
         self._started()
-        if self._batches is not None and self._ahead > 1:
+        if self._batches is not None:
             self._top_up()
 
     def _top_up(self) -> None:
         # Reads the sampler ahead. A batch it cannot serve (the sampler raised, or gave no integers) is kept
         # in line as the exception to raise at that batch's turn, so the batches before it still arrive.
-        while self._batches is not None and len(self._pending) < self._ahead:
+        while self._batches is not None and len(self._pending) < self._depth:
             try:
                 indices = next(self._batches)
             except StopIteration:
@@ -385,8 +387,7 @@ class ArrayIterator(_Iterator):
             except Exception as exc:
                 self._pending.append(exc)
                 continue
-            # (stoker's own order is int64 arrays already)
-            array, error = (indices, None) if self._native_order else _index_array(indices)
+            array, error = _index_array(indices)
             if error is not None:
                 self._pending.append(error)
             else:
@@ -396,7 +397,9 @@ class ArrayIterator(_Iterator):
     def _next(self):
         if self._closed:
             raise StopIteration
-        if self._submitted:
+        if self._inline:
+            return self._gather_here()
+        if not self._native_order:
             self._top_up()
             if not self._pending:
                 self._finish()
@@ -408,10 +411,23 @@ class ArrayIterator(_Iterator):
             self._finish()
         return self._plan.shape_batch([from_dlpack(c) for c in capsules])
 
+    def _gather_here(self):
+        try:
+            indices = next(self._batches)
+        except StopIteration:
+            self._finish()
+        number = next(self._numbers)
+        if not self._native_order:  # (stoker's own order is int64 arrays already)
+            indices, error = _index_array(indices)
+            if error is not None:
+                raise error
+        capsules = self._source.gather(self._pool, indices, number)
+        return self._plan.shape_batch([from_dlpack(c) for c in capsules])
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            if self._pid == os.getpid():  # in a forked child there are no threads to stop
+            if not self._inline and self._pid == os.getpid():  # in a forked child there are no threads to stop
                 self._pipe.stop()
 
 

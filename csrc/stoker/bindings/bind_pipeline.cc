@@ -59,7 +59,28 @@ void register_pipeline(py::module_& m) {
              return std::const_pointer_cast<ArraySource>(make_source(specs));
            }),
            py::arg("columns"))
-      .def("__len__", &ArraySource::size);
+      .def("__len__", &ArraySource::size)
+      .def("gather", [](std::shared_ptr<ArraySource> source, std::shared_ptr<BufferPool> pool,
+                        py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx, int64_t number) {
+             // One batch gathered here and now, on the calling thread (no handoff to a pipeline's thread).
+             GatheredBatch batch;
+             std::vector<int64_t> indices(idx.data(), idx.data() + idx.size());
+             {
+               py::gil_scoped_release release;
+               batch.rows = static_cast<int64_t>(indices.size());
+               const size_t bytes = source->batch_layout(batch.rows, &batch.offsets);
+               batch.block = pool->acquire(bytes);
+               try {
+                 source->gather(indices.data(), batch.rows, static_cast<uint8_t*>(batch.block->data),
+                                batch.offsets);
+               } catch (const IndexError& e) {
+                 throw IndexError(detail::concat(e.what(), " (in batch ", number, ")"));
+               }
+             }
+             return to_tensors(*source, batch);
+           }, py::arg("pool"), py::arg("indices"), py::arg("number"),
+           "Gathers the rows of `indices` into a block of `pool` on the calling thread: one capsule per column. "
+           "An index out of range raises IndexError naming it and batch `number`.");
 
   py::class_<PyArrayPipeline>(m, "ArrayPipeline")
       .def(py::init([](std::shared_ptr<ArraySource> source, std::shared_ptr<BufferPool> pool,
