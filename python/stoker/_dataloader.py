@@ -612,7 +612,9 @@ class DataLoader(_TorchDataLoader):
         operator.index(self.num_workers)  # torch fails here, at iter(), for a float
         if self.num_workers == 0 and self.timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
-        if self.num_workers > 0:  # torch's checks at iter(), in its workers' iterator, in its order
+        # torch's checks at iter(), in its workers' iterator, in its order (None, from num_workers set after
+        # construction, means 2 here, where torch's iterator would fail on it)
+        if self.num_workers > 0 and self.prefetch_factor is not None:
             if self.prefetch_factor <= 0:
                 raise AssertionError("prefetch_factor must be greater than 0 for MultiProcessingDataLoaderIter")
             operator.index(self.prefetch_factor * self.num_workers)  # a float: torch's TypeError from range()
