@@ -299,10 +299,7 @@ class PersistentIterator:
     def __len__(self) -> int:
         return len(self._inner)
 
-    def close(self) -> None:
-        self._inner.close()
-
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # close(), and what tests and tools ask of the epoch's iterator
         inner = self.__dict__.get("_inner")
         if inner is None:
             raise AttributeError(name)
@@ -360,7 +357,6 @@ class ArrayIterator(_Iterator):
         self._inline = self._num_threads == 0
         if self._inline:
             self._source, self._pool = source, pool
-            self._numbers = itertools.count(self._start)
             if self._native_order:
                 order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
                 self._batches = (order.batch(b) for b in range(self._start, len(order)))
@@ -416,12 +412,11 @@ class ArrayIterator(_Iterator):
             indices = next(self._batches)
         except StopIteration:
             self._finish()
-        number = next(self._numbers)
         if not self._native_order:  # (stoker's own order is int64 arrays already)
             indices, error = _index_array(indices)
             if error is not None:
                 raise error
-        capsules = self._source.gather(self._pool, indices, number)
+        capsules = self._source.gather(self._pool, indices, self._cursor.served)  # (this batch's number)
         return self._plan.shape_batch([from_dlpack(c) for c in capsules])
 
     def close(self) -> None:

@@ -1568,7 +1568,6 @@ class ProcessBatches:
         for _ in range(self.position.next_worker):
             next(self.cycle)
         self.exhausted = False
-        self.superseded = False  # set when a later iterator of the same persistent workers began (drain)
         self._top_up()
 
     def _next_worker(self) -> int | None:
@@ -1671,10 +1670,6 @@ class ProcessBatches:
 
     def next(self):
         """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
-        if self.superseded:
-            raise RuntimeError(
-                "this iterator's epoch was ended by a later iter() of its loader: with persistent_workers=True the "
-                "workers serve one epoch at a time. Take the iterator you go on with from the latest iter(loader)")
         while True:
             self._top_up()
             if not self.order:
@@ -1701,5 +1696,4 @@ class ProcessBatches:
         self.ready.clear()
         self.order.clear()
         self.exhausted = True
-        self.superseded = True
 
