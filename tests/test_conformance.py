@@ -588,6 +588,38 @@ def test_batch_sampler_followed_exactly(dataset, batch_sampler, num_workers):
     )
 
 
+class WindowSampler(torch.utils.data.Sampler):
+    """A window of `k` rows per sample (a list, array or tensor of indices), as a sequence model's sampler
+    gives: indexing an array dataset with it gives one sample of k rows."""
+
+    def __init__(self, k: int, kind, n: int = N) -> None:
+        self.k, self.kind, self.starts = k, kind, torch.randperm(n - k + 1, generator=_gen(7)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __iter__(self):
+        return (self.kind(list(range(i, i + self.k))) for i in self.starts)
+
+
+WINDOW_DATASETS = {k: SAMPLER_DATASETS[k] for k in ("TensorDataset", "ndarray", "tensor-1d", "ArrayDataset-mixed")}
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("kind", [list, np.array, torch.tensor], ids=["list", "ndarray", "tensor"])
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("dataset", list(WINDOW_DATASETS))
+def test_a_window_of_rows_per_sample_is_served_as_torch_indexes_it(dataset, k, kind, num_workers):
+    if dataset in ("ndarray", "ArrayDataset-mixed") and kind is torch.tensor and k == 1:
+        pytest.skip("numpy takes a one-element tensor as a scalar index (a row, not a window of one)")
+    assert_loaders_match(
+        WINDOW_DATASETS[dataset](),
+        batch_size=3,
+        num_workers=num_workers,
+        kwargs_factory=lambda: {"sampler": WindowSampler(k, kind)},
+    )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # len(loader)
 # --------------------------------------------------------------------------------------------------------------

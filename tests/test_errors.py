@@ -424,27 +424,28 @@ def test_an_exception_that_does_not_pickle_keeps_its_type_as_with_torch():
     assert "Original Traceback (most recent call last):" in str(ours) and "bad sample 1" in str(ours)
 
 
-class WindowSampler(torch.utils.data.Sampler):
-    """A window of three rows per sample: indexing the dataset with it gives one sample of three rows."""
+class PairSampler(torch.utils.data.Sampler):
+    """A tuple per sample, which indexes dimensions (one element of a row), not rows."""
 
     def __len__(self):
         return 6
 
     def __iter__(self):
-        return (list(range(i, i + 3)) for i in range(6))
+        return ((i, 0) for i in range(6))
 
 
 @pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
-def test_a_sequence_per_sample_into_an_array_dataset_is_refused_at_its_batch_not_flattened(num_workers):
+def test_a_tuple_per_sample_into_an_array_dataset_is_refused_at_its_batch_not_guessed(num_workers):
     frames = torch.arange(8.0).reshape(8, 1)
     for ds in (TensorDataset(frames), frames, frames.numpy()):
-        loader = stoker.DataLoader(ds, sampler=WindowSampler(), batch_size=2, num_workers=num_workers)
-        with pytest.raises(IndexError, match=r"each sample's index into an array dataset must be one integer"):
+        loader = stoker.DataLoader(ds, sampler=PairSampler(), batch_size=2, num_workers=num_workers)
+        with pytest.raises(IndexError, match=r"must be an integer or a list of integers; the sampler gave "
+                                             r"\[\(0, 0\), \(1, 0\)\]"):
             next(iter(loader))
-    # A Dataset that indexes the tensor itself gets torch's batches of windows.
+    # A Dataset that indexes the tensor itself gets torch's batches of elements.
     wrapped = MapDataset(lambda i: frames[i], 8)
-    assert_same(list(stoker.DataLoader(wrapped, sampler=WindowSampler(), batch_size=2)),
-                list(TorchDataLoader(wrapped, sampler=WindowSampler(), batch_size=2)))
+    assert_same(list(stoker.DataLoader(wrapped, sampler=PairSampler(), batch_size=2)),
+                list(TorchDataLoader(wrapped, sampler=PairSampler(), batch_size=2)))
 
 
 @pytest.mark.parametrize("prefetch_factor", [0, 1.5])

@@ -310,26 +310,32 @@ class PersistentIterator:
 
 
 def _index_array(indices):
-    """(int64 array, None) for a batch of integer indices, else (None, the IndexError to raise at that batch)."""
+    """(int64 array, window, None) for a batch of indices, else (None, None, the IndexError to raise at that
+    batch). The array is flat: one row per integer. `window` is None for one integer per sample; for a sequence
+    of k integers per sample (a window of rows: indexing the dataset with it gives one sample of k rows) it is
+    (batch, k), the shape the gathered rows are viewed as."""
     try:
         array = np.asarray(indices)
     except Exception as exc:  # ragged or exotic: what indexing with it would raise
-        return None, IndexError(f"a batch of indices must be integers; the sampler gave {indices!r} ({exc})")
-    if array.ndim != 1:
-        # A sequence per sample (a window of rows, say), which indexing the dataset with would give as one
-        # sample of several rows: the native gather takes one row per sample, so it says so rather than
-        # gathering the rows as samples of their own.
-        return None, IndexError(
-            f"each sample's index into an array dataset must be one integer; the sampler gave {indices!r}. To "
-            "index it with a sequence per sample, wrap the dataset in a torch.utils.data.Dataset whose "
+        return None, None, IndexError(f"a batch of indices must be integers; the sampler gave {indices!r} ({exc})")
+    window = None
+    if array.ndim == 2 and not any(isinstance(i, tuple) for i in indices):
+        window = array.shape
+    elif array.ndim != 1:
+        # A tuple per sample indexes dimensions (one element, not rows), and a deeper nesting indexes as torch
+        # has deprecated: the native gather says so rather than guess.
+        return None, None, IndexError(
+            f"each sample's index into an array dataset must be an integer or a list of integers; the sampler "
+            f"gave {indices!r}. To index it otherwise, wrap the dataset in a torch.utils.data.Dataset whose "
             "__getitem__ indexes it")
-    if array.size == 0:
-        return None, IndexError("list index out of range")  # default_collate's error for an empty batch
-    if array.dtype.kind not in "iu" or array.dtype == np.uint64 and int(array.max()) > np.iinfo(np.int64).max:
-        return None, IndexError(
+    if array.shape[0] == 0:
+        return None, None, IndexError("list index out of range")  # default_collate's error for an empty batch
+    if array.size and (array.dtype.kind not in "iu" or array.dtype == np.uint64
+                       and int(array.max()) > np.iinfo(np.int64).max):
+        return None, None, IndexError(
             f"only integers are valid indices into an array dataset; the sampler gave {indices!r}"
         )
-    return array.astype(np.int64, copy=False).reshape(-1), None
+    return array.astype(np.int64, copy=False).reshape(-1), window, None
 
 
 class ArrayIterator(_Iterator):
@@ -365,7 +371,8 @@ class ArrayIterator(_Iterator):
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
         start = self._start if self._native_order else 0
         self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
-        self._pending: collections.deque = collections.deque()  # per batch read: None, or its error
+        # Per batch read: its error, or its window shape (None for one row per sample).
+        self._pending: collections.deque = collections.deque()
         self._started()
         if self._batches is not None:
             self._top_up()
@@ -383,41 +390,49 @@ class ArrayIterator(_Iterator):
             except Exception as exc:
                 self._pending.append(exc)
                 continue
-            array, error = _index_array(indices)
+            array, window, error = _index_array(indices)
             if error is not None:
                 self._pending.append(error)
             else:
                 self._pipe.submit(array)
-                self._pending.append(None)
+                self._pending.append(window)
 
     def _next(self):
         if self._closed:
             raise StopIteration
         if self._inline:
             return self._gather_here()
+        window = None
         if not self._native_order:
             self._top_up()
             if not self._pending:
                 self._finish()
-            error = self._pending.popleft()
-            if error is not None:
-                raise error
+            window = self._pending.popleft()
+            if isinstance(window, BaseException):
+                raise window
         capsules = self._pipe.next()
         if capsules is None:
             self._finish()
-        return self._plan.shape_batch([from_dlpack(c) for c in capsules])
+        return self._shaped(capsules, window)
+
+    def _shaped(self, capsules, window):
+        columns = [from_dlpack(c) for c in capsules]
+        if window is not None:  # (batch, k) samples of k rows each, as indexing with a list per sample gives
+            columns = [t.view(*window, *t.shape[1:]) for t in columns]
+        return self._plan.shape_batch(columns)
 
     def _gather_here(self):
         try:
             indices = next(self._batches)
         except StopIteration:
             self._finish()
+        window = None
         if not self._native_order:  # (stoker's own order is int64 arrays already)
-            indices, error = _index_array(indices)
+            indices, window, error = _index_array(indices)
             if error is not None:
                 raise error
         capsules = self._source.gather(self._pool, indices, self._cursor.served)  # (this batch's number)
-        return self._plan.shape_batch([from_dlpack(c) for c in capsules])
+        return self._shaped(capsules, window)
 
     def close(self) -> None:
         if not self._closed:
