@@ -1129,3 +1129,22 @@ def test_deep_position_loads_directly():
     tail = list(c)
     assert len(tail) == 1 and torch.equal(tail[0], big[9][-1000:])
     assert (c.state_dict()["epoch"], c.state_dict()["batches_served"]) == (2, 0)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2], ids=lambda w: f"workers{w}")
+def test_a_bad_index_after_a_resume_names_its_batch_in_the_whole_epoch(num_workers):
+    # A sampler you pass, with an index past the end in batch 3: the error names batch 3 however many batches
+    # were served before the state was saved.
+    data = torch.arange(10.0)
+    order = [0, 1, 2, 3, 4, 5, 6, 99, 8, 9]
+
+    def loader():
+        return stoker.DataLoader(data, batch_size=2, sampler=order, num_workers=num_workers)
+
+    first = loader()
+    it = iter(first)
+    assert [next(it).tolist() for _ in range(2)] == [[0.0, 1.0], [2.0, 3.0]]
+    resumed = loader()
+    resumed.load_state_dict(roundtrip(first.state_dict()))
+    with pytest.raises(IndexError, match=r"index 99 is out of range for a dataset of 10 samples \(in batch 3\)"):
+        list(resumed)

@@ -369,8 +369,9 @@ class ArrayIterator(_Iterator):
             self._started()
             return
         stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
-        start = self._start if self._native_order else 0
-        self._pipe = core.ArrayPipeline(source, pool, stream, start, threads, depth)
+        # (Batch self._start is the first either way: the one the native order starts from, or the first of the
+        # sampler's left after a resume, numbered so in errors.)
+        self._pipe = core.ArrayPipeline(source, pool, stream, self._start, threads, depth)
         # Per batch read: its error, or its window shape (None for one row per sample).
         self._pending: collections.deque = collections.deque()
         self._started()
