@@ -50,7 +50,7 @@ N = 23  # samples: not a multiple of the batch size, so drop_last matters
 BS = 4  # 6 batches per epoch (5 with drop_last)
 FORMAT = "stoker.DataLoader/2"
 STATE_KEYS = {"format", "dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size",
-              "seed", "epoch", "batches_served", "base_seed", "rng", "sampler_drawn", "sampler_state",
+              "seed", "epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
               "dataset_state", "workers", "next_worker"}
 
 # Where the state is taken: after k batches of the epoch, or after the epoch's iterator raised StopIteration.
@@ -180,8 +180,9 @@ def test_state_is_plain_data(kind):
     fresh = loader.state_dict()
     assert fresh == {"format": FORMAT, "dataset_len": N, "batch_size": BS, "drop_last": False, "shuffle": True,
                      "sampler": "native", "rank": 0, "world_size": 1, "seed": None, "epoch": 0,
-                     "batches_served": 0, "base_seed": None, "rng": None, "sampler_drawn": None,
-                     "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
+                     "batches_served": 0, "served_ahead": None, "base_seed": None, "rng": None,
+                     "sampler_drawn": None, "sampler_state": None, "dataset_state": None, "workers": None,
+                     "next_worker": 0}
     it = iter(loader)
     next(it)
     next(it)
@@ -1148,3 +1149,86 @@ def test_a_bad_index_after_a_resume_names_its_batch_in_the_whole_epoch(num_worke
     resumed.load_state_dict(roundtrip(first.state_dict()))
     with pytest.raises(IndexError, match=r"index 99 is out of range for a dataset of 10 samples \(in batch 3\)"):
         list(resumed)
+
+
+class Gated(Dataset):
+    """Sample `held` waits for `gate` (an event of the fork context, shared with the worker processes): with
+    in_order=False, the other worker's batches after its batch are served while it is held."""
+
+    def __init__(self, n: int, gate, held: int) -> None:
+        self.n, self.gate, self.held = n, gate, held
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if i == self.held:
+            assert self.gate.wait(60), "the gate was never opened"
+        return i
+
+
+def _gated_order(n):
+    return {"native": lambda: {"shuffle": True, "seed": 5},
+            "sampler": lambda: {"sampler": RandomSampler(range(n), generator=torch.Generator().manual_seed(3)),
+                                "seed": 5}}
+
+
+@pytest.mark.parametrize("order", ["native", "sampler"])
+def test_a_resume_after_batches_served_out_of_order_serves_each_of_the_rest_once(order):
+    import multiprocessing
+
+    n, bs = 40, 2
+    make_order = _gated_order(n)[order]
+    # The uninterrupted run's epochs: the one saved, and the next.
+    reference = stoker.DataLoader(list(range(n)), batch_size=bs, **make_order())
+    epochs = [[b.tolist() for b in reference] for _ in range(2)]
+    gate = multiprocessing.get_context("fork").Event()
+    ds = Gated(n, gate, held=epochs[0][1][0])  # batch 1, the second worker's first, is held
+    first = stoker.DataLoader(ds, batch_size=bs, num_workers=2, in_order=False, multiprocessing_context="fork",
+                              **make_order())
+    it = iter(first)
+    got = [next(it).tolist() for _ in range(3)]
+    state = roundtrip(first.state_dict())
+    gate.set()
+    del it
+    assert got == [epochs[0][0], epochs[0][2], epochs[0][4]]  # the first worker's, while batch 1 was held
+    assert (state["batches_served"], state["served_ahead"]) == (1, [2, 4])
+    resumed_kinds = {
+        "processes, out of order": dict(num_workers=2, in_order=False, multiprocessing_context="fork"),
+        "processes": dict(num_workers=2),
+        "main process": dict(num_workers=0),
+        "threads": dict(num_workers=2, worker_mode="thread"),
+    }
+    for kind, kwargs in resumed_kinds.items():
+        resumed = stoker.DataLoader(ds, batch_size=bs, **make_order(), **kwargs)
+        resumed.load_state_dict(state)
+        rest = [b.tolist() for b in resumed]
+        assert sorted(map(tuple, got + rest)) == sorted(map(tuple, epochs[0])), kind
+        assert sorted(i for b in got + rest for i in b) == list(range(n)), kind
+        following = [b.tolist() for b in resumed]
+        assert sorted(map(tuple, following)) == sorted(map(tuple, epochs[1])), kind
+        if kwargs.get("in_order", True):
+            assert following == epochs[1], kind
+    if order == "native":  # an array dataset resumed from it: gathered inline, and by native threads
+        for nw in (0, 2):
+            arrays = stoker.DataLoader(torch.arange(n), batch_size=bs, num_workers=nw, **make_order())
+            arrays.load_state_dict(state)
+            rest = [b.tolist() for b in arrays]
+            assert sorted(i for b in got + rest for i in b) == list(range(n)), nw
+            assert [b.tolist() for b in arrays] == epochs[1], nw
+
+
+def test_a_state_with_served_ahead_out_of_place_is_refused():
+    loader = stoker.DataLoader(range(N), batch_size=BS, shuffle=True, seed=1)
+    it = iter(loader)
+    next(it)
+    state = loader.state_dict()
+    assert state["served_ahead"] is None and state["batches_served"] == 1
+    for bad in ([1], [3, 2], [2, 2], [2, 6], [], "2", [2.0]):
+        with pytest.raises(ValueError, match="served_ahead must be None or a sorted list of distinct batch"):
+            stoker.DataLoader(range(N), batch_size=BS, shuffle=True, seed=1).load_state_dict(
+                {**state, "served_ahead": bad})
+    without = {k: v for k, v in state.items() if k != "served_ahead"}  # saved before states held it
+    resumed = stoker.DataLoader(range(N), batch_size=BS, shuffle=True, seed=1)
+    resumed.load_state_dict(without)
+    assert [b.tolist() for b in resumed] == [b.tolist() for b in it]

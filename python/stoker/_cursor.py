@@ -9,14 +9,19 @@ __all__ = ["Cursor"]
 
 class Cursor:
     """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
-    raised counts: its turn is taken), and whether it has reached its end."""
+    raised counts: its turn is taken), and whether it has reached its end.
 
-    __slots__ = ("epoch", "served", "finished", "resume_workers", "position", "staged", "resume", "base_seed", "rng",
-                 "drawn")
+    `served` is the number of the first batch not yet served: every one before it was. Worker processes
+    with ``in_order=False`` serve batches as they are ready, so some beyond it may have been served too:
+    their numbers are `ahead`, and an iterator resuming the epoch passes over them."""
 
-    def __init__(self, epoch: int, served: int) -> None:
+    __slots__ = ("epoch", "served", "ahead", "finished", "resume_workers", "position", "staged", "resume",
+                 "base_seed", "rng", "drawn")
+
+    def __init__(self, epoch: int, served: int, ahead=()) -> None:
         self.epoch = epoch
         self.served = served
+        self.ahead = set(ahead)
         self.finished = False
         # IterableDataset: the saved per-worker position this epoch resumes from, and a callable the iterator
         # sets that tells the position as the user has consumed it.
@@ -33,10 +38,23 @@ class Cursor:
         self.rng = None
         self.drawn = None
 
-    def consumed(self) -> tuple[int, Any]:
-        """(batches the user has received, the per-worker position then, None when untracked)."""
+    def count(self, number: int | None = None) -> None:
+        """Marks batch `number` served; None means the first not yet served (an iterator serving in order)."""
+        if number is None or number == self.served:
+            self.served += 1
+            while self.ahead and self.served in self.ahead:
+                self.ahead.discard(self.served)
+                self.served += 1
+        elif number > self.served:
+            self.ahead.add(number)
+
+    def now(self) -> tuple[int, Any, list]:
+        """(served, the per-worker position now, None when untracked, the batches served ahead, sorted)."""
+        position = self.position() if self.position is not None else self.resume_workers
+        return self.served, position, sorted(self.ahead)
+
+    def consumed(self) -> tuple[int, Any, list]:
+        """:meth:`now` as the user stands: before the oldest batch staged on the device and not yet received."""
         if self.staged:
             return self.staged[0]
-        if self.position is not None:
-            return self.served, self.position()
-        return self.served, self.resume_workers
+        return self.now()

@@ -30,10 +30,10 @@ _FORMAT_1 = "stoker.DataLoader/1"  # before states held the epoch's draws and ow
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 # What state_dict() holds of the stream's position, besides the settings it checks (see state_dict).
-_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "sampler_drawn", "sampler_state", "dataset_state",
-             "workers", "next_worker")
+_PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
+             "dataset_state", "workers", "next_worker")
 _ITERABLE_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "workers", "next_worker")
-_PROGRESS_DEFAULTS = {"base_seed": None, "rng": None, "sampler_drawn": None, "sampler_state": None,
+_PROGRESS_DEFAULTS = {"served_ahead": None, "base_seed": None, "rng": None, "sampler_drawn": None, "sampler_state": None,
                       "dataset_state": None, "workers": None, "next_worker": 0}
 _RNG_NAMES = {"loader_generator": "the loader's generator=", "sampler_generator": "the sampler's generator",
               "torch": "torch's global RNG"}
@@ -236,7 +236,8 @@ class DataLoader(_TorchDataLoader):
         resume = self._stoker_resume
         if resume is not None and resume["epoch"] != epoch:
             resume = None
-        cursor = _Cursor(epoch, 0 if resume is None else resume["batches_served"])
+        cursor = _Cursor(epoch, 0, ()) if resume is None else _Cursor(epoch, resume["batches_served"],
+                                                                      resume["served_ahead"] or ())
         if resume is not None:
             if resume["workers"] is not None:
                 cursor.resume_workers = {"workers": resume["workers"], "next_worker": resume["next_worker"]}
@@ -300,9 +301,10 @@ class DataLoader(_TorchDataLoader):
         start of the next epoch (nothing drawn yet; the generators as they stand)."""
         cursor = self._stoker_cursor
         if cursor is not None and not cursor.finished:
-            served, position = cursor.consumed()
+            served, position, ahead = cursor.consumed()
             position = position or {}
-            return {"epoch": cursor.epoch, "batches_served": served, "base_seed": cursor.base_seed,
+            return {"epoch": cursor.epoch, "batches_served": served, "served_ahead": ahead or None,
+                    "base_seed": cursor.base_seed,
                     "rng": _encode_rng(cursor.rng),
                     "sampler_drawn": cursor.drawn if self._stoker_replays_sampler() else None,
                     "sampler_state": position.get("sampler_state"),
@@ -311,7 +313,7 @@ class DataLoader(_TorchDataLoader):
         resume = self._stoker_resume
         if resume is not None and resume["epoch"] == self._stoker_epoch:
             return {key: resume[key] for key in _PROGRESS}
-        return {"epoch": self._stoker_epoch, "batches_served": 0, "base_seed": None,
+        return {"epoch": self._stoker_epoch, "batches_served": 0, "served_ahead": None, "base_seed": None,
                 "rng": _encode_rng(_resume.note_rng(self._stoker_rng_sources(started=False))),
                 "sampler_drawn": None, "sampler_state": None, "dataset_state": self._stoker_dataset_state(),
                 "workers": self._stoker_kept_workers(), "next_worker": 0}
@@ -337,6 +339,10 @@ class DataLoader(_TorchDataLoader):
         raised counts). A finished iterator, or none yet, stands at the start of the next epoch. Load it
         into a loader built the same way (:meth:`load_state_dict`) and its next iterator continues exactly
         there, and every later epoch is the one this loader would have served; ``num_workers`` may differ.
+
+        ``batches_served`` is the number of batches of the epoch before the first not yet received; with worker
+        processes and ``in_order=False`` batches after it may have been received too: ``served_ahead`` lists them
+        (sorted; None when there are none) and a resumed epoch passes over them.
 
         Beyond the position it holds what the epoch's iterator drew (``base_seed``, the seed torch draws per
         iterator for the workers' seeds) and the states of whatever keeps its own:
@@ -424,6 +430,8 @@ class DataLoader(_TorchDataLoader):
         current = found == STATE_FORMAT
         if not current:  # saved before states held the epoch's draws and own states: it resumes as it did then
             state = {**_PROGRESS_DEFAULTS, **state}
+        elif not iterable:
+            state = {"served_ahead": None, **state}  # (saved before states held it: none served ahead)
         if iterable:
             self._stoker_load_iterable_state(state, current)
             return
@@ -456,6 +464,14 @@ class DataLoader(_TorchDataLoader):
                 batches = None
         if batches is not None and served > batches:
             raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
+        ahead = state["served_ahead"]
+        if ahead is not None:
+            if not (isinstance(ahead, list) and ahead and all(type(b) is int for b in ahead)
+                    and ahead == sorted(set(ahead)) and ahead[0] > served
+                    and (batches is None or ahead[-1] < batches)):
+                raise ValueError(f"the state's served_ahead must be None or a sorted list of distinct batch numbers "
+                                 f"after batches_served={served} and before the epoch's end ({batches}); got "
+                                 f"{ahead!r}")
         rng_states = self._stoker_check_draws(state, current)
         drawn = state["sampler_drawn"]
         if drawn is not None:

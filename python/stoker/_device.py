@@ -175,10 +175,7 @@ class DeviceIterator:
         return len(self._inner)
 
     def _position(self):
-        cursor = self._cursor
-        if cursor is None:
-            return None
-        return cursor.served, (cursor.position() if cursor.position is not None else cursor.resume_workers)
+        return None if self._cursor is None else self._cursor.now()
 
     def _stage_one(self) -> bool:
         """Pulls the next CPU batch from the inner iterator and queues its copy. False when it has ended."""

@@ -124,6 +124,9 @@ class _Iterator:
         cursor = self._cursor = loader._stoker_begin()
         self._epoch = cursor.epoch
         self._start = cursor.served  # the batch this iterator starts from (after load_state_dict)
+        # Batches after it that the saved run had served already (worker processes, in_order=False): passed over.
+        self._skip = frozenset(cursor.ahead)
+        self._next_number = self._start
         self._user_batches = self._begin_draws(loader, cursor)
         self._seed = loader._stoker_shuffle_seed(self._base_seed, self._world)
         self._pid = os.getpid()
@@ -205,6 +208,21 @@ class _Iterator:
             return (stream.batch(b).tolist() for b in batches)
         return (int(stream.batch(b)[0]) for b in batches)
 
+    def _draw(self, batches):
+        """(number, index batch): the next of `batches`, which gives one index batch per batch of the epoch from
+        this iterator's start, passing over those served ahead before the save this epoch resumed. The
+        sampler's error propagates (its batch's turn is taken); StopIteration at the end."""
+        while True:
+            number = self._next_number
+            self._next_number += 1
+            indices = next(batches)
+            if number not in self._skip:
+                return number, indices
+
+    def _served_number(self) -> int | None:
+        """The number of the batch the last next() served or raised at; None: the first not yet served."""
+        return None
+
     def _track_in_process(self) -> None:
         """Where the user stands beyond the batch count, for a loader that loads in this process: the state of
         a sampler that keeps one, after the batches served, and the dataset's own state (torchdata's Stateful
@@ -246,9 +264,9 @@ class _Iterator:
         except StopIteration:
             raise
         except Exception:
-            self._cursor.served += 1  # the batch's turn is taken; the next call serves the next batch
+            self._cursor.count(self._served_number())  # the batch's turn is taken; the next call serves the next
             raise
-        self._cursor.served += 1
+        self._cursor.count(self._served_number())
         if self._len_called is not None:
             self._yielded += 1
             if self._yielded > self._len_called:
@@ -361,21 +379,24 @@ class ArrayIterator(_Iterator):
         # sees the loop's latest word, and a dataset the loop changes as it goes (a replay buffer) is read as
         # it is then. With workers, native threads gather prefetch_factor x num_workers batches (and two) ahead.
         self._inline = self._num_threads == 0
+        if self._native_order and (self._inline or self._skip):
+            order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
+            self._batches = (order.batch(b) for b in range(self._start, len(order)))
         if self._inline:
             self._source, self._pool = source, pool
-            if self._native_order:
-                order = core.IndexStream(*self._native_stream(loader.batch_size, loader.drop_last))
-                self._batches = (order.batch(b) for b in range(self._start, len(order)))
             self._started()
             return
-        stream = self._native_stream(loader.batch_size, loader.drop_last) if self._native_order else None
+        # Native threads draw stoker's own order themselves, unless batches are passed over (a resume after
+        # batches served out of order): then, as a sampler's, it is submitted batch by batch.
+        self._submitted = not self._native_order or bool(self._skip)
+        stream = None if self._submitted else self._native_stream(loader.batch_size, loader.drop_last)
         # (Batch self._start is the first either way: the one the native order starts from, or the first of the
         # sampler's left after a resume, numbered so in errors.)
         self._pipe = core.ArrayPipeline(source, pool, stream, self._start, threads, depth)
         # Per batch read: its error, or its window shape (None for one row per sample).
         self._pending: collections.deque = collections.deque()
         self._started()
-        if self._batches is not None:
+        if self._submitted:
             self._top_up()
 
     def _top_up(self) -> None:
@@ -383,7 +404,7 @@ class ArrayIterator(_Iterator):
         # in line as the exception to raise at that batch's turn, so the batches before it still arrive.
         while self._batches is not None and len(self._pending) < self._depth:
             try:
-                indices = next(self._batches)
+                _, indices = self._draw(self._batches)
             except StopIteration:
                 self._batches = None
                 self._pipe.close_submissions()
@@ -404,7 +425,7 @@ class ArrayIterator(_Iterator):
         if self._inline:
             return self._gather_here()
         window = None
-        if not self._native_order:
+        if self._submitted:
             self._top_up()
             if not self._pending:
                 self._finish()
@@ -424,7 +445,7 @@ class ArrayIterator(_Iterator):
 
     def _gather_here(self):
         try:
-            indices = next(self._batches)
+            _, indices = self._draw(self._batches)
         except StopIteration:
             self._finish()
         window = None
@@ -501,7 +522,6 @@ class PythonIterator(_Iterator):
         self._getitems = getitems if getitems else None
         self._indices = self._index_batches()
         self._track_in_process()
-        self._count = itertools.count(self._start)
         self._rng_key = self._sample_rng_key()
         if self._rng_key is not None and self._num_threads > 0:
             raise ValueError("sample_seeds=True seeds the process-wide random, numpy and torch generators before each "
@@ -553,7 +573,7 @@ class PythonIterator(_Iterator):
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
             try:
-                indices = next(self._indices)
+                number, indices = self._draw(self._indices)
             except StopIteration:
                 self._indices = None
                 return
@@ -562,18 +582,18 @@ class PythonIterator(_Iterator):
                 failed.set_exception(exc)
                 self._pending.append(failed)
                 continue
-            self._pending.append(self._pool.submit(self._load, next(self._count), indices))
+            self._pending.append(self._pool.submit(self._load, number, indices))
 
     def _next(self):
         if self._closed:
             raise StopIteration
         if self._pool is None:
             try:
-                indices = next(self._indices)
+                number, indices = self._draw(self._indices)
             except StopIteration:
                 self._finish()
             try:
-                return self._load(next(self._count), indices)
+                return self._load(number, indices)
             except StopIteration:  # a dataset that raises StopIteration ends the epoch, as with torch
                 self._finish()
         if self._init_error is not None:
@@ -690,7 +710,7 @@ class ProcessIterator(_Iterator):
         position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if tracked else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
                                        loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key(),
-                                       position)
+                                       position, self._skip)
         # Bound to the epoch's batches, not to this iterator, which the loader's cursor must not keep alive.
         if iterable:
             self._cursor.position = functools.partial(self._batches.position_dict, dataset_stateful)
@@ -703,6 +723,11 @@ class ProcessIterator(_Iterator):
     @property
     def _workers(self):
         return self._pool.workers
+
+    def _served_number(self) -> int | None:
+        # Map-style batches are numbered, and may arrive out of order (in_order=False); an IterableDataset's
+        # are counted as they come.
+        return None if self._batches.iterable else self._batches.taken
 
     def _next(self):
         if self._closed:

@@ -1539,7 +1539,8 @@ class ProcessBatches:
     (with persistent workers, of a later epoch when this one has none left for it)."""
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
-                 timeout: float, rng_key=None, position: IterablePosition | None = None) -> None:
+                 timeout: float, rng_key=None, position: IterablePosition | None = None,
+                 skip: frozenset = frozenset()) -> None:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
@@ -1549,6 +1550,8 @@ class ProcessBatches:
         self.tracked = self.iterable or position is not None  # each worker's position is followed
         self.position = position if position is not None else IterablePosition(pool.num_workers)
         self.numbers = itertools.count(first_number)
+        self.skip = skip  # map-style: batch numbers the resumed epoch had served (out of order) before its save
+        self.taken: int | None = None  # the number of the batch (or error) next() last gave
         self.in_order = in_order
         self.limit = prefetch * pool.num_workers
         self.timeout = timeout
@@ -1581,6 +1584,7 @@ class ProcessBatches:
         pool = self.pool
         while not self.exhausted and len(self.outstanding) + len(self.ready) < self.limit:
             indices = None
+            number = next(self.numbers)
             if not self.iterable:
                 try:
                     indices = next(self.batches)
@@ -1588,9 +1592,10 @@ class ProcessBatches:
                     self.exhausted = True
                     return
                 except Exception as exc:  # the sampler's error, raised at this batch's turn
-                    number = next(self.numbers)
                     self.local_errors[number] = exc
                     self.order.append(number)
+                    continue
+                if number in self.skip:
                     continue
             worker = self._next_worker()
             if worker is None:  # every worker's pass is over
@@ -1600,7 +1605,6 @@ class ProcessBatches:
             if self.tracked and self.first_task[worker]:
                 self.first_task[worker] = False
                 start = self.position.start_of(worker) if self.iterable else pool.pending_states.pop(worker, None)
-            number = next(self.numbers)
             slot = pool.ring.acquire()
             self.outstanding.add(number)
             self.order.append(number)
@@ -1651,25 +1655,24 @@ class ProcessBatches:
         """The next answer in the order asked for: in dispatch order, or the first that has arrived."""
         if self.in_order:
             number = self.order[0]
-            if number in self.local_errors:
-                self.order.popleft()
-                return ("error", self.local_errors.pop(number), None, None)
-            while number not in self.ready:
-                self._receive()
-            self.order.popleft()
-            return self.ready.pop(number)
-        while True:
-            for number in list(self.order):
-                if number in self.local_errors:
-                    self.order.remove(number)
-                    return ("error", self.local_errors.pop(number), None, None)
-                if number in self.ready:
-                    self.order.remove(number)
-                    return self.ready.pop(number)
-            self._receive()
+            if number not in self.local_errors:
+                while number not in self.ready:
+                    self._receive()
+        else:
+            number = None
+            while number is None:
+                number = next((n for n in self.order if n in self.local_errors or n in self.ready), None)
+                if number is None:
+                    self._receive()
+        self.order.remove(number)
+        self.taken = number
+        if number in self.local_errors:
+            return ("error", self.local_errors.pop(number), None, None)
+        return self.ready.pop(number)
 
     def next(self):
         """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
+        self.taken = None
         while True:
             self._top_up()
             if not self.order:
