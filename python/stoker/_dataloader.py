@@ -33,8 +33,8 @@ _SEED_MASK = 0xFFFFFFFFFFFFFFFF
 _PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
              "dataset_state", "workers", "next_worker")
 _ITERABLE_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "workers", "next_worker")
-_PROGRESS_DEFAULTS = {"served_ahead": None, "base_seed": None, "rng": None, "sampler_drawn": None, "sampler_state": None,
-                      "dataset_state": None, "workers": None, "next_worker": 0}
+_PROGRESS_DEFAULTS = {"served_ahead": None, "base_seed": None, "rng": None, "sampler_drawn": None,
+                      "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
 _RNG_NAMES = {"loader_generator": "the loader's generator=", "sampler_generator": "the sampler's generator",
               "torch": "torch's global RNG"}
 
