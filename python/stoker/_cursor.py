@@ -11,8 +11,8 @@ class Cursor:
     """Where the newest iterator of a loader stands: its epoch, the batches it has served (a batch that
     raised counts: its turn is taken), and whether it has reached its end.
 
-    `served` is the number of the first batch not yet served: every one before it was. Worker processes
-    with ``in_order=False`` serve batches as they are ready, so some beyond it may have been served too:
+    `served` is the number of the first batch not yet served: every one before it was. Workers with
+    ``in_order=False`` serve batches as they are ready, so some beyond it may have been served too:
     their numbers are `ahead`, and an iterator resuming the epoch passes over them."""
 
     __slots__ = ("epoch", "served", "ahead", "finished", "resume_workers", "position", "staged", "resume",

@@ -340,8 +340,8 @@ class DataLoader(_TorchDataLoader):
         into a loader built the same way (:meth:`load_state_dict`) and its next iterator continues exactly
         there, and every later epoch is the one this loader would have served; ``num_workers`` may differ.
 
-        ``batches_served`` is the number of batches of the epoch before the first not yet received; with worker
-        processes and ``in_order=False`` batches after it may have been received too: ``served_ahead`` lists them
+        ``batches_served`` is the number of batches of the epoch before the first not yet received; with workers
+        and ``in_order=False`` batches after it may have been received too: ``served_ahead`` lists them
         (sorted; None when there are none) and a resumed epoch passes over them.
 
         Beyond the position it holds what the epoch's iterator drew (``base_seed``, the seed torch draws per

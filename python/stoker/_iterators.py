@@ -15,7 +15,8 @@ import threading
 import warnings
 import weakref
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait_futures
 from concurrent.futures import TimeoutError as _FutureTimeout
 
 import numpy as np
@@ -509,9 +510,11 @@ def _unaliased(batch, ranges: list[tuple[int, int]]):
 
 class PythonIterator(_Iterator):
     """Batches of any map-style dataset: `__getitems__`/`__getitem__` in Python, collated into pooled
-    buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order."""
+    buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order (as they
+    are ready with in_order=False)."""
 
     _init_error: Exception | None = None  # a worker thread's worker_init_fn raised it: raised at the next batch
+    _taken: int | None = None  # the number of the batch the last next() gave or raised at (worker threads)
 
     def __init__(self, loader, collate) -> None:
         super().__init__(loader)
@@ -559,7 +562,8 @@ class PythonIterator(_Iterator):
                 f.result()
             self._init_error = init_errors[0] if init_errors else None
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
-            self._pending: collections.deque = collections.deque()
+            self._in_order = bool(loader.in_order)
+            self._pending: collections.deque = collections.deque()  # (number, future) of each batch asked for
         self._started()
         if self._pool is not None and self._init_error is None:
             self._top_up()
@@ -580,9 +584,20 @@ class PythonIterator(_Iterator):
             except Exception as exc:  # the sampler's error, raised at this batch's turn
                 failed: Future = Future()
                 failed.set_exception(exc)
-                self._pending.append(failed)
+                self._pending.append((self._next_number - 1, failed))
                 continue
-            self._pending.append(self._pool.submit(self._load, number, indices))
+            self._pending.append((number, self._pool.submit(self._load, number, indices)))
+
+    def _first_ready(self, timeout: float | None):
+        """The (number, future) of the batch asked for first among those ready, waiting for one up to `timeout`
+        (None when none is ready by then)."""
+        ready = next((p for p in self._pending if p[1].done()), None)
+        if ready is None:
+            _wait_futures([f for _, f in self._pending], timeout, return_when=FIRST_COMPLETED)
+            ready = next((p for p in self._pending if p[1].done()), None)
+        if ready is not None:
+            self._pending.remove(ready)
+        return ready
 
     def _next(self):
         if self._closed:
@@ -600,16 +615,24 @@ class PythonIterator(_Iterator):
             error, self._init_error = self._init_error, None
             self.close()  # as torch's loader, whose worker failing to start ends its epoch
             raise error
+        self._taken = None
         self._top_up()
         if not self._pending:
             self._finish()
-        future = self._pending.popleft()
+        timeout = self._loader.timeout or None
+        taken = self._pending.popleft() if self._in_order else self._first_ready(timeout)
         try:
-            return future.result(self._loader.timeout or None)
+            if taken is None:
+                raise _FutureTimeout
+            self._taken = taken[0]
+            return taken[1].result(timeout)
         except _FutureTimeout:
             raise RuntimeError(f"DataLoader timed out after {self._loader.timeout} seconds") from None
         except StopIteration:
             self._finish()
+
+    def _served_number(self) -> int | None:
+        return self._taken
 
     def close(self) -> None:
         if not self._closed:
