@@ -403,6 +403,38 @@ def test_resume_loads_each_copy_state(num_workers, k):
     _resume_case(Passes, num_workers, k)
 
 
+class Rewinds(IterableDataset):
+    """Keeps its own position, and rewinds itself as its pass ends (ready for the next): worker w yields
+    sizes[w] items. A state taken after the last batch of a pass holds the rewound position."""
+
+    def __init__(self, sizes) -> None:
+        self.sizes, self.pos = sizes, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        while self.pos < self.sizes[wid]:
+            self.pos += 1
+            yield 100 * wid + self.pos - 1
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_a_pass_ended_gives_that_worker_no_more(num_workers):
+    # Worker 1's pass (3 items, a short last batch) ends early; worker 0's with a short batch too (7 items).
+    sizes = [7, 3]
+    reference = [b.tolist() for b in stoker.DataLoader(Rewinds(sizes), batch_size=2, num_workers=num_workers)]
+    for k in range(len(reference) + 1):
+        resumed = _resume_case(lambda: Rewinds(sizes), num_workers, k, batch_size=2)
+        assert [b.tolist() for b in resumed] == reference, k  # the next epoch: whole passes again
+
+
 def test_resume_with_in_order_false_serves_every_item_once():
     kwargs = dict(batch_size=2, num_workers=2, in_order=False)
     first = stoker.DataLoader(Shard(30), **kwargs)

@@ -649,28 +649,33 @@ class IterableIterator(_Iterator):
         super().__init__(loader)
         self._collate = collate
         dataset = loader.dataset
-        start = IterablePosition(1, self._cursor.resume_workers).start_of(0)
-        # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it.
-        self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
-                                            bool(loader.drop_last), start)
+        saved = IterablePosition(1, self._cursor.resume_workers)
+        # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it; not for a
+        # resumed pass that had ended.
+        self._source = None if saved.ended[0] else IterableSource.begin(
+            dataset, loader._auto_collation, loader.batch_size, bool(loader.drop_last), saved.start_of(0))
         cursor, stateful = self._cursor, is_stateful(dataset)
+        # Whether the pass has met the end of the dataset's iterator (the last batch served then is its last).
+        self._ended = ended = [self._source is None]
 
         def position() -> dict:
             # No prefetch here: the dataset's own state is the consumer's position. (The cursor, which the
             # loader keeps, must not keep this iterator alive: no reference to self.)
             state = dataset.state_dict() if stateful else None
-            return {"workers": [{"batches": cursor.served, "ended": False, "state": state}], "next_worker": 0}
+            return {"workers": [{"batches": cursor.served, "ended": ended[0], "state": state}], "next_worker": 0}
 
         self._cursor.position = position
         self._started()
 
     def _next(self):
-        if self._closed:
-            raise StopIteration
+        if self._closed or self._source is None:
+            self._finish()
         try:
             data = self._source.next_data()
         except StopIteration:
             self._finish()
+        finally:
+            self._ended[0] = self._source.ended
         with _collate.use_pool(self._host_pool):
             return self._collate(data)
 

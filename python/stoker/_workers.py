@@ -788,10 +788,14 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
                         position = dataset.state_dict()
                     except Exception:
                         position = None
+            if source is not None and source.ended:
+                position = LastOfPass(position)
             reply("error", _WorkerError(exc, worker_id, where))
             continue
         finally:
             _collate_module.ARENA = None
+        if source is not None and source.ended:
+            position = LastOfPass(position)
         if view is not None:
             used = [arena.used]
             try:
@@ -1485,6 +1489,20 @@ def close_zygotes() -> None:
         zygote.close()
 
 
+class LastOfPass:
+    """The position a worker reports with the last batch of its pass over an IterableDataset (the batch that
+    met the end of its iterator): the pass is then known to be over, whatever the dataset's own state says
+    (a dataset may rewind itself as its pass ends)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def __reduce__(self):
+        return LastOfPass, (self.state,)
+
+
 class IterablePosition:
     """Where an epoch over an IterableDataset stands as the user consumed it: per worker (the main process
     counts as the one worker when num_workers=0) the batches it served, whether its pass is known to be over,
@@ -1507,6 +1525,9 @@ class IterablePosition:
 
     def served(self, worker: int, state) -> None:
         self.batches[worker] += 1
+        if type(state) is LastOfPass:
+            state = state.state
+            self.ended[worker] = True  # a resume gives this worker no batch more
         self.states[worker] = state
         self.next_worker = (worker + 1) % len(self.batches)
 
