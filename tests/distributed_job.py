@@ -64,6 +64,15 @@ def user_sampler():
     return out
 
 
+def whole():
+    """world_size=1 under the process group: every rank serves the whole dataset (DataLoader, PackedLoader)."""
+    plain = [indices(b) for b in stoker.DataLoader(np.arange(N), batch_size=BATCH, world_size=1)]
+    docs = packed_documents()
+    packed = [packed_tokens(b) for b in stoker.PackedLoader(docs, PACK_LEN, BATCH, world_size=1,
+                                                            return_doc_ids=True, shuffle=False)]
+    return {"plain": plain, "packed": packed}
+
+
 def packed_tokens(batch):
     """The real tokens of a packed batch (doc_ids >= 0), flattened."""
     return [int(t) for t in batch["input_ids"][batch["doc_ids"] >= 0]]
@@ -119,6 +128,7 @@ def main(out_dir):
         "python": run("python", 2),
         "user_sampler": user_sampler(),
         "packed": packed(),
+        "whole": whole(),
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)

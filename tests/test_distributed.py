@@ -110,3 +110,10 @@ def test_packed_resume_on_every_rank_continues_exactly(ranks):
         p = result["packed"]
         assert (p["state"]["rank"], p["state"]["world_size"], p["state"]["batches_served"]) == (rank, WORLD, 2)
         assert p["head"] + p["tail"] == p["epochs"][0]
+
+
+def test_world_size_one_gives_every_rank_the_whole_epoch(ranks):
+    plain = [[int(i) for i in b] for b in stoker.DataLoader(np.arange(N), batch_size=BATCH)]
+    assert all(r["whole"]["plain"] == plain for r in ranks)
+    assert ranks[0]["whole"]["packed"] == ranks[1]["whole"]["packed"]
+    assert sorted(t for b in ranks[0]["whole"]["packed"] for t in b) == list(range(ranks[0]["packed"]["num_tokens"]))

@@ -17,7 +17,10 @@ def resolve_shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(rank, world_size): the given values, the missing ones from an initialised process group, else (0, 1).
 
     A world size above 1 without a rank (or a rank above 0 without a world size) and no process group to
-    fill it in raises ValueError, as does a rank outside [0, world_size)."""
+    fill it in raises ValueError, as does a rank outside [0, world_size). world_size=1 alone means the whole
+    epoch on every rank (rank 0 of one), process group or not."""
+    if world_size == 1 and rank is None:
+        rank = 0
     if rank is None or world_size is None:
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized():
