@@ -851,6 +851,12 @@ def test_resume_rejects_other_settings():
                    {k: v for k, v in state.items() if k != "seq_len"}, [1, 2]):
         with pytest.raises(ValueError):
             ok.load_state_dict(broken)
+    for seed in ("abc", -3, 2**70, 1.5, True):
+        with pytest.raises(ValueError, match=r"the state's seed must be an integer in \[0, 2\*\*64\) or None"):
+            ok.load_state_dict({**state, "seed": seed})
+    # Refused states leave it as it was: it still loads a good one and serves as the saved loader goes on.
+    ok.load_state_dict(state)
+    assert_same(list(ok), list(it))
 
 
 # --------------------------------------------------------------------------------------------------------------

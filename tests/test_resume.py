@@ -614,6 +614,8 @@ BAD_STATES = {
     "served_negative": (_with(batches_served=-1), "batches_served"),
     "served_float": (_with(batches_served=1.5), "batches_served"),
     "negative_epoch": (_with(epoch=-1), "epoch"),
+    "no_epoch": (_with(epoch=None), "epoch should be an integer"),
+    "no_batches_served": (_with(batches_served=None), "batches_served should be an integer"),
     "negative_seed": (_with(seed=-3), "seed"),
     "string_seed": (_with(seed="5"), "seed"),
 }

@@ -453,8 +453,8 @@ class DataLoader(_TorchDataLoader):
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
         epoch, served = state["epoch"], state["batches_served"]
-        check_count("the state's epoch", epoch, 0)
-        check_count("the state's batches_served", served, 0)
+        check_count("the state's epoch", epoch, 0, optional=False)
+        check_count("the state's batches_served", served, 0, optional=False)
         if self._stoker_native_sampler:
             batches: int | None = self._stoker_num_batches()
         else:
@@ -569,8 +569,8 @@ class DataLoader(_TorchDataLoader):
                 raise ValueError(f"the state was saved by a loader with {key}={state[key]}; this one has "
                                  f"{key}={getattr(self, key)}, so its batches would not continue that run")
         epoch, served = state["epoch"], state["batches_served"]
-        check_count("the state's epoch", epoch, 0)
-        check_count("the state's batches_served", served, 0)
+        check_count("the state's epoch", epoch, 0, optional=False)
+        check_count("the state's batches_served", served, 0, optional=False)
         rng_states = self._stoker_check_draws(state, current)
         workers = state["workers"]
         if workers is not None:

@@ -453,16 +453,23 @@ class PackedLoader:
             if state[key] != value:
                 raise ValueError(f"the state was saved with {key}={state[key]!r}; this loader has {key}={value!r}")
         seed, epoch, served = state.get("seed"), state.get("epoch"), state.get("batches_served")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+            raise ValueError(f"the state's seed must be an integer in [0, 2**64) or None, got {seed!r}")
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
         for name, value in (("epoch", epoch), ("batches_served", served)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"the state's {name} must be a non-negative integer, got {value!r}")
+        kept = self._seed
         if self.seed is None:
             self._seed = seed
-        batches = self._num_batches(len(self._plan(epoch).rows)) if seed is not None else None
-        if batches is not None and served > batches:
-            raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
+        try:
+            batches = self._num_batches(len(self._plan(epoch).rows)) if seed is not None else None
+            if batches is not None and served > batches:
+                raise ValueError(f"the state has served {served} batches of an epoch of {batches}")
+        except BaseException:
+            self._seed = kept  # a state refused leaves the loader as it was
+            raise
         self._epoch = epoch
         self._resume = (epoch, served)
         self._cursor = None

@@ -7,9 +7,10 @@ import torch
 __all__ = ["check_count", "resolve_shard"]
 
 
-def check_count(name: str, value, minimum: int) -> None:
-    """Raises ValueError unless ``value`` is None or an int (not bool) >= ``minimum``."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+def check_count(name: str, value, minimum: int, optional: bool = True) -> None:
+    """Raises ValueError unless ``value`` is an int (not bool) >= ``minimum``, or None when ``optional``."""
+    if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
+                                                or value < minimum):
         raise ValueError(f"{name} should be an integer >= {minimum}, but got {name}={value!r}")
 
 

@@ -123,6 +123,8 @@ def _sequence(value: Any, index: int, key: str, hint: str) -> np.ndarray:
         raise ValueError(f"sample {index}: {key!r} should be 1-D, got shape {tuple(array.shape)}{hint}")
     if array.dtype.kind not in "iub" and array.size:
         raise TypeError(f"sample {index}: {key!r} should hold integers, got dtype {array.dtype}{hint}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > _INT64.max:  # (a list of ints past 2**63 too)
+        raise ValueError(f"sample {index}: {key!r} holds {int(array.max())}, which does not fit in int64{hint}")
     return array
 
 

@@ -31,7 +31,7 @@ const PadTypes& pad_types() {
     const std::pair<const char*, DType> table[] = {
         {"bool", {DTypeCode::Bool, 8}},  {"int8", {DTypeCode::Int, 8}},     {"int16", {DTypeCode::Int, 16}},
         {"int32", {DTypeCode::Int, 32}}, {"int64", {DTypeCode::Int, 64}},   {"uint8", {DTypeCode::UInt, 8}},
-        {"uint16", {DTypeCode::UInt, 16}}, {"uint32", {DTypeCode::UInt, 32}}, {"uint64", {DTypeCode::UInt, 64}},
+        {"uint16", {DTypeCode::UInt, 16}}, {"uint32", {DTypeCode::UInt, 32}},  // (not uint64: pad_dtype_supported)
     };
     for (const auto& [name, dt] : table)
       if (py::hasattr(torch, name)) t.dtypes.emplace_back(torch.attr(name), dt);

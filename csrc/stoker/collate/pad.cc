@@ -59,7 +59,6 @@ void copy_sequence(const IntSequence& s, int64_t* dst) {
         case 8: widen<uint8_t>(p, s.stride, n, dst); return;
         case 16: widen<uint16_t>(p, s.stride, n, dst); return;
         case 32: widen<uint32_t>(p, s.stride, n, dst); return;
-        case 64: widen<uint64_t>(p, s.stride, n, dst); return;
       }
       break;
     default:
@@ -72,9 +71,10 @@ void copy_sequence(const IntSequence& s, int64_t* dst) {
 }  // namespace
 
 bool pad_dtype_supported(DType t) {
-  // The integer and bool types of the common table: padding writes int64 ids, never floats.
-  return dtype_supported(t) &&
-         (t.code == DTypeCode::Bool || t.code == DTypeCode::Int || t.code == DTypeCode::UInt);
+  // The integer and bool types of the common table: padding writes int64 ids, never floats. Not uint64, whose
+  // values past 2**63 do not fit: the caller's own path checks them.
+  return dtype_supported(t) && (t.code == DTypeCode::Bool || t.code == DTypeCode::Int ||
+                                (t.code == DTypeCode::UInt && t.bits < 64));
 }
 
 bool PadLayout::make(const int64_t* lengths, int64_t batch, int64_t keys, int64_t multiple, bool left, bool mask,

@@ -18,7 +18,7 @@ struct IntSequence {
   DType dtype{DTypeCode::Int, 64};
 };
 
-/// True for the element types pad_batch reads: int8..int64, uint8..uint64 and bool.
+/// True for the element types pad_batch reads: int8..int64, uint8..uint32 and bool.
 bool pad_dtype_supported(DType t);
 
 /// Where a padded batch lies in its block: `keys` outputs of int64 [batch, width], then, when `mask`, the
