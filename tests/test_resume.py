@@ -860,7 +860,7 @@ def test_stateful_sampler_is_loaded_not_replayed(kind, workers):
         it = iter(a)
         head = [next(it) for _ in range(k)]
         state = roundtrip(a.state_dict())
-        assert state["sampler_state"] == (None if k == 0 else {"yielded": min(k * BS, N)}), k
+        assert state["sampler_state"] == {"yielded": min(k * BS, N)}, k  # (k=0: as it was before its iter())
         assert state["sampler_drawn"] is None and state["rng"] is None
         rest = list(it)
         sampler = YieldCounting(ORDER)
@@ -872,6 +872,56 @@ def test_stateful_sampler_is_loaded_not_replayed(kind, workers):
         assert sampler.produced == N - min(k * BS, N), "only the samples still to serve are drawn"
         assert indices(kind, head + resumed) == ORDER
         assert_epochs_equal([list(b)], [list(a)])  # the next epoch starts the sampler afresh
+
+
+class Rewinding(torch.utils.data.Sampler):
+    """A sampler with its own state that moves itself on to its next pass as one ends: each pass is a new
+    permutation (of its pass number), and its position rewinds as the pass ends."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.passes, self.pos = n, 0, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = np.random.default_rng((7, self.passes)).permutation(self.n).tolist()
+        while self.pos < self.n:
+            self.pos += 1
+            yield order[self.pos - 1]
+        self.pos, self.passes = 0, self.passes + 1
+
+    def state_dict(self):
+        return {"passes": self.passes, "pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.passes, self.pos = state["passes"], state["pos"]
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize(("n", "drop_last"), [(N, False), (N, True), (4 * BS, False)],
+                         ids=["short_last", "drop_last", "full_last"])
+def test_a_sampler_that_moves_itself_on_resumes_in_step_at_every_point(n, drop_last, workers):
+    def build():
+        return stoker.DataLoader(MapDataset(_identity, n), batch_size=BS, sampler=Rewinding(n), drop_last=drop_last,
+                                 num_workers=workers)
+
+    reference = build()
+    epochs = [flat(reference) for _ in range(3)]
+    assert epochs[0] != epochs[1]
+    for k in [None, *range(len(reference) + 1)]:  # None: between epochs 0 and 1
+        a = build()
+        list(a)
+        if k is None:
+            head = []
+        else:
+            it = iter(a)
+            head = flat([next(it) for _ in range(k)])
+        state = roundtrip(a.state_dict())
+        b = build()
+        b.load_state_dict(state)
+        assert head + flat(b) == epochs[1], k
+        assert flat(b) == epochs[2], k
 
 
 class WorkerSeeds(IterableDataset):

@@ -16,7 +16,7 @@ class Cursor:
     their numbers are `ahead`, and an iterator resuming the epoch passes over them."""
 
     __slots__ = ("epoch", "served", "ahead", "finished", "resume_workers", "position", "staged", "resume",
-                 "base_seed", "rng", "drawn")
+                 "base_seed", "rng", "drawn", "sampler_start")
 
     def __init__(self, epoch: int, served: int, ahead=()) -> None:
         self.epoch = epoch
@@ -37,6 +37,8 @@ class Cursor:
         self.base_seed = None
         self.rng = None
         self.drawn = None
+        # The own state of a sampler you passed that an epoch starts from: one saved between epochs, else None.
+        self.sampler_start = None
 
     def count(self, number: int | None = None) -> None:
         """Marks batch `number` served; None means the first not yet served (an iterator serving in order)."""

@@ -32,8 +32,9 @@ _SEED_MASK = 0xFFFFFFFFFFFFFFFF
 # What state_dict() holds of the stream's position, besides the settings it checks (see state_dict).
 _PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
              "dataset_state", "workers", "next_worker")
+_PROGRESS_ADDED = {"served_ahead": None}  # keys states of this format lacked at first
 _ITERABLE_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "workers", "next_worker")
-_PROGRESS_DEFAULTS = {"served_ahead": None, "base_seed": None, "rng": None, "sampler_drawn": None,
+_PROGRESS_DEFAULTS = {**_PROGRESS_ADDED, "base_seed": None, "rng": None, "sampler_drawn": None,
                       "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
 _RNG_NAMES = {"loader_generator": "the loader's generator=", "sampler_generator": "the sampler's generator",
               "torch": "torch's global RNG"}
@@ -243,6 +244,8 @@ class DataLoader(_TorchDataLoader):
                 cursor.resume_workers = {"workers": resume["workers"], "next_worker": resume["next_worker"]}
             if resume["base_seed"] is not None:  # the saved epoch's iterator had made its draws
                 cursor.resume = {**resume, "rng": resume["rng_states"]}
+            else:  # saved between epochs: a sampler you passed that keeps its own state starts from it
+                cursor.sampler_start = resume["sampler_state"]
         return cursor
 
     def _stoker_started(self, cursor: _Cursor) -> None:
@@ -291,6 +294,11 @@ class DataLoader(_TorchDataLoader):
                 sources["sampler_generator"] = generator
         return sources
 
+    def _stoker_sampler_state(self):
+        """The own state of a sampler you passed that keeps one, as it stands (between epochs), else None."""
+        stateful = self._stoker_stateful_sampler()
+        return copy.deepcopy(stateful.state_dict()) if stateful is not None else None
+
     def _stoker_dataset_state(self):
         """The dataset's own state (torchdata's Stateful protocol), or None when it keeps none."""
         return copy.deepcopy(self.dataset.state_dict()) if is_stateful(self.dataset) else None
@@ -315,8 +323,9 @@ class DataLoader(_TorchDataLoader):
             return {key: resume[key] for key in _PROGRESS}
         return {"epoch": self._stoker_epoch, "batches_served": 0, "served_ahead": None, "base_seed": None,
                 "rng": _encode_rng(_resume.note_rng(self._stoker_rng_sources(started=False))),
-                "sampler_drawn": None, "sampler_state": None, "dataset_state": self._stoker_dataset_state(),
-                "workers": self._stoker_kept_workers(), "next_worker": 0}
+                "sampler_drawn": None, "sampler_state": self._stoker_sampler_state(),
+                "dataset_state": self._stoker_dataset_state(), "workers": self._stoker_kept_workers(),
+                "next_worker": 0}
 
     def _stoker_kept_workers(self) -> list | None:
         """Between epochs, persistent worker processes over a stateful map-style dataset: each copy's state as
@@ -356,7 +365,9 @@ class DataLoader(_TorchDataLoader):
         * ``sampler_drawn``: the index batches drawn from a sampler you passed by then (read-ahead included).
         * ``sampler_state``: a sampler that has ``state_dict()``/``load_state_dict()`` (torchdata's
           ``StatefulDistributedSampler`` style): its state after the batches served (the batches it gave
-          beyond, read ahead, are not in it).
+          beyond, read ahead, are not in it); before the first, and between epochs, as it stood before the
+          epoch's ``iter()``. A resume tells apart a sampler that rewinds itself as a pass ends from one that
+          keeps its end position until its next ``iter()`` by one draw, undone.
         * ``dataset_state``: a map-style dataset with ``state_dict()``/``load_state_dict()`` (torchdata's
           Stateful protocol): its state now (in the main process; with ``num_workers=0`` after the batches
           you received, with worker threads, which share it, loads read ahead included). With worker
@@ -431,7 +442,7 @@ class DataLoader(_TorchDataLoader):
         if not current:  # saved before states held the epoch's draws and own states: it resumes as it did then
             state = {**_PROGRESS_DEFAULTS, **state}
         elif not iterable:
-            state = {"served_ahead": None, **state}  # (saved before states held it: none served ahead)
+            state = {**_PROGRESS_ADDED, **state}  # (saved before states held them)
         if iterable:
             self._stoker_load_iterable_state(state, current)
             return

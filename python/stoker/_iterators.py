@@ -163,7 +163,7 @@ class _Iterator:
         sources = loader._stoker_rng_sources(started=True)
         if resume is None:
             cursor.rng = _resume.note_rng(sources)  # before any draw of this epoch
-            draws = self._open_sampler(loader, cursor, None)
+            draws = self._open_sampler(loader, cursor, cursor.sampler_start)
             self._base_seed = _draw_seed(loader.generator)
             if draws is not None and cursor.drawn < self._start:  # a state of stoker.DataLoader/1: no draws noted
                 _resume.redraw(draws, self._start, self._start)
@@ -188,12 +188,24 @@ class _Iterator:
         if loader._stoker_native_sampler or loader._dataset_kind != _DatasetKind.Map:
             return None
         stateful = loader._stoker_stateful_sampler()
-        first = 0
-        if stateful is not None and saved_state is not None:
-            stateful.load_state_dict(saved_state)
-            first = self._start
-        return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, first,
-                                    saved_state if first else None)
+        before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
+        if saved_state is None:
+            return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, 0, before)
+        stateful.load_state_dict(copy.deepcopy(saved_state))
+        if self._start == 0 and saved_state != before and not _resume.starts_a_pass(stateful,
+                                                                                   iter(self._index_sampler)):
+            # A state taken as a pass had ended, of a sampler that starts its next pass afresh only at its next
+            # iter() (it keeps its position till then): this pass starts as the sampler stood before it.
+            stateful.load_state_dict(before)
+            saved_state = before
+        batches = iter(self._index_sampler)
+        if self._start > 0 and self._start == _length(self._index_sampler):
+            # Every batch of the epoch was served. The saved run's sampler may not have met the end of its
+            # pass yet (it would have at the next draw), or it may have, and moved itself on to its next pass
+            # (a sampler that rewinds as its pass ends): one draw tells, and is undone in the second case.
+            _resume.starts_a_pass(stateful, batches)
+            batches = iter(())
+        return _resume.SamplerDraws(batches, cursor, stateful, self._start, saved_state)
 
     def _index_batches(self):
         """The epoch's index batches from this iterator's start: lists of ints (one int per sample without
@@ -326,6 +338,13 @@ class PersistentIterator:
 
     def __getstate__(self):
         raise NotImplementedError(f"{type(self).__name__} cannot be pickled")
+
+
+def _length(sampler) -> int | None:
+    try:
+        return len(sampler)
+    except TypeError:  # a sampler without a length
+        return None
 
 
 def _index_array(indices):

@@ -218,11 +218,27 @@ class SamplerDraws:
                 states.popleft()
 
     def state_at(self, served: int):
-        """The sampler's own state after the first ``served`` batches were drawn (None before any)."""
+        """The sampler's own state after the first ``served`` batches were drawn (before any: as it was before
+        its iter())."""
         for drawn, state in self._states:
             if drawn == served:
                 return state
         return None
+
+
+def starts_a_pass(stateful, batches) -> bool:
+    """Whether a sampler that keeps its own state, as it stands, has a batch to give: one draw from
+    ``batches`` (an iterator of it) tells, and is undone (its state before it loaded again). False when that
+    draw ends the pass (what it did then is kept: a sampler may rewind itself as its pass ends)."""
+    before = copy.deepcopy(stateful.state_dict())
+    try:
+        next(batches)
+    except StopIteration:
+        return False
+    except Exception:  # noqa: BLE001 - its error belongs to a draw made only to look: it is made again
+        pass
+    stateful.load_state_dict(before)
+    return True
 
 
 def redraw(draws: SamplerDraws, drawn: int, served: int) -> None:
