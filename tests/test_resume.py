@@ -50,8 +50,8 @@ N = 23  # samples: not a multiple of the batch size, so drop_last matters
 BS = 4  # 6 batches per epoch (5 with drop_last)
 FORMAT = "stoker.DataLoader/2"
 STATE_KEYS = {"format", "dataset_len", "batch_size", "drop_last", "shuffle", "sampler", "rank", "world_size",
-              "seed", "epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
-              "dataset_state", "workers", "next_worker"}
+              "seed", "epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_epoch", "sampler_drawn",
+              "sampler_state", "dataset_state", "workers", "next_worker"}
 
 # Where the state is taken: after k batches of the epoch, or after the epoch's iterator raised StopIteration.
 POINTS = ["0", "1", "mid", "last-1", "last", "stopped"]
@@ -181,8 +181,8 @@ def test_state_is_plain_data(kind):
     assert fresh == {"format": FORMAT, "dataset_len": N, "batch_size": BS, "drop_last": False, "shuffle": True,
                      "sampler": "native", "rank": 0, "world_size": 1, "seed": None, "epoch": 0,
                      "batches_served": 0, "served_ahead": None, "base_seed": None, "rng": None,
-                     "sampler_drawn": None, "sampler_state": None, "dataset_state": None, "workers": None,
-                     "next_worker": 0}
+                     "sampler_epoch": None, "sampler_drawn": None, "sampler_state": None, "dataset_state": None,
+                     "workers": None, "next_worker": 0}
     it = iter(loader)
     next(it)
     next(it)
@@ -1288,3 +1288,36 @@ def test_a_state_with_served_ahead_out_of_place_is_refused():
     resumed = stoker.DataLoader(range(N), batch_size=BS, shuffle=True, seed=1)
     resumed.load_state_dict(without)
     assert [b.tolist() for b in resumed] == [b.tolist() for b in it]
+
+
+def _set_epoch(sampler, epoch: int) -> None:
+    (sampler if hasattr(sampler, "set_epoch") else sampler.sampler).set_epoch(epoch)  # (a BatchSampler's)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: DistributedSampler(range(N), num_replicas=2, rank=1, shuffle=True, seed=3),
+    lambda: BatchSampler(DistributedSampler(range(N), num_replicas=2, rank=0, shuffle=True, seed=3), BS, False),
+    lambda: stoker.LengthBucketSampler([i % 7 for i in range(N)], BS, bucket_size=8, seed=2),
+], ids=["DistributedSampler", "BatchSampler", "LengthBucketSampler"])
+def test_a_resume_needs_the_sampler_at_the_epoch_it_was_saved_in(make):
+    def build(sampler):
+        key = "sampler" if isinstance(sampler, DistributedSampler) else "batch_sampler"
+        return stoker.DataLoader(range(N), **{key: sampler}, **({"batch_size": BS} if key == "sampler" else {}))
+
+    saving = make()
+    loader = build(saving)
+    list(loader)
+    _set_epoch(saving, 3)
+    it = iter(loader)
+    next(it)
+    state = roundtrip(loader.state_dict())
+    assert state["sampler_epoch"] == 3
+    rest = [b.tolist() for b in it]
+    resumed_sampler = make()
+    resumed = build(resumed_sampler)
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"its sampler served as epoch 3 \(set_epoch\); this loader's sampler "
+                                         r"says epoch 0\. Call set_epoch\(3\)"):
+        iter(resumed)
+    _set_epoch(resumed_sampler, 3)
+    assert [b.tolist() for b in resumed] == rest

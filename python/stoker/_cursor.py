@@ -16,7 +16,7 @@ class Cursor:
     their numbers are `ahead`, and an iterator resuming the epoch passes over them."""
 
     __slots__ = ("epoch", "served", "ahead", "finished", "resume_workers", "position", "staged", "resume",
-                 "base_seed", "rng", "drawn", "sampler_start")
+                 "base_seed", "rng", "drawn", "sampler_start", "sampler_epoch")
 
     def __init__(self, epoch: int, served: int, ahead=()) -> None:
         self.epoch = epoch
@@ -39,6 +39,8 @@ class Cursor:
         self.drawn = None
         # The own state of a sampler you passed that an epoch starts from: one saved between epochs, else None.
         self.sampler_start = None
+        # The epoch a sampler you passed said it served (set_epoch) when the epoch's draws began, else None.
+        self.sampler_epoch = None
 
     def count(self, number: int | None = None) -> None:
         """Marks batch `number` served; None means the first not yet served (an iterator serving in order)."""

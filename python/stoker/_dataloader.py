@@ -30,9 +30,9 @@ _FORMAT_1 = "stoker.DataLoader/1"  # before states held the epoch's draws and ow
 _SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 # What state_dict() holds of the stream's position, besides the settings it checks (see state_dict).
-_PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_drawn", "sampler_state",
-             "dataset_state", "workers", "next_worker")
-_PROGRESS_ADDED = {"served_ahead": None}  # keys states of this format lacked at first
+_PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_epoch", "sampler_drawn",
+             "sampler_state", "dataset_state", "workers", "next_worker")
+_PROGRESS_ADDED = {"served_ahead": None, "sampler_epoch": None}  # keys states of this format lacked at first
 _ITERABLE_PROGRESS = ("epoch", "batches_served", "base_seed", "rng", "workers", "next_worker")
 _PROGRESS_DEFAULTS = {**_PROGRESS_ADDED, "base_seed": None, "rng": None, "sampler_drawn": None,
                       "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
@@ -313,7 +313,7 @@ class DataLoader(_TorchDataLoader):
             position = position or {}
             return {"epoch": cursor.epoch, "batches_served": served, "served_ahead": ahead or None,
                     "base_seed": cursor.base_seed,
-                    "rng": _encode_rng(cursor.rng),
+                    "rng": _encode_rng(cursor.rng), "sampler_epoch": cursor.sampler_epoch,
                     "sampler_drawn": cursor.drawn if self._stoker_replays_sampler() else None,
                     "sampler_state": position.get("sampler_state"),
                     "dataset_state": position.get("dataset_state"),
@@ -323,7 +323,7 @@ class DataLoader(_TorchDataLoader):
             return {key: resume[key] for key in _PROGRESS}
         return {"epoch": self._stoker_epoch, "batches_served": 0, "served_ahead": None, "base_seed": None,
                 "rng": _encode_rng(_resume.note_rng(self._stoker_rng_sources(started=False))),
-                "sampler_drawn": None, "sampler_state": self._stoker_sampler_state(),
+                "sampler_epoch": None, "sampler_drawn": None, "sampler_state": self._stoker_sampler_state(),
                 "dataset_state": self._stoker_dataset_state(), "workers": self._stoker_kept_workers(),
                 "next_worker": 0}
 
@@ -362,6 +362,10 @@ class DataLoader(_TorchDataLoader):
           generator of its own and may draw from it, as ``RandomSampler`` without one does), their states
           when the epoch's draws began (between epochs, as they stand). Each is a string: ``"seed:N"`` for a
           generator not drawn from since it was seeded, else about 3.4 KB. None when nothing is drawn from.
+        * ``sampler_epoch``: mid-epoch, the epoch a sampler you passed said it served (its ``epoch``, set by
+          ``set_epoch``: ``DistributedSampler``, stoker's bucketing samplers) when the epoch's draws began; the
+          resumed iterator raises ``ValueError`` unless the loader's sampler says the same (call its
+          ``set_epoch`` first, as the saved run did).
         * ``sampler_drawn``: the index batches drawn from a sampler you passed by then (read-ahead included).
         * ``sampler_state``: a sampler that has ``state_dict()``/``load_state_dict()`` (torchdata's
           ``StatefulDistributedSampler`` style): its state after the batches served (the batches it gave
@@ -490,6 +494,9 @@ class DataLoader(_TorchDataLoader):
             if drawn < served or batches is not None and drawn > batches:
                 raise ValueError(f"the state's sampler_drawn={drawn} should lie between the batches served "
                                  f"({served}) and the epoch's {batches}")
+        sampler_epoch = state["sampler_epoch"]
+        if sampler_epoch is not None and (isinstance(sampler_epoch, bool) or not isinstance(sampler_epoch, int)):
+            raise ValueError(f"the state's sampler_epoch must be None or an integer, got {sampler_epoch!r}")
         if state["sampler_state"] is not None and self._stoker_stateful_sampler() is None:
             raise ValueError("the state holds the own state of the sampler it was saved with (sampler_state); this "
                              "loader's sampler has no state_dict()/load_state_dict() to load it into")

@@ -187,6 +187,14 @@ class _Iterator:
         saved after the batches served (it then starts there), when there is one."""
         if loader._stoker_native_sampler or loader._dataset_kind != _DatasetKind.Map:
             return None
+        epoch = _resume.sampler_epoch(self._index_sampler)
+        saved_epoch = None if cursor.resume is None else cursor.resume["sampler_epoch"]
+        if saved_epoch is not None and epoch != saved_epoch:
+            raise ValueError(
+                f"the loaded state was saved in an epoch its sampler served as epoch {saved_epoch} (set_epoch); this "
+                f"loader's sampler says epoch {epoch}. Call set_epoch({saved_epoch}) on it before iterating, as the "
+                "saved run did, so that the rest of that epoch is drawn as it was")
+        cursor.sampler_epoch = epoch
         stateful = loader._stoker_stateful_sampler()
         before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
         if saved_state is None:

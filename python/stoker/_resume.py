@@ -108,6 +108,15 @@ def sampler_generator(sampler) -> torch.Generator | None:
     return None
 
 
+def sampler_epoch(sampler) -> int | None:
+    """The epoch a user's sampler (or the one it wraps) says it serves (``set_epoch``), when it has one."""
+    for layer in _layers(sampler):
+        epoch = getattr(layer, "epoch", None)
+        if isinstance(epoch, int) and not isinstance(epoch, bool):
+            return epoch
+    return None
+
+
 def stateful_sampler(sampler):
     """The sampler (or the one it wraps) that keeps its own position (state_dict/load_state_dict), else None."""
     for layer in _layers(sampler):
