@@ -283,3 +283,23 @@ class YieldCounting(torch.utils.data.Sampler):
 
     def load_state_dict(self, state):
         self.resume_at = state["yielded"]
+
+
+def ring_pin_refused(device: int) -> str:
+    """Why the driver refuses to page-lock a worker ring here (cuMemHostRegister on a shared-memory file
+    mapping: some GPU sandboxes refuse it), or "" where it page-locks one. stoker then loads from ordinary
+    memory and says so; tests that assert ring memory pinned skip instead."""
+    from stoker import _workers
+    from stoker._native import core
+
+    path = os.path.join(_workers._ring_dir(), f"stoker-test-probe-{os.getpid()}")
+    with open(path, "wb") as f:
+        f.truncate(1 << 20)
+    try:
+        ring = core.SlotRing(path, 1 << 20, 1)
+        ring.pin(device)
+        ring.lease(ring.acquire(), 4096)
+        error = ring.pin_error
+        return error if "fallocate" not in error else ""  # (room in /dev/shm is another matter: a failure)
+    finally:
+        os.unlink(path)

@@ -224,6 +224,12 @@ def bench_gpu(opts) -> list[dict]:
     device = torch.device("cuda", torch.cuda.current_device())
     records = []
     for part in (_h2d, _training, _normalize):
-        opts.progress(part.__name__.strip("_"))
-        records += part(opts, device)
+        name = part.__name__.strip("_")
+        opts.progress(name)
+        try:
+            records += part(opts, device)
+        except Exception as exc:  # noqa: BLE001 - one workload failing (a small /dev/shm, say) keeps the others'
+            print(f"\n{name}: failed: {type(exc).__name__}: {exc}", file=opts.out, flush=True)
+            records.append({"workload": name, "error": f"{type(exc).__name__}: {exc}"})
+            torch.cuda.synchronize()
     return records

@@ -39,9 +39,13 @@ SlotRing::SlotRing(const std::string& path, size_t slot_bytes, int slots)
   base_ = static_cast<uint8_t*>(p);
   fd_ = fd;  // kept: pin() reserves the file's pages through it
   path_ = path;
+  // Releases take mu_ on any thread (a tensor's deleter), a forked child's too: fork waits until none holds it.
+  // (A leaf: nothing else is locked under it.)
+  detail::register_for_fork(&mu_);
 }
 
 SlotRing::~SlotRing() {
+  detail::unregister_for_fork(&mu_);
   registered_.clear();  // unregister while the pages are still mapped
   if (base_) ::munmap(base_, slot_bytes_ * static_cast<size_t>(slots_));
   if (fd_ >= 0) ::close(fd_);
