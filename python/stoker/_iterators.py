@@ -200,8 +200,8 @@ class _Iterator:
         if saved_state is None:
             return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, 0, before)
         stateful.load_state_dict(copy.deepcopy(saved_state))
-        if self._start == 0 and saved_state != before and not _resume.starts_a_pass(stateful,
-                                                                                   iter(self._index_sampler)):
+        if self._start == 0 and not _resume.same_state(saved_state, before) and not _resume.starts_a_pass(
+                stateful, iter(self._index_sampler)):
             # A state taken as a pass had ended, of a sampler that starts its next pass afresh only at its next
             # iter() (it keeps its position till then): this pass starts as the sampler stood before it.
             stateful.load_state_dict(before)

@@ -235,6 +235,14 @@ class SamplerDraws:
         return None
 
 
+def same_state(a, b) -> bool:
+    """Whether two states of a sampler are equal; False where they cannot be compared (tensors inside, say)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an ambiguous or failing comparison: not known to be the same
+        return False
+
+
 def starts_a_pass(stateful, batches) -> bool:
     """Whether a sampler that keeps its own state, as it stands, has a batch to give: one draw from
     ``batches`` (an iterator of it) tells, and is undone (its state before it loaded again). False when that
