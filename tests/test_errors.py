@@ -455,3 +455,18 @@ def test_a_prefetch_factor_torchs_workers_refuse_is_refused_at_iter_as_torchs(da
         return lambda: iter(cls(dataset, batch_size=2, num_workers=2, prefetch_factor=prefetch_factor))
 
     raises_same(make(TorchDataLoader), make(stoker.DataLoader))
+
+
+@pytest.mark.parametrize("num_workers", WORKERS, ids=lambda w: f"workers{w}")
+def test_a_bad_index_names_its_batch_after_a_batch_that_could_not_be_served(num_workers):
+    # Batch 1 holds no integers (refused before any gather), batch 2 an index past the end: each error at its
+    # turn, batch 2's named as batch 2, and batch 3 still served.
+    data = torch.arange(10.0)
+    loader = stoker.DataLoader(data, batch_sampler=[[0, 1], ["a"], [2, 99], [3]], num_workers=num_workers)
+    it = iter(loader)
+    assert next(it).tolist() == [0.0, 1.0]
+    with pytest.raises(IndexError, match="only integers are valid indices"):
+        next(it)
+    with pytest.raises(IndexError, match=r"index 99 is out of range for a dataset of 10 samples \(in batch 2\)"):
+        next(it)
+    assert next(it).tolist() == [3.0]

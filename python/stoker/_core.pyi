@@ -24,7 +24,12 @@ class ArrayPipeline:
     def delivered(self) -> int: ...
     def next(self) -> object: ...
     def stop(self) -> None: ...
-    def submit(self, indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64]) -> None: ...
+    def submit(
+        self,
+        indices: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+        number: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None:
+        """Queues batch `number` of the epoch (an index out of range raises IndexError naming it)."""
 
 class ArraySource:
     def __init__(

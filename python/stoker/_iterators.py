@@ -418,8 +418,6 @@ class ArrayIterator(_Iterator):
         # batches served out of order): then, as a sampler's, it is submitted batch by batch.
         self._submitted = not self._native_order or bool(self._skip)
         stream = None if self._submitted else self._native_stream(loader.batch_size, loader.drop_last)
-        # (Batch self._start is the first either way: the one the native order starts from, or the first of the
-        # sampler's left after a resume, numbered so in errors.)
         self._pipe = core.ArrayPipeline(source, pool, stream, self._start, threads, depth)
         # Per batch read: its error, or its window shape (None for one row per sample).
         self._pending: collections.deque = collections.deque()
@@ -432,7 +430,7 @@ class ArrayIterator(_Iterator):
         # in line as the exception to raise at that batch's turn, so the batches before it still arrive.
         while self._batches is not None and len(self._pending) < self._depth:
             try:
-                _, indices = self._draw(self._batches)
+                number, indices = self._draw(self._batches)
             except StopIteration:
                 self._batches = None
                 self._pipe.close_submissions()
@@ -444,7 +442,7 @@ class ArrayIterator(_Iterator):
             if error is not None:
                 self._pending.append(error)
             else:
-                self._pipe.submit(array)
+                self._pipe.submit(array, number)
                 self._pending.append(window)
 
     def _next(self):

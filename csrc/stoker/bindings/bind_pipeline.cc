@@ -101,10 +101,12 @@ void register_pipeline(py::module_& m) {
            }),
            py::arg("source"), py::arg("pool"), py::arg("stream"), py::arg("start_batch"),
            py::arg("num_threads"), py::arg("depth"))
-      .def("submit", [](PyArrayPipeline& p, py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx) {
+      .def("submit", [](PyArrayPipeline& p, py::array_t<int64_t, py::array::c_style | py::array::forcecast> idx,
+                        int64_t number) {
              std::vector<int64_t> v(idx.data(), idx.data() + idx.size());
-             p.pipeline->submit(std::move(v));
-           }, py::arg("indices"))
+             p.pipeline->submit(std::move(v), number);
+           }, py::arg("indices"), py::arg("number"),
+           "Queues batch `number` of the epoch (an index out of range raises IndexError naming it).")
       .def("close_submissions", [](PyArrayPipeline& p) { p.pipeline->close_submissions(); })
       .def("next", [](PyArrayPipeline& p) -> py::object {
              GatheredBatch batch;

@@ -53,11 +53,11 @@ bool ArrayPipeline::all_claimed() const {
   return closed_ && queue_.empty();
 }
 
-void ArrayPipeline::submit(std::vector<int64_t> indices) {
+void ArrayPipeline::submit(std::vector<int64_t> indices, int64_t number) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     STOKER_CHECK(!stream_ && !closed_, "submit() on a pipeline that takes no more batches");
-    queue_.push_back(std::move(indices));
+    queue_.emplace_back(std::move(indices), number);
     ++submitted_;
   }
   work_cv_.notify_one();
@@ -109,6 +109,7 @@ void ArrayPipeline::work() {
   std::vector<int64_t> indices;
   for (;;) {
     GatheredBatch out;
+    int64_t number = 0;  // the batch's number in its epoch, for its errors
     std::shared_ptr<Split> help;
     {
       std::unique_lock<std::mutex> lock(mu_);
@@ -123,8 +124,10 @@ void ArrayPipeline::work() {
         if (!has_task()) return;
         ++in_setup_;
         out.seq = next_seq_++;
+        number = start_batch_ + out.seq;
         if (!stream_) {
-          indices = std::move(queue_.front());
+          indices = std::move(queue_.front().first);
+          number = queue_.front().second;
           queue_.pop_front();
         }
       }
@@ -160,7 +163,7 @@ void ArrayPipeline::work() {
     } catch (const IndexError& e) {
       out.block.reset();
       out.error = std::make_exception_ptr(
-          IndexError(detail::concat(e.what(), " (in batch ", start_batch_ + out.seq, ")")));
+          IndexError(detail::concat(e.what(), " (in batch ", number, ")")));
     } catch (...) {
       out.block.reset();
       out.error = std::current_exception();

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "stoker/pool/buffer_pool.h"
@@ -48,8 +49,9 @@ class ArrayPipeline {
   ArrayPipeline(const ArrayPipeline&) = delete;
   ArrayPipeline& operator=(const ArrayPipeline&) = delete;
 
-  /// Queues one batch of indices (only without a native stream).
-  void submit(std::vector<int64_t> indices);
+  /// Queues one batch of indices (only without a native stream), batch `number` of its epoch (its errors
+  /// name it).
+  void submit(std::vector<int64_t> indices, int64_t number);
   /// Says no more batches will be submitted.
   void close_submissions();
   /// Blocks until the next batch in order is ready; false once every batch has been delivered.
@@ -95,7 +97,7 @@ class ArrayPipeline {
   int64_t submitted_ = 0;
   bool closed_ = false;
   bool stop_ = false;
-  std::deque<std::vector<int64_t>> queue_;
+  std::deque<std::pair<std::vector<int64_t>, int64_t>> queue_;  // submitted: indices, batch number
   std::map<int64_t, GatheredBatch> ready_;
   std::deque<std::shared_ptr<Split>> splits_;  // batches with parts left to take
   int64_t in_setup_ = 0;  // batches taken whose parts are not offered yet (a thread waits for them to help)
