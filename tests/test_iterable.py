@@ -435,6 +435,51 @@ def test_resume_after_a_pass_ended_gives_that_worker_no_more(num_workers):
         assert [b.tolist() for b in resumed] == reference, k  # the next epoch: whole passes again
 
 
+class CountsPasses(IterableDataset):
+    """Rewinds itself as a pass ends and counts its passes (in its state): worker w's item is
+    1000 w + 100 passes + position, so an epoch after a resume shows which pass each copy is on."""
+
+    def __init__(self, sizes=(7, 3)) -> None:
+        self.sizes, self.pos, self.passes = sizes, 0, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        while self.pos < self.sizes[wid]:
+            self.pos += 1
+            yield 1000 * wid + 100 * self.passes + self.pos - 1
+        self.pos, self.passes = 0, self.passes + 1
+
+    def state_dict(self):
+        return {"pos": self.pos, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.pos, self.passes = state["pos"], state["passes"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(num_workers=2, persistent_workers=True)],
+                         ids=["main_process", "persistent_workers"])
+def test_a_copy_whose_pass_had_ended_takes_its_state_for_the_next_pass(kwargs):
+    from helpers import roundtrip
+
+    def epoch(loader):
+        return [b.tolist() for b in loader]
+
+    reference = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+    epochs = [epoch(reference) for _ in range(3)]
+    for k in range(len(epochs[1]) + 1):  # saved in the second epoch, after k batches
+        first = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+        epoch(first)
+        it = iter(first)
+        head = [next(it).tolist() for _ in range(k)]
+        state = roundtrip(first.state_dict())
+        del it
+        resumed = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+        resumed.load_state_dict(state)
+        assert head + epoch(resumed) == epochs[1], k
+        assert epoch(resumed) == epochs[2], k  # each copy on its third pass
+
+
 def test_resume_with_in_order_false_serves_every_item_once():
     kwargs = dict(batch_size=2, num_workers=2, in_order=False)
     first = stoker.DataLoader(Shard(30), **kwargs)

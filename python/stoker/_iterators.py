@@ -187,7 +187,31 @@ class _Iterator:
         saved after the batches served (it then starts there), when there is one."""
         if loader._stoker_native_sampler or loader._dataset_kind != _DatasetKind.Map:
             return None
-        epoch = _resume.sampler_epoch(self._index_sampler)
+        stateful = loader._stoker_stateful_sampler()
+        before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
+        if saved_state is not None:
+            stateful.load_state_dict(copy.deepcopy(saved_state))
+        self._check_sampler_epoch(cursor, stateful)
+        if saved_state is None:
+            return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, 0, before)
+        sampler = self._index_sampler
+        if self._start == 0 and not _resume.starts_a_pass(stateful, sampler):
+            # A state taken as a pass had ended, of a sampler that keeps its end position until its next iter()
+            # (torchdata's, say): that look at it ended the pass, and its next iter() starts a new one.
+            saved_state = copy.deepcopy(stateful.state_dict())
+        batches = iter(sampler)
+        if self._start > 0 and self._start == _length(sampler):
+            # Every batch of the epoch was served. The saved run's sampler may not have met the end of its
+            # pass yet (it would have at the next draw), or it may have, and moved itself on to its next pass
+            # (a sampler that rewinds as its pass ends): one draw tells, and is undone in the second case.
+            _resume.starts_a_pass(stateful, sampler)
+            batches = iter(())
+        return _resume.SamplerDraws(batches, cursor, stateful, self._start, saved_state)
+
+    def _check_sampler_epoch(self, cursor, stateful) -> None:
+        """Notes the epoch the user's sampler says it serves; a resumed epoch, drawn again, needs the one it was
+        saved with. (A sampler that keeps its own state has its epoch, if any, in that state.)"""
+        epoch = None if stateful is not None else _resume.sampler_epoch(self._index_sampler)
         saved_epoch = None if cursor.resume is None else cursor.resume["sampler_epoch"]
         if saved_epoch is not None and epoch != saved_epoch:
             raise ValueError(
@@ -195,25 +219,6 @@ class _Iterator:
                 f"loader's sampler says epoch {epoch}. Call set_epoch({saved_epoch}) on it before iterating, as the "
                 "saved run did, so that the rest of that epoch is drawn as it was")
         cursor.sampler_epoch = epoch
-        stateful = loader._stoker_stateful_sampler()
-        before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
-        if saved_state is None:
-            return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, 0, before)
-        stateful.load_state_dict(copy.deepcopy(saved_state))
-        if self._start == 0 and not _resume.same_state(saved_state, before) and not _resume.starts_a_pass(
-                stateful, iter(self._index_sampler)):
-            # A state taken as a pass had ended, of a sampler that starts its next pass afresh only at its next
-            # iter() (it keeps its position till then): this pass starts as the sampler stood before it.
-            stateful.load_state_dict(before)
-            saved_state = before
-        batches = iter(self._index_sampler)
-        if self._start > 0 and self._start == _length(self._index_sampler):
-            # Every batch of the epoch was served. The saved run's sampler may not have met the end of its
-            # pass yet (it would have at the next draw), or it may have, and moved itself on to its next pass
-            # (a sampler that rewinds as its pass ends): one draw tells, and is undone in the second case.
-            _resume.starts_a_pass(stateful, batches)
-            batches = iter(())
-        return _resume.SamplerDraws(batches, cursor, stateful, self._start, saved_state)
 
     def _index_batches(self):
         """The epoch's index batches from this iterator's start: lists of ints (one int per sample without
@@ -236,7 +241,14 @@ class _Iterator:
         while True:
             number = self._next_number
             self._next_number += 1
-            indices = next(batches)
+            try:
+                indices = next(batches)
+            except StopIteration:
+                raise
+            except Exception:
+                if number in self._skip:  # raised before the save this epoch resumes, at its turn then
+                    continue
+                raise
             if number not in self._skip:
                 return number, indices
 
@@ -675,11 +687,16 @@ class IterableIterator(_Iterator):
         self._collate = collate
         dataset = loader.dataset
         saved = IterablePosition(1, self._cursor.resume_workers)
-        # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it; not for a
-        # resumed pass that had ended.
-        self._source = None if saved.ended[0] else IterableSource.begin(
-            dataset, loader._auto_collation, loader.batch_size, bool(loader.drop_last), saved.start_of(0))
         cursor, stateful = self._cursor, is_stateful(dataset)
+        # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it; not for a
+        # resumed pass that had ended, whose dataset only takes the state it was left in (for its next pass).
+        if saved.ended[0]:
+            self._source = None
+            if stateful and saved.states[0] is not None:
+                dataset.load_state_dict(saved.states[0])
+        else:
+            self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
+                                                bool(loader.drop_last), saved.start_of(0))
         # Whether the pass has met the end of the dataset's iterator (the last batch served then is its last).
         self._ended = ended = [self._source is None]
 

@@ -14,6 +14,7 @@ import base64
 import binascii
 import collections
 import copy
+import random
 import zlib
 from typing import Any
 
@@ -235,25 +236,27 @@ class SamplerDraws:
         return None
 
 
-def same_state(a, b) -> bool:
-    """Whether two states of a sampler are equal; False where they cannot be compared (tensors inside, say)."""
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - an ambiguous or failing comparison: not known to be the same
-        return False
-
-
-def starts_a_pass(stateful, batches) -> bool:
-    """Whether a sampler that keeps its own state, as it stands, has a batch to give: one draw from
-    ``batches`` (an iterator of it) tells, and is undone (its state before it loaded again). False when that
-    draw ends the pass (what it did then is kept: a sampler may rewind itself as its pass ends)."""
+def starts_a_pass(stateful, sampler) -> bool:
+    """Whether a sampler that keeps its own state (``stateful``, ``sampler`` or the one it wraps), as it
+    stands, has a batch to give: one draw from a new iterator of ``sampler`` tells, and is undone (the
+    sampler's state before it loaded again, and the random generators it may draw from put back). False when
+    that draw ends the pass (what the sampler did then is kept: it may rewind itself as its pass ends)."""
     before = copy.deepcopy(stateful.state_dict())
+    generator = sampler_generator(sampler)
+    rngs = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+            generator.get_state() if generator is not None else None)
     try:
-        next(batches)
+        next(iter(sampler))
     except StopIteration:
         return False
     except Exception:  # noqa: BLE001 - its error belongs to a draw made only to look: it is made again
         pass
+    finally:
+        torch.set_rng_state(rngs[0])
+        random.setstate(rngs[1])
+        np.random.set_state(rngs[2])
+        if generator is not None:
+            generator.set_state(rngs[3])
     stateful.load_state_dict(before)
     return True
 

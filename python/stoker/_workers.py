@@ -220,10 +220,15 @@ class IterableSource:
 
     @classmethod
     def begin(cls, dataset, auto: bool, batch_size, drop_last: bool, start=None) -> IterableSource:
-        """A pass from the beginning, or from `start` = (batches served, the dataset's own state then) on a
-        resume: a stateful dataset loads its state before iter(); any other has its pass replayed to there."""
+        """A pass from the beginning, or from `start` = (batches served, the dataset's own state then[, True
+        when the pass had ended]) on a resume: a stateful dataset loads its state before iter(); any other has
+        its pass replayed to there. A pass that had ended only loads its state (for the next): no iter()."""
         if start is not None and start[1] is not None:
             dataset.load_state_dict(start[1])
+        if start is not None and len(start) > 2 and start[2]:
+            source = cls.__new__(cls)
+            source.iterator, source.ended = None, True
+            return source
         source = cls(dataset, auto, batch_size, drop_last)
         if start is not None and start[1] is None:
             source.skip(start[0])
@@ -1592,7 +1597,21 @@ class ProcessBatches:
         for _ in range(self.position.next_worker):
             next(self.cycle)
         self.exhausted = False
+        if self.iterable and self.position.resumed:
+            self._hand_over_ended_states()
         self._top_up()
+
+    def _hand_over_ended_states(self) -> None:
+        """A resumed worker whose pass had ended serves nothing this epoch; its copy still takes its saved
+        state (persistent workers go on from it next epoch): one task that only loads it, answered "stop"."""
+        for worker in range(self.pool.num_workers):
+            if self.position.ended[worker] and self.position.states[worker] is not None:
+                self.first_task[worker] = False
+                number = next(self.numbers)
+                self.outstanding.add(number)
+                self.order.append(number)
+                batches, state = self.position.batches[worker], self.position.states[worker]
+                self.pool.send(worker, (self.generation, number, None, -1, self.rng_key, (batches, state, True)))
 
     def _next_worker(self) -> int | None:
         for _ in range(self.pool.num_workers):
@@ -1613,8 +1632,9 @@ class ProcessBatches:
                     self.exhausted = True
                     return
                 except Exception as exc:  # the sampler's error, raised at this batch's turn
-                    self.local_errors[number] = exc
-                    self.order.append(number)
+                    if number not in self.skip:  # (else raised before the save this epoch resumes)
+                        self.local_errors[number] = exc
+                        self.order.append(number)
                     continue
                 if number in self.skip:
                     continue
