@@ -761,3 +761,19 @@ def test_a_worker_init_fn_that_raises_in_worker_threads_raises_its_error_at_the_
         next(it)
     with pytest.raises(ValueError, match=r"worker_init_fn failed in worker \d"):
         next(iter(TorchDataLoader(list(range(8)), batch_size=2, num_workers=2, worker_init_fn=_init_fails)))
+
+
+def test_a_ring_left_behind_by_a_killed_process_of_the_same_pid_is_no_obstacle():
+    # A process killed before it removed its ring leaves the file; a later process may get the same pid.
+    from stoker import _workers
+
+    nxt = next(_workers._counter)
+    left = [os.path.join(_workers._ring_dir(), f"stoker-ring-{os.getpid()}-{k}") for k in range(nxt + 1, nxt + 4)]
+    for path in left:
+        open(path, "wb").close()
+    try:
+        batches = list(stoker.DataLoader(Identity(), batch_size=4, num_workers=2))
+        assert sorted(int(i) for b in batches for i in b["i"]) == list(range(N))
+    finally:
+        for path in left:
+            os.unlink(path)

@@ -901,7 +901,9 @@ class WorkerPool:
             self.slots += 3  # pinned batches the user released stay lent until the GPU has passed (a fence)
         self.slot_bytes = _DEFAULT_SLOT_BYTES
         self.pid = os.getpid()
-        self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{self.pid}-{next(_counter)}")
+        # The name is this pool's alone: a process killed before it could remove its ring leaves the file behind,
+        # and a later process may get its pid.
+        self.ring_path = os.path.join(_ring_dir(), f"stoker-ring-{self.pid}-{next(_counter)}-{os.urandom(6).hex()}")
         fd = os.open(self.ring_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.slots * self.slot_bytes)  # sparse: pages exist once a batch touches them
