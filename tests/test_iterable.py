@@ -457,24 +457,29 @@ class CountsPasses(IterableDataset):
         self.pos, self.passes = state["pos"], state["passes"]
 
 
+@pytest.mark.parametrize(("sizes", "drop_last"), [((7, 3), False), ((6, 2), False), ((7, 3), True)],
+                         ids=["short_last", "full_last", "drop_last"])
 @pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(num_workers=2, persistent_workers=True)],
                          ids=["main_process", "persistent_workers"])
-def test_a_copy_whose_pass_had_ended_takes_its_state_for_the_next_pass(kwargs):
+def test_a_copy_whose_pass_had_ended_takes_its_state_for_the_next_pass(kwargs, sizes, drop_last):
+    # A pass ends with its last batch (a short one), or at the draw after it (a full one, or a short one
+    # dropped): either way the copy's state for its next pass is the one its pass ended in.
     from helpers import roundtrip
 
     def epoch(loader):
         return [b.tolist() for b in loader]
 
-    reference = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+    kwargs = dict(kwargs, batch_size=2, drop_last=drop_last)
+    reference = stoker.DataLoader(CountsPasses(sizes), **kwargs)
     epochs = [epoch(reference) for _ in range(3)]
     for k in range(len(epochs[1]) + 1):  # saved in the second epoch, after k batches
-        first = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+        first = stoker.DataLoader(CountsPasses(sizes), **kwargs)
         epoch(first)
         it = iter(first)
         head = [next(it).tolist() for _ in range(k)]
         state = roundtrip(first.state_dict())
         del it
-        resumed = stoker.DataLoader(CountsPasses(), batch_size=2, **kwargs)
+        resumed = stoker.DataLoader(CountsPasses(sizes), **kwargs)
         resumed.load_state_dict(state)
         assert head + epoch(resumed) == epochs[1], k
         assert epoch(resumed) == epochs[2], k  # each copy on its third pass

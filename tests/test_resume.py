@@ -981,11 +981,112 @@ def test_the_look_at_a_samplers_state_draws_nothing_from_the_global_rng(workers)
 
 def test_a_state_between_epochs_loaded_back_into_its_own_loader_serves_the_next_epoch():
     # The sampler keeps its end position until its next iter() (as torchdata's does): loading that state back
-    # must not make the next epoch empty.
+    # must not make the next epoch empty; nor rolling back to a state taken before an epoch that has run since.
     a = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=YieldCounting(ORDER))
+    checkpoint = roundtrip(a.state_dict())
     first = flat(a)
     a.load_state_dict(roundtrip(a.state_dict()))
     assert flat(a) == first == ORDER
+    a.load_state_dict(checkpoint)
+    assert flat(a) == ORDER
+    it = iter(a)
+    at_start = roundtrip(a.state_dict())  # an epoch begun, nothing served
+    del it
+    assert flat(a) == ORDER
+    a.load_state_dict(at_start)
+    assert flat(a) == ORDER
+
+
+class RewindsAndDraws(torch.utils.data.Sampler):
+    """Keeps its own state (position, order, generator); as a pass ends it rewinds and draws its next order
+    from its generator."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.pos, self.generator = n, 0, torch.Generator().manual_seed(3)
+        self.order = torch.randperm(n, generator=self.generator).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        while self.pos < self.n:
+            self.pos += 1
+            yield self.order[self.pos - 1]
+        self.pos, self.order = 0, torch.randperm(self.n, generator=self.generator).tolist()
+
+    def state_dict(self):
+        return {"pos": self.pos, "order": self.order, "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state):
+        self.pos, self.order = state["pos"], state["order"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class Eager(YieldCounting):
+    """Takes its loaded position at iter() itself (not at its first draw, as a generator function would)."""
+
+    def __iter__(self):
+        start, self.resume_at = self.resume_at or 0, None
+        self.yielded = start
+        return self._from(start)
+
+    def _from(self, start):
+        for i in self.order()[start:]:
+            self.yielded += 1
+            self.produced += 1
+            yield i
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=lambda w: f"workers{w}")
+@pytest.mark.parametrize("make", [lambda: RewindsAndDraws(N), lambda: Eager(ORDER)], ids=["draws_at_end", "eager"])
+def test_a_state_after_the_last_batch_resumes_in_step(make, workers):
+    def build():
+        return stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=make(), num_workers=workers)
+
+    reference = build()
+    epochs = [flat(reference) for _ in range(3)]
+    for k in [None, 0, 1, len(reference)]:  # None: between epochs 0 and 1
+        a = build()
+        list(a)
+        head = []
+        if k is not None:
+            it = iter(a)
+            head = flat([next(it) for _ in range(k)])
+        state = roundtrip(a.state_dict())
+        b = build()
+        b.load_state_dict(state)
+        assert head + flat(b) == epochs[1], k
+        assert flat(b) == epochs[2], k
+
+
+class EpochOutsideState(YieldCounting):
+    """As torchdata's StatefulDistributedSampler: its own state is its position; its epoch (set_epoch) is not
+    in it."""
+
+    def __init__(self) -> None:
+        super().__init__(ORDER)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> list:
+        return ORDER[self.epoch:] + ORDER[:self.epoch]
+
+
+def test_a_sampler_whose_epoch_is_not_in_its_state_needs_set_epoch_on_resume():
+    a = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochOutsideState())
+    a.sampler.set_epoch(2)
+    it = iter(a)
+    head = flat([next(it), next(it)])
+    state = roundtrip(a.state_dict())
+    assert state["sampler_epoch"] == 2
+    b = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochOutsideState())
+    b.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"served as epoch 2 \(set_epoch\); this loader's sampler says epoch 0"):
+        iter(b)
+    b.sampler.set_epoch(2)
+    assert head + flat(b) == ORDER[2:] + ORDER[:2]
 
 
 class EpochInState(YieldCounting):
@@ -1015,7 +1116,7 @@ def test_a_sampler_that_keeps_its_epoch_in_its_state_resumes_without_set_epoch()
     it = iter(a)
     head = flat([next(it), next(it)])
     state = roundtrip(a.state_dict())
-    assert state["sampler_epoch"] is None  # its own state says it
+    assert state["sampler_epoch"] == 3  # as it said with that state: loading the state sets it again
     b = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochInState())
     b.load_state_dict(state)
     assert head + flat(b) == ORDER[3:] + ORDER[:3]

@@ -313,7 +313,8 @@ class DataLoader(_TorchDataLoader):
             position = position or {}
             return {"epoch": cursor.epoch, "batches_served": served, "served_ahead": ahead or None,
                     "base_seed": cursor.base_seed,
-                    "rng": _encode_rng(cursor.rng), "sampler_epoch": cursor.sampler_epoch,
+                    "rng": _encode_rng(cursor.rng),
+                    "sampler_epoch": position.get("sampler_epoch", cursor.sampler_epoch),
                     "sampler_drawn": cursor.drawn if self._stoker_replays_sampler() else None,
                     "sampler_state": position.get("sampler_state"),
                     "dataset_state": position.get("dataset_state"),

@@ -63,6 +63,7 @@ def _map_position(draws, cursor, dataset, batches):
 
     def position() -> dict:
         out = {"sampler_state": draws.state_at(cursor.served) if sampler else None,
+               "sampler_epoch": draws.epoch_at(cursor.served) if sampler else cursor.sampler_epoch,
                "dataset_state": copy.deepcopy(dataset.state_dict()) if dataset_stateful else None}
         if batches is not None:
             out.update(batches.position_dict(True))
@@ -187,31 +188,31 @@ class _Iterator:
         saved after the batches served (it then starts there), when there is one."""
         if loader._stoker_native_sampler or loader._dataset_kind != _DatasetKind.Map:
             return None
+        sampler = self._index_sampler
         stateful = loader._stoker_stateful_sampler()
         before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
         if saved_state is not None:
             stateful.load_state_dict(copy.deepcopy(saved_state))
-        self._check_sampler_epoch(cursor, stateful)
+        self._check_sampler_epoch(cursor)  # (after the sampler's own state, which may set its epoch, is loaded)
+        epoch_of = functools.partial(_resume.sampler_epoch, sampler)
         if saved_state is None:
-            return _resume.SamplerDraws(iter(self._index_sampler), cursor, stateful, 0, before)
-        sampler = self._index_sampler
-        if self._start == 0 and not _resume.starts_a_pass(stateful, sampler):
-            # A state taken as a pass had ended, of a sampler that keeps its end position until its next iter()
-            # (torchdata's, say): that look at it ended the pass, and its next iter() starts a new one.
-            saved_state = copy.deepcopy(stateful.state_dict())
-        batches = iter(sampler)
+            return _resume.SamplerDraws(iter(sampler), cursor, stateful, 0, before, epoch_of)
         if self._start > 0 and self._start == _length(sampler):
             # Every batch of the epoch was served. The saved run's sampler may not have met the end of its
             # pass yet (it would have at the next draw), or it may have, and moved itself on to its next pass
             # (a sampler that rewinds as its pass ends): one draw tells, and is undone in the second case.
-            _resume.starts_a_pass(stateful, sampler)
-            batches = iter(())
-        return _resume.SamplerDraws(batches, cursor, stateful, self._start, saved_state)
+            _resume.starts_a_pass(stateful, sampler, saved_state, keep_end=True)
+            return _resume.SamplerDraws(iter(()), cursor, stateful, self._start, saved_state, epoch_of)
+        if self._start == 0 and not _resume.starts_a_pass(stateful, sampler, saved_state, keep_end=False):
+            # A state taken as a pass had ended, of a sampler that keeps its end position until its next iter()
+            # (torchdata's, say): that look at it ended the pass, and its next iter() starts a new one.
+            saved_state = copy.deepcopy(stateful.state_dict())
+        return _resume.SamplerDraws(iter(sampler), cursor, stateful, self._start, saved_state, epoch_of)
 
-    def _check_sampler_epoch(self, cursor, stateful) -> None:
-        """Notes the epoch the user's sampler says it serves; a resumed epoch, drawn again, needs the one it was
-        saved with. (A sampler that keeps its own state has its epoch, if any, in that state.)"""
-        epoch = None if stateful is not None else _resume.sampler_epoch(self._index_sampler)
+    def _check_sampler_epoch(self, cursor) -> None:
+        """Notes the epoch the user's sampler says it serves; a resumed epoch needs the one it was saved with
+        (for a sampler that keeps its own state, the one it said with that state)."""
+        epoch = _resume.sampler_epoch(self._index_sampler)
         saved_epoch = None if cursor.resume is None else cursor.resume["sampler_epoch"]
         if saved_epoch is not None and epoch != saved_epoch:
             raise ValueError(
@@ -780,7 +781,7 @@ class ProcessIterator(_Iterator):
         position = IterablePosition(pool.num_workers, self._cursor.resume_workers) if tracked else None
         self._batches = ProcessBatches(pool, batches, self._start, bool(loader.in_order),
                                        loader.prefetch_factor or 2, loader.timeout, self._sample_rng_key(),
-                                       position, self._skip)
+                                       position, self._skip, persistent)
         # Bound to the epoch's batches, not to this iterator, which the loader's cursor must not keep alive.
         if iterable:
             self._cursor.position = functools.partial(self._batches.position_dict, dataset_stateful)

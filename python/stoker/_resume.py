@@ -190,14 +190,17 @@ class SamplerDraws:
     the user has received that batch. A draw that raised counts, and the iteration goes on after it, as
     the sampler allows. Batches redrawn on a resume and not yet served (``kept``) come first."""
 
-    def __init__(self, batches, cursor, stateful=None, first: int = 0, first_state=None) -> None:
+    def __init__(self, batches, cursor, stateful=None, first: int = 0, first_state=None, epoch_of=None) -> None:
         self._batches = batches
         self._cursor = cursor
         self.stateful = stateful  # the sampler that keeps its own state, or None
         self.kept: collections.deque = collections.deque()
         cursor.drawn = first
         # (batches drawn, the sampler's state then), oldest first
-        self._states = collections.deque([(first, first_state)]) if stateful is not None else None
+        # (batches drawn, the sampler's state then, the epoch it said it served then), oldest first
+        self._epoch_of = epoch_of or (lambda: None)
+        self._states = (collections.deque([(first, first_state, self._epoch_of())]) if stateful is not None
+                        else None)
 
     def __iter__(self):
         return self
@@ -223,41 +226,53 @@ class SamplerDraws:
         cursor.drawn += 1
         states = self._states
         if states is not None:
-            states.append((cursor.drawn, copy.deepcopy(self.stateful.state_dict())))
+            states.append((cursor.drawn, copy.deepcopy(self.stateful.state_dict()), self._epoch_of()))
             while len(states) > 1 and states[1][0] <= cursor.served:  # the user is past the older ones
                 states.popleft()
 
     def state_at(self, served: int):
         """The sampler's own state after the first ``served`` batches were drawn (before any: as it was before
         its iter())."""
-        for drawn, state in self._states:
+        for drawn, state, _ in self._states:
             if drawn == served:
                 return state
         return None
 
+    def epoch_at(self, served: int):
+        """The epoch the sampler said it served (``set_epoch``) with that state, or None."""
+        for drawn, _, epoch in self._states:
+            if drawn == served:
+                return epoch
+        return None
 
-def starts_a_pass(stateful, sampler) -> bool:
-    """Whether a sampler that keeps its own state (``stateful``, ``sampler`` or the one it wraps), as it
-    stands, has a batch to give: one draw from a new iterator of ``sampler`` tells, and is undone (the
-    sampler's state before it loaded again, and the random generators it may draw from put back). False when
-    that draw ends the pass (what the sampler did then is kept: it may rewind itself as its pass ends)."""
-    before = copy.deepcopy(stateful.state_dict())
+
+def starts_a_pass(stateful, sampler, state, keep_end: bool) -> bool:
+    """Whether a sampler that keeps its own state (``stateful``, ``sampler`` or the one it wraps), loaded with
+    ``state``, has a batch to give: one draw from a new iterator of ``sampler`` tells. A draw that gives one is
+    undone: ``state`` loaded again, the random generators it may draw from (torch's, random's, numpy's, the
+    sampler's) put back. False when the draw ends the pass; what the sampler did then (it may rewind itself)
+    is kept, and so are its generators' draws with ``keep_end`` (a draw the saved run makes too)."""
     generator = sampler_generator(sampler)
     rngs = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
             generator.get_state() if generator is not None else None)
-    try:
-        next(iter(sampler))
-    except StopIteration:
-        return False
-    except Exception:  # noqa: BLE001 - its error belongs to a draw made only to look: it is made again
-        pass
-    finally:
+
+    def put_back() -> None:
         torch.set_rng_state(rngs[0])
         random.setstate(rngs[1])
         np.random.set_state(rngs[2])
         if generator is not None:
             generator.set_state(rngs[3])
-    stateful.load_state_dict(before)
+
+    try:
+        next(iter(sampler))
+    except StopIteration:
+        if not keep_end:
+            put_back()
+        return False
+    except Exception:  # noqa: BLE001 - its error belongs to a draw made only to look: it is made again
+        pass
+    put_back()
+    stateful.load_state_dict(copy.deepcopy(state))
     return True
 
 

@@ -776,6 +776,11 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
                 if stateful:
                     position = dataset.state_dict()
         except StopIteration:
+            if source is not None and stateful:  # the state its pass ended in (a dataset may rewind itself then)
+                try:
+                    position = dataset.state_dict()
+                except Exception:  # noqa: BLE001 - the position after its last batch stands
+                    position = None
             reply("stop", None)
             continue
         except Exception as exc:
@@ -1568,7 +1573,7 @@ class ProcessBatches:
 
     def __init__(self, pool: WorkerPool, batches, first_number: int, in_order: bool, prefetch: int,
                  timeout: float, rng_key=None, position: IterablePosition | None = None,
-                 skip: frozenset = frozenset()) -> None:
+                 skip: frozenset = frozenset(), persistent: bool = False) -> None:
         pool.generation += 1
         self.pool = pool
         self.generation = pool.generation
@@ -1599,13 +1604,13 @@ class ProcessBatches:
         for _ in range(self.position.next_worker):
             next(self.cycle)
         self.exhausted = False
-        if self.iterable and self.position.resumed:
+        if self.iterable and self.position.resumed and persistent:
             self._hand_over_ended_states()
         self._top_up()
 
     def _hand_over_ended_states(self) -> None:
-        """A resumed worker whose pass had ended serves nothing this epoch; its copy still takes its saved
-        state (persistent workers go on from it next epoch): one task that only loads it, answered "stop"."""
+        """A resumed worker whose pass had ended serves nothing this epoch; its copy, which persists, still
+        takes its saved state to go on from next epoch: one task that only loads it, answered "stop"."""
         for worker in range(self.pool.num_workers):
             if self.position.ended[worker] and self.position.states[worker] is not None:
                 self.first_task[worker] = False
@@ -1679,7 +1684,7 @@ class ProcessBatches:
             self.ready[number] = ("batch", payload, worker, state)
         elif kind == "stop" and self.iterable:
             self.active[worker] = False
-            self.ready[number] = ("skip", None, worker, None)
+            self.ready[number] = ("skip", None, worker, state)  # (the state its pass ended in, if it says)
         elif kind == "stop":
             self.ready[number] = ("stop", None, worker, None)
         else:
@@ -1727,6 +1732,8 @@ class ProcessBatches:
                 return kind, value
             if kind == "skip":
                 self.position.ended[worker] = True
+                if state is not None:
+                    self.position.states[worker] = state
                 continue
             if kind in ("batch", "error"):
                 self.position.served(worker, state)
