@@ -364,9 +364,10 @@ class DataLoader(_TorchDataLoader):
           when the epoch's draws began (between epochs, as they stand). Each is a string: ``"seed:N"`` for a
           generator not drawn from since it was seeded, else about 3.4 KB. None when nothing is drawn from.
         * ``sampler_epoch``: mid-epoch, the epoch a sampler you passed said it served (its ``epoch``, set by
-          ``set_epoch``: ``DistributedSampler``, stoker's bucketing samplers) when the epoch's draws began; the
-          resumed iterator raises ``ValueError`` unless the loader's sampler says the same (call its
-          ``set_epoch`` first, as the saved run did).
+          ``set_epoch``: ``DistributedSampler``, stoker's bucketing samplers) when the epoch's draws began (one
+          that keeps its own state: with that state); the resumed iterator raises ``ValueError`` unless the
+          loader's sampler says the same, its own state loaded (call its ``set_epoch`` first, as the saved run
+          did).
         * ``sampler_drawn``: the index batches drawn from a sampler you passed by then (read-ahead included).
         * ``sampler_state``: a sampler that has ``state_dict()``/``load_state_dict()`` (torchdata's
           ``StatefulDistributedSampler`` style): its state after the batches served (the batches it gave
