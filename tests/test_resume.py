@@ -1037,11 +1037,39 @@ class Eager(YieldCounting):
             yield i
 
 
+class CountsItsEpochs(Rewinding):
+    """Rewinding, its pass count its epoch: it moves itself on to its next epoch as a pass ends."""
+
+    @property
+    def epoch(self) -> int:
+        return self.passes
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=lambda w: f"workers{w}")
-@pytest.mark.parametrize("make", [lambda: RewindsAndDraws(N), lambda: Eager(ORDER)], ids=["draws_at_end", "eager"])
+@pytest.mark.parametrize("make", [lambda: RewindsAndDraws(N), lambda: Eager(ORDER), lambda: CountsItsEpochs(N)],
+                         ids=["draws_at_end", "eager", "epoch_in_state"])
 def test_a_state_after_the_last_batch_resumes_in_step(make, workers):
     def build():
         return stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=make(), num_workers=workers)
+
+    # Saved after the last batch, resumed, saved again before a batch, and resumed from that; with drop_last the
+    # pass ends only at the draw after the last batch.
+    def dropping():
+        return stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=make(), num_workers=workers,
+                                 drop_last=True)
+
+    once = dropping()
+    after = [flat(once) for _ in range(2)]
+    a = dropping()
+    it = iter(a)
+    for _ in range(len(a)):
+        next(it)
+    b = dropping()
+    b.load_state_dict(roundtrip(a.state_dict()))
+    it = iter(b)
+    c = dropping()
+    c.load_state_dict(roundtrip(b.state_dict()))
+    assert flat(c) == [] and flat(c) == after[1]
 
     reference = build()
     epochs = [flat(reference) for _ in range(3)]

@@ -193,23 +193,24 @@ class _Iterator:
         before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
         if saved_state is not None:
             stateful.load_state_dict(copy.deepcopy(saved_state))
-        self._check_sampler_epoch(cursor)  # (after the sampler's own state, which may set its epoch, is loaded)
+        epoch = self._check_sampler_epoch(cursor)  # (after the sampler's own state, which may set its epoch)
+        # Each state of the sampler is kept with the epoch it says then; the first, with the one it said now.
         epoch_of = functools.partial(_resume.sampler_epoch, sampler)
         if saved_state is None:
-            return _resume.SamplerDraws(iter(sampler), cursor, stateful, 0, before, epoch_of)
+            return _resume.SamplerDraws(iter(sampler), cursor, stateful, 0, before, epoch_of, epoch)
         if self._start > 0 and self._start == _length(sampler):
             # Every batch of the epoch was served. The saved run's sampler may not have met the end of its
             # pass yet (it would have at the next draw), or it may have, and moved itself on to its next pass
             # (a sampler that rewinds as its pass ends): one draw tells, and is undone in the second case.
             _resume.starts_a_pass(stateful, sampler, saved_state, keep_end=True)
-            return _resume.SamplerDraws(iter(()), cursor, stateful, self._start, saved_state, epoch_of)
+            return _resume.SamplerDraws(iter(()), cursor, stateful, self._start, saved_state, epoch_of, epoch)
         if self._start == 0 and not _resume.starts_a_pass(stateful, sampler, saved_state, keep_end=False):
             # A state taken as a pass had ended, of a sampler that keeps its end position until its next iter()
             # (torchdata's, say): that look at it ended the pass, and its next iter() starts a new one.
             saved_state = copy.deepcopy(stateful.state_dict())
-        return _resume.SamplerDraws(iter(sampler), cursor, stateful, self._start, saved_state, epoch_of)
+        return _resume.SamplerDraws(iter(sampler), cursor, stateful, self._start, saved_state, epoch_of, epoch)
 
-    def _check_sampler_epoch(self, cursor) -> None:
+    def _check_sampler_epoch(self, cursor) -> int | None:
         """Notes the epoch the user's sampler says it serves; a resumed epoch needs the one it was saved with
         (for a sampler that keeps its own state, the one it said with that state)."""
         epoch = _resume.sampler_epoch(self._index_sampler)
@@ -220,6 +221,7 @@ class _Iterator:
                 f"loader's sampler says epoch {epoch}. Call set_epoch({saved_epoch}) on it before iterating, as the "
                 "saved run did, so that the rest of that epoch is drawn as it was")
         cursor.sampler_epoch = epoch
+        return epoch
 
     def _index_batches(self):
         """The epoch's index batches from this iterator's start: lists of ints (one int per sample without

@@ -14,6 +14,7 @@ import base64
 import binascii
 import collections
 import copy
+import numbers
 import random
 import zlib
 from typing import Any
@@ -113,8 +114,8 @@ def sampler_epoch(sampler) -> int | None:
     """The epoch a user's sampler (or the one it wraps) says it serves (``set_epoch``), when it has one."""
     for layer in _layers(sampler):
         epoch = getattr(layer, "epoch", None)
-        if isinstance(epoch, int) and not isinstance(epoch, bool):
-            return epoch
+        if isinstance(epoch, numbers.Integral) and not isinstance(epoch, (bool, np.bool_)):
+            return int(epoch)  # (a numpy integer too)
     return None
 
 
@@ -190,7 +191,8 @@ class SamplerDraws:
     the user has received that batch. A draw that raised counts, and the iteration goes on after it, as
     the sampler allows. Batches redrawn on a resume and not yet served (``kept``) come first."""
 
-    def __init__(self, batches, cursor, stateful=None, first: int = 0, first_state=None, epoch_of=None) -> None:
+    def __init__(self, batches, cursor, stateful=None, first: int = 0, first_state=None, epoch_of=None,
+                 first_epoch=None) -> None:
         self._batches = batches
         self._cursor = cursor
         self.stateful = stateful  # the sampler that keeps its own state, or None
@@ -199,8 +201,7 @@ class SamplerDraws:
         # (batches drawn, the sampler's state then), oldest first
         # (batches drawn, the sampler's state then, the epoch it said it served then), oldest first
         self._epoch_of = epoch_of or (lambda: None)
-        self._states = (collections.deque([(first, first_state, self._epoch_of())]) if stateful is not None
-                        else None)
+        self._states = collections.deque([(first, first_state, first_epoch)]) if stateful is not None else None
 
     def __iter__(self):
         return self
