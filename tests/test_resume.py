@@ -900,6 +900,35 @@ class Rewinding(torch.utils.data.Sampler):
         self.passes, self.pos = state["passes"], state["pos"]
 
 
+def _resumes_in_step(build, points, restore_rng: bool = False) -> None:
+    """For each save point of the second epoch (None: between the first two; k: after k of its batches), a
+    loader built anew and loaded with the state serves the rest of that epoch, then the third, as an
+    uninterrupted run does. With `restore_rng`, each run starts from one seed of torch's global RNG and the
+    resumed one gets that RNG back as the saved run left it (another seed before it is built)."""
+    if restore_rng:
+        torch.manual_seed(0)
+    reference = build()
+    epochs = [flat(reference) for _ in range(3)]
+    for k in points:
+        if restore_rng:
+            torch.manual_seed(0)
+        a = build()
+        list(a)
+        head = []
+        if k is not None:
+            it = iter(a)
+            head = flat([next(it) for _ in range(k)])
+        state, rng = roundtrip(a.state_dict()), torch.get_rng_state()
+        if restore_rng:
+            torch.manual_seed(5)
+        b = build()
+        b.load_state_dict(state)
+        if restore_rng:
+            torch.set_rng_state(rng)
+        assert head + flat(b) == epochs[1], k
+        assert flat(b) == epochs[2], k
+
+
 @pytest.mark.parametrize("workers", [0, 2], ids=lambda w: f"workers{w}")
 @pytest.mark.parametrize(("n", "drop_last"), [(N, False), (N, True), (4 * BS, False)],
                          ids=["short_last", "drop_last", "full_last"])
@@ -909,21 +938,8 @@ def test_a_sampler_that_moves_itself_on_resumes_in_step_at_every_point(n, drop_l
                                  num_workers=workers)
 
     reference = build()
-    epochs = [flat(reference) for _ in range(3)]
-    assert epochs[0] != epochs[1]
-    for k in [None, *range(len(reference) + 1)]:  # None: between epochs 0 and 1
-        a = build()
-        list(a)
-        if k is None:
-            head = []
-        else:
-            it = iter(a)
-            head = flat([next(it) for _ in range(k)])
-        state = roundtrip(a.state_dict())
-        b = build()
-        b.load_state_dict(state)
-        assert head + flat(b) == epochs[1], k
-        assert flat(b) == epochs[2], k
+    assert flat(reference) != flat(reference)  # a new order each pass
+    _resumes_in_step(build, [None, *range(len(reference) + 1)])
 
 
 class RewindingGlobal(Rewinding):
@@ -957,26 +973,10 @@ def test_the_look_at_a_samplers_state_draws_nothing_from_the_global_rng(workers)
         return stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=RewindingGlobal(N),
                                  num_workers=workers)
 
-    torch.manual_seed(0)
-    reference = build()
-    epochs = [flat(reference) for _ in range(3)]
     # (Not k=0 with workers: their read-ahead drew the permutation before the save, after the state it starts
     # from, which does not hold it; the resumed epoch draws its own. See the README.)
-    for k in [None, 0, 1, len(reference)] if workers == 0 else [None, 1, len(reference)]:  # None: between
-        torch.manual_seed(0)
-        a = build()
-        list(a)
-        head = []
-        if k is not None:
-            it = iter(a)
-            head = flat([next(it) for _ in range(k)])
-        state, rng = roundtrip(a.state_dict()), torch.get_rng_state()
-        torch.manual_seed(5)
-        b = build()
-        b.load_state_dict(state)
-        torch.set_rng_state(rng)
-        assert head + flat(b) == epochs[1], k
-        assert flat(b) == epochs[2], k
+    last = len(build())
+    _resumes_in_step(build, [None, 0, 1, last] if workers == 0 else [None, 1, last], restore_rng=True)
 
 
 def test_a_state_between_epochs_loaded_back_into_its_own_loader_serves_the_next_epoch():
@@ -1071,20 +1071,7 @@ def test_a_state_after_the_last_batch_resumes_in_step(make, workers):
     c.load_state_dict(roundtrip(b.state_dict()))
     assert flat(c) == [] and flat(c) == after[1]
 
-    reference = build()
-    epochs = [flat(reference) for _ in range(3)]
-    for k in [None, 0, 1, len(reference)]:  # None: between epochs 0 and 1
-        a = build()
-        list(a)
-        head = []
-        if k is not None:
-            it = iter(a)
-            head = flat([next(it) for _ in range(k)])
-        state = roundtrip(a.state_dict())
-        b = build()
-        b.load_state_dict(state)
-        assert head + flat(b) == epochs[1], k
-        assert flat(b) == epochs[2], k
+    _resumes_in_step(build, [None, 0, 1, len(build())])
 
 
 class EpochOutsideState(YieldCounting):
@@ -1102,33 +1089,8 @@ class EpochOutsideState(YieldCounting):
         return ORDER[self.epoch:] + ORDER[:self.epoch]
 
 
-def test_a_sampler_whose_epoch_is_not_in_its_state_needs_set_epoch_on_resume():
-    a = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochOutsideState())
-    a.sampler.set_epoch(2)
-    it = iter(a)
-    head = flat([next(it), next(it)])
-    state = roundtrip(a.state_dict())
-    assert state["sampler_epoch"] == 2
-    b = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochOutsideState())
-    b.load_state_dict(state)
-    with pytest.raises(ValueError, match=r"served as epoch 2 \(set_epoch\); this loader's sampler says epoch 0"):
-        iter(b)
-    b.sampler.set_epoch(2)
-    assert head + flat(b) == ORDER[2:] + ORDER[:2]
-
-
-class EpochInState(YieldCounting):
+class EpochInState(EpochOutsideState):
     """A sampler that keeps its own state, its epoch (set_epoch) among it."""
-
-    def __init__(self) -> None:
-        super().__init__(ORDER)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self) -> list:
-        return ORDER[self.epoch:] + ORDER[:self.epoch]
 
     def state_dict(self):
         return {**super().state_dict(), "epoch": self.epoch}
@@ -1138,16 +1100,23 @@ class EpochInState(YieldCounting):
         self.epoch = state["epoch"]
 
 
-def test_a_sampler_that_keeps_its_epoch_in_its_state_resumes_without_set_epoch():
-    a = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochInState())
-    a.sampler.set_epoch(3)
+@pytest.mark.parametrize("kind", [EpochOutsideState, EpochInState], ids=["epoch_outside_state", "epoch_in_state"])
+def test_a_sampler_that_keeps_its_own_state_resumes_at_its_saved_epoch(kind):
+    # Its epoch outside its state (torchdata's): set_epoch is needed, else iter() says so. Inside: loading the
+    # state sets it.
+    a = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=kind())
+    a.sampler.set_epoch(2)
     it = iter(a)
     head = flat([next(it), next(it)])
     state = roundtrip(a.state_dict())
-    assert state["sampler_epoch"] == 3  # as it said with that state: loading the state sets it again
-    b = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=EpochInState())
+    assert state["sampler_epoch"] == 2  # as it said with that state
+    b = stoker.DataLoader(MapDataset(_identity, N), batch_size=BS, sampler=kind())
     b.load_state_dict(state)
-    assert head + flat(b) == ORDER[3:] + ORDER[:3]
+    if kind is EpochOutsideState:
+        with pytest.raises(ValueError, match=r"served as epoch 2 \(set_epoch\); this loader's sampler says epoch 0"):
+            iter(b)
+        b.sampler.set_epoch(2)
+    assert head + flat(b) == ORDER[2:] + ORDER[:2]
 
 
 class WorkerSeeds(IterableDataset):
