@@ -20,14 +20,13 @@ from stoker._arrays import array_plan, is_array_dataset
 from stoker._cursor import Cursor as _Cursor
 from stoker._iterators import ArrayIterator, IterableIterator, PersistentIterator, ProcessIterator, PythonIterator
 from stoker._native import core
-from stoker._shard import check_count, resolve_shard
+from stoker._shard import SEED_MASK, check_count, is_seed, resolve_shard
 from stoker._workers import is_stateful
 
 __all__ = ["DataLoader"]
 
 STATE_FORMAT = "stoker.DataLoader/2"
 _FORMAT_1 = "stoker.DataLoader/1"  # before states held the epoch's draws and own states: still loaded
-_SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 # What state_dict() holds of the stream's position, besides the settings it checks (see state_dict).
 _PROGRESS = ("epoch", "batches_served", "served_ahead", "base_seed", "rng", "sampler_epoch", "sampler_drawn",
@@ -38,10 +37,6 @@ _PROGRESS_DEFAULTS = {**_PROGRESS_ADDED, "base_seed": None, "rng": None, "sample
                       "sampler_state": None, "dataset_state": None, "workers": None, "next_worker": 0}
 _RNG_NAMES = {"loader_generator": "the loader's generator=", "sampler_generator": "the sampler's generator",
               "torch": "torch's global RNG"}
-
-
-def _is_seed(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _SEED_MASK
 
 
 def _rng_names(keys) -> str:
@@ -150,7 +145,7 @@ class DataLoader(_TorchDataLoader):
             prefetch_factor=prefetch_factor, persistent_workers=persistent_workers,
             pin_memory_device=pin_memory_device, in_order=in_order,
         )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+        if seed is not None and not is_seed(seed):
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
         if worker_mode not in ("auto", "thread", "process"):
             raise ValueError(f"worker_mode should be 'auto', 'thread' or 'process', but got worker_mode={worker_mode!r}")
@@ -237,8 +232,8 @@ class DataLoader(_TorchDataLoader):
         resume = self._stoker_resume
         if resume is not None and resume["epoch"] != epoch:
             resume = None
-        cursor = _Cursor(epoch, 0, ()) if resume is None else _Cursor(epoch, resume["batches_served"],
-                                                                      resume["served_ahead"] or ())
+        cursor = _Cursor(epoch, 0) if resume is None else _Cursor(epoch, resume["batches_served"],
+                                                                  resume["served_ahead"] or ())
         if resume is not None:
             if resume["workers"] is not None:
                 cursor.resume_workers = {"workers": resume["workers"], "next_worker": resume["next_worker"]}
@@ -259,7 +254,7 @@ class DataLoader(_TorchDataLoader):
         if self.seed is not None:
             return self.seed
         if self._stoker_seed is None:
-            self._stoker_seed = 0 if world_size > 1 else drawn & _SEED_MASK
+            self._stoker_seed = 0 if world_size > 1 else drawn & SEED_MASK
         return self._stoker_seed
 
     # ----------------------------------------------------------------------------------------------------------
@@ -465,7 +460,7 @@ class DataLoader(_TorchDataLoader):
                     f"the state was saved by a loader with {what.format(state[key])}; this one has "
                     f"{what.format(mine[key])} ({key} differs), so its batches would not continue that run")
         seed = state["seed"]
-        if seed is not None and not _is_seed(seed):
+        if seed is not None and not is_seed(seed):
             raise ValueError(f"the state's seed must be an integer in [0, 2**64) or None, got {seed!r}")
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")
@@ -516,7 +511,7 @@ class DataLoader(_TorchDataLoader):
         """Checks the state's base_seed and rng against this loader; returns the RNG states (key -> uint8
         tensor) decoded. A current state must record exactly the generators this loader draws from."""
         base_seed, rng = state["base_seed"], state["rng"]
-        if base_seed is not None and not _is_seed(base_seed):
+        if base_seed is not None and not is_seed(base_seed):
             raise ValueError(f"the state's base_seed must be an integer in [0, 2**64) or None, got {base_seed!r}")
         if rng is not None and not (isinstance(rng, Mapping) and rng and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in rng.items())):

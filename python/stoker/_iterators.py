@@ -190,13 +190,13 @@ class _Iterator:
             return None
         sampler = self._index_sampler
         stateful = loader._stoker_stateful_sampler()
-        before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None
         if saved_state is not None:
             stateful.load_state_dict(copy.deepcopy(saved_state))
         epoch = self._check_sampler_epoch(cursor)  # (after the sampler's own state, which may set its epoch)
         # Each state of the sampler is kept with the epoch it says then; the first, with the one it said now.
         epoch_of = functools.partial(_resume.sampler_epoch, sampler)
         if saved_state is None:
+            before = copy.deepcopy(stateful.state_dict()) if stateful is not None else None  # (before its iter())
             return _resume.SamplerDraws(iter(sampler), cursor, stateful, 0, before, epoch_of, epoch)
         if self._start > 0 and self._start == _length(sampler):
             # Every batch of the epoch was served. The saved run's sampler may not have met the end of its

@@ -16,14 +16,13 @@ import torch
 from stoker import _cuda, _device
 from stoker._cursor import Cursor
 from stoker._native import POOL, core, from_dlpack
-from stoker._shard import check_count, resolve_shard
+from stoker._shard import SEED_MASK, check_count, is_seed, resolve_shard
 
 __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
 TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.int32), np.dtype(np.uint32), np.dtype(np.int64))
 _LONG_DOCS = {"split": 0, "truncate": 1, "drop": 2}
 STATE_FORMAT = "stoker.PackedLoader/2"  # 2: ranks shard documents, not rows
-_SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 def _token_dtype(dtype, where: str) -> np.dtype:
@@ -281,7 +280,7 @@ class PackedLoader:
             raise ValueError(f"window should be None or a positive integer, but got window={window!r}")
         if long_docs not in _LONG_DOCS:
             raise ValueError(f"long_docs should be one of {sorted(_LONG_DOCS)}, but got {long_docs!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+        if seed is not None and not is_seed(seed):
             raise ValueError(f"seed should be an integer in [0, 2**64), but got seed={seed!r}")
         if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not -(2**63) <= pad_id < 2**63:
             raise ValueError(f"pad_id should be an int64 integer, but got pad_id={pad_id!r}")
@@ -322,7 +321,7 @@ class PackedLoader:
                 self._seed = 0  # every rank must pack alike
             else:
                 drawn = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
-                self._seed = int(drawn) & _SEED_MASK
+                self._seed = int(drawn) & SEED_MASK
         return self._seed
 
     def _plan_key(self, epoch: int) -> tuple:
@@ -453,7 +452,7 @@ class PackedLoader:
             if state[key] != value:
                 raise ValueError(f"the state was saved with {key}={state[key]!r}; this loader has {key}={value!r}")
         seed, epoch, served = state.get("seed"), state.get("epoch"), state.get("batches_served")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _SEED_MASK):
+        if seed is not None and not is_seed(seed):
             raise ValueError(f"the state's seed must be an integer in [0, 2**64) or None, got {seed!r}")
         if self.seed is not None and seed is not None and seed != self.seed:
             raise ValueError(f"the state was saved with seed={seed}; this loader was built with seed={self.seed}")

@@ -234,17 +234,14 @@ class SamplerDraws:
     def state_at(self, served: int):
         """The sampler's own state after the first ``served`` batches were drawn (before any: as it was before
         its iter())."""
-        for drawn, state, _ in self._states:
-            if drawn == served:
-                return state
-        return None
+        return self._kept(served)[1]
 
     def epoch_at(self, served: int):
         """The epoch the sampler said it served (``set_epoch``) with that state, or None."""
-        for drawn, _, epoch in self._states:
-            if drawn == served:
-                return epoch
-        return None
+        return self._kept(served)[2]
+
+    def _kept(self, served: int) -> tuple:
+        return next((entry for entry in self._states if entry[0] == served), (served, None, None))
 
 
 def starts_a_pass(stateful, sampler, state, keep_end: bool) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_count", "resolve_shard"]
+__all__ = ["SEED_MASK", "check_count", "is_seed", "resolve_shard"]
+
+SEED_MASK = 0xFFFFFFFFFFFFFFFF
 
 
 def check_count(name: str, value, minimum: int, optional: bool = True) -> None:
@@ -12,6 +14,11 @@ def check_count(name: str, value, minimum: int, optional: bool = True) -> None:
     if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int)
                                                 or value < minimum):
         raise ValueError(f"{name} should be an integer >= {minimum}, but got {name}={value!r}")
+
+
+def is_seed(value) -> bool:
+    """Whether ``value`` is a seed: an int (not bool) in [0, 2**64)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= SEED_MASK
 
 
 def resolve_shard(rank: int | None, world_size: int | None) -> tuple[int, int]:

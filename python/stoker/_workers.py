@@ -1614,11 +1614,14 @@ class ProcessBatches:
         for worker in range(self.pool.num_workers):
             if self.position.ended[worker] and self.position.states[worker] is not None:
                 self.first_task[worker] = False
-                number = next(self.numbers)
-                self.outstanding.add(number)
-                self.order.append(number)
-                batches, state = self.position.batches[worker], self.position.states[worker]
-                self.pool.send(worker, (self.generation, number, None, -1, self.rng_key, (batches, state, True)))
+                start = (self.position.batches[worker], self.position.states[worker], True)
+                self._send(worker, next(self.numbers), None, -1, start)
+
+    def _send(self, worker: int, number: int, indices, slot: int, start) -> None:
+        """Sends task `number` to `worker` (its reply awaited in dispatch order)."""
+        self.outstanding.add(number)
+        self.order.append(number)
+        self.pool.send(worker, (self.generation, number, indices, slot, self.rng_key, start))
 
     def _next_worker(self) -> int | None:
         for _ in range(self.pool.num_workers):
@@ -1653,10 +1656,7 @@ class ProcessBatches:
             if self.tracked and self.first_task[worker]:
                 self.first_task[worker] = False
                 start = self.position.start_of(worker) if self.iterable else pool.pending_states.pop(worker, None)
-            slot = pool.ring.acquire()
-            self.outstanding.add(number)
-            self.order.append(number)
-            pool.send(worker, (self.generation, number, indices, slot, self.rng_key, start))
+            self._send(worker, number, indices, pool.ring.acquire(), start)
 
     def _receive(self) -> None:
         pool = self.pool
