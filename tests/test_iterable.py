@@ -4,6 +4,7 @@ iterate their own copy, compared batch by batch with torch's loader in the same 
 from __future__ import annotations
 
 import os
+import random
 import warnings
 
 import numpy as np
@@ -457,32 +458,81 @@ class CountsPasses(IterableDataset):
         self.pos, self.passes = state["pos"], state["passes"]
 
 
+class KeepsEnd(IterableDataset):
+    """torchdata's way: ``load_state_dict`` is applied at the next ``iter()`` (by its generator, so not before
+    the first item is asked for), and a pass keeps its end position until then: iterated with an end state
+    loaded, it gives nothing. Items as CountsPasses's: 1000 worker + 100 passes + position."""
+
+    def __init__(self, sizes=(7, 3)) -> None:
+        self.sizes, self.yielded, self.passes, self.pending = sizes, 0, 0, None
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        if self.pending is not None:
+            (self.yielded, self.passes), self.pending = self.pending, None
+        elif self.yielded >= self.sizes[wid]:
+            self.yielded, self.passes = 0, self.passes + 1
+        while self.yielded < self.sizes[wid]:
+            self.yielded += 1
+            yield 1000 * wid + 100 * self.passes + self.yielded - 1
+
+    def state_dict(self):
+        return {"yielded": self.yielded, "passes": self.passes}
+
+    def load_state_dict(self, state):
+        self.pending = (state["yielded"], state["passes"])
+
+
+@pytest.mark.parametrize("dataset", [CountsPasses, KeepsEnd])
 @pytest.mark.parametrize(("sizes", "drop_last"), [((7, 3), False), ((6, 2), False), ((7, 3), True)],
                          ids=["short_last", "full_last", "drop_last"])
-@pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(num_workers=2, persistent_workers=True)],
-                         ids=["main_process", "persistent_workers"])
-def test_a_copy_whose_pass_had_ended_takes_its_state_for_the_next_pass(kwargs, sizes, drop_last):
+@pytest.mark.parametrize("kwargs", [dict(num_workers=0), dict(num_workers=2, persistent_workers=True),
+                                    dict(num_workers=2)], ids=["main_process", "persistent_workers", "workers"])
+def test_a_copy_goes_on_from_its_state_at_every_save_point(kwargs, sizes, drop_last, dataset):
+    # Saved in the second epoch after k batches, or between the second and the third: the rest of that epoch
+    # and the next are the uninterrupted run's, loaded into a fresh loader or back into the one that saved.
     # A pass ends with its last batch (a short one), or at the draw after it (a full one, or a short one
-    # dropped): either way the copy's state for its next pass is the one its pass ended in.
+    # dropped): either way the copy's state for its next pass is the one its pass ended in. Each copy that
+    # persists counts its passes; KeepsEnd reports the pass before's end until its generator runs, so a state
+    # taken before a pass's first item, or after its last, is a pass's end: loaded as it is it would give an
+    # empty pass.
     from helpers import roundtrip
 
     def epoch(loader):
         return [b.tolist() for b in loader]
 
     kwargs = dict(kwargs, batch_size=2, drop_last=drop_last)
-    reference = stoker.DataLoader(CountsPasses(sizes), **kwargs)
-    epochs = [epoch(reference) for _ in range(3)]
-    for k in range(len(epochs[1]) + 1):  # saved in the second epoch, after k batches
-        first = stoker.DataLoader(CountsPasses(sizes), **kwargs)
+    reference = stoker.DataLoader(dataset(sizes), **kwargs)
+    epochs = [epoch(reference) for _ in range(4)]
+    for k in [*range(len(epochs[1]) + 1), None]:
+        first = stoker.DataLoader(dataset(sizes), **kwargs)
         epoch(first)
-        it = iter(first)
-        head = [next(it).tolist() for _ in range(k)]
+        if k is None:
+            epoch(first)
+            head, want = [], epochs[2:4]
+        else:
+            it = iter(first)
+            head = [next(it).tolist() for _ in range(k)]
+            want = [epochs[1][k:], epochs[2]]
         state = roundtrip(first.state_dict())
-        del it
-        resumed = stoker.DataLoader(CountsPasses(sizes), **kwargs)
-        resumed.load_state_dict(state)
-        assert head + epoch(resumed) == epochs[1], k
-        assert epoch(resumed) == epochs[2], k  # each copy on its third pass
+        for resumed in (stoker.DataLoader(dataset(sizes), **kwargs), first):
+            resumed.load_state_dict(state)
+            assert [epoch(resumed), epoch(resumed)] == want, (k, resumed is first)
+
+
+def test_a_state_at_an_epoch_start_loads_into_other_worker_counts():
+    # The main process's dataset state, taken between epochs, has no copy to go on in under two workers: they
+    # start from the dataset as it is (with a warning), as a loader that never saved would.
+    first = stoker.DataLoader(CountsPasses(), batch_size=2)
+    list(first)
+    state = first.state_dict()
+    assert state["workers"] == [{"batches": 0, "ended": False, "state": {"pos": 0, "passes": 1}}]
+    other = stoker.DataLoader(CountsPasses(), batch_size=2, num_workers=2)
+    with pytest.warns(UserWarning, match="num_workers=0, with the own states of its dataset copies"):
+        other.load_state_dict(state)
+    fresh = stoker.DataLoader(CountsPasses(), batch_size=2, num_workers=2)
+    assert [b.tolist() for b in other] == [b.tolist() for b in fresh]
 
 
 def test_resume_with_in_order_false_serves_every_item_once():
@@ -546,3 +596,24 @@ def test_error_batches_count_as_served_on_resume():
     resumed = stoker.DataLoader(Failing(6, bad=2), **kwargs)
     resumed.load_state_dict(state)
     assert [tuple(b.tolist()) for b in resumed] == rest
+
+
+def test_the_look_at_a_loaded_state_gives_back_what_it_drew():
+    # A state taken before a pass's first batch is looked at with one item drawn; the item, and the draws it
+    # made from the process's random generators, are given back: the user's RNG stands as it did.
+    class Draws(CountsPasses):
+        def __iter__(self):
+            for item in super().__iter__():
+                random.random()
+                np.random.random()
+                yield item
+
+    first = stoker.DataLoader(Draws(), batch_size=2)
+    list(first)
+    state = first.state_dict()
+    resumed = stoker.DataLoader(Draws(), batch_size=2)
+    resumed.load_state_dict(state)
+    before = random.getstate(), np.random.get_state()[1].copy()
+    it = iter(resumed)  # (torch's global RNG gives the iterator's base seed, as with torch)
+    assert random.getstate() == before[0] and (np.random.get_state()[1] == before[1]).all()
+    assert [b.tolist() for b in it] == [[100, 101], [102, 103], [104, 105], [106]]

@@ -324,11 +324,15 @@ class DataLoader(_TorchDataLoader):
                 "next_worker": 0}
 
     def _stoker_kept_workers(self) -> list | None:
-        """Between epochs, persistent worker processes over a stateful map-style dataset: each copy's state as
-        the last epoch left it, which the next epoch's copies go on from (others start from the dataset)."""
+        """Between epochs, the states the next epoch's dataset copies go on from, for a stateful dataset:
+        persistent worker processes' copies as the last epoch left them; an IterableDataset iterated in the main
+        process, its state as it stands. (Other worker processes start from the dataset.)"""
+        if not is_stateful(self.dataset):
+            return None
+        if self._dataset_kind != _DatasetKind.Map and self.num_workers == 0:
+            return [{"batches": 0, "ended": False, "state": copy.deepcopy(self.dataset.state_dict())}]
         pool, epoch = getattr(self, "_stoker_pool", None), getattr(self, "_stoker_pool_epoch", None)
-        if (self._dataset_kind != _DatasetKind.Map or not is_stateful(self.dataset) or pool is None
-                or epoch is None or pool._closed or not epoch.tracked):
+        if pool is None or epoch is None or pool._closed or not epoch.tracked:
             return None
         position = epoch.position_dict(True)
         return [{"batches": 0, "ended": False, "state": w["state"]} for w in position["workers"]]
@@ -378,7 +382,9 @@ class DataLoader(_TorchDataLoader):
         For an ``IterableDataset`` it holds each worker's position: the batches the user received from it
         and, when the dataset has ``state_dict()``/``load_state_dict()``, its copy's state after the last of
         them (a worker with no batch received yet reports the state its pass started from; this call waits
-        for that report). Such a state resumes with the same ``num_workers`` (any at an epoch's start).
+        for that report). Such a state resumes with the same ``num_workers`` (any at an epoch's start). Between
+        epochs it holds what the next epoch's copies go on from: the dataset's state with ``num_workers=0``, each
+        copy's as its pass ended with persistent workers (other workers start each epoch from the dataset).
         """
         progress = self._stoker_progress()
         if self._dataset_kind != _DatasetKind.Map:
@@ -588,6 +594,16 @@ class DataLoader(_TorchDataLoader):
         check_count("the state's batches_served", served, 0, optional=False)
         rng_states = self._stoker_check_draws(state, current)
         workers = state["workers"]
+        if workers is not None and state["num_workers"] != self.num_workers and served == 0 and isinstance(
+                workers, list) and all(isinstance(w, Mapping) and w.get("batches") == 0 and not w.get("ended")
+                                       for w in workers):
+            # At an epoch's start the number of workers may differ; the saved copies' own states then have no
+            # copy here to go on in: this loader's start from the dataset as it is.
+            warnings.warn(
+                f"the state was saved at the start of an epoch by a loader with num_workers={state['num_workers']}, "
+                f"with the own states of its dataset copies; this loader has num_workers={self.num_workers}, so its "
+                "copies start from the dataset as it is, not from those states", stacklevel=3)
+            workers = None
         if workers is not None:
             if state["num_workers"] != self.num_workers:
                 raise ValueError(

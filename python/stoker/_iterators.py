@@ -693,15 +693,13 @@ class IterableIterator(_Iterator):
         cursor, stateful = self._cursor, is_stateful(dataset)
         # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it; not for a
         # resumed pass that had ended, whose dataset only takes the state it was left in (for its next pass).
+        start = saved.start_of(0)
         if saved.ended[0]:
-            self._source = None
-            if stateful and saved.states[0] is not None:
-                dataset.load_state_dict(saved.states[0])
-        else:
-            self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
-                                                bool(loader.drop_last), saved.start_of(0))
+            start = (saved.batches[0], saved.states[0] if stateful else None, True)
+        self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
+                                            bool(loader.drop_last), start)
         # Whether the pass has met the end of the dataset's iterator (the last batch served then is its last).
-        self._ended = ended = [self._source is None]
+        self._ended = ended = [self._source.ended]
 
         def position() -> dict:
             # No prefetch here: the dataset's own state is the consumer's position. (The cursor, which the
@@ -713,7 +711,7 @@ class IterableIterator(_Iterator):
         self._started()
 
     def _next(self):
-        if self._closed or self._source is None:
+        if self._closed:
             self._finish()
         try:
             data = self._source.next_data()

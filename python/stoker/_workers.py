@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import functools
 import gc
 import itertools
@@ -222,10 +223,21 @@ class IterableSource:
     def begin(cls, dataset, auto: bool, batch_size, drop_last: bool, start=None) -> IterableSource:
         """A pass from the beginning, or from `start` = (batches served, the dataset's own state then[, True
         when the pass had ended]) on a resume: a stateful dataset loads its state before iter(); any other has
-        its pass replayed to there. A pass that had ended only loads its state (for the next): no iter()."""
+        its pass replayed to there. A pass that had ended only loads its state (for the next): no iter().
+
+        A state taken before the pass's first batch, or after its last, may be the end of a pass: a dataset
+        that keeps its end position until its next iter() (torchdata's way; its generator has not run yet
+        when iter() returns) reports the pass before's end there, and loaded as it is would give an empty
+        pass. One item drawn from a new iterator tells (see _resume.starts_a_pass): the end is then taken as
+        the saved run took it, and an item drawn is given back (the state loaded again)."""
+        ended = start is not None and len(start) > 2 and start[2]
         if start is not None and start[1] is not None:
-            dataset.load_state_dict(start[1])
-        if start is not None and len(start) > 2 and start[2]:
+            dataset.load_state_dict(copy.deepcopy(start[1]))
+            if ended or start[0] == 0:
+                from stoker._resume import starts_a_pass  # (which imports this module)
+
+                starts_a_pass(dataset, dataset, start[1], keep_end=True)
+        if ended:
             source = cls.__new__(cls)
             source.iterator, source.ended = None, True
             return source
