@@ -599,10 +599,12 @@ class DataLoader(_TorchDataLoader):
                                        for w in workers):
             # At an epoch's start the number of workers may differ; the saved copies' own states then have no
             # copy here to go on in: this loader's start from the dataset as it is.
-            warnings.warn(
-                f"the state was saved at the start of an epoch by a loader with num_workers={state['num_workers']}, "
-                f"with the own states of its dataset copies; this loader has num_workers={self.num_workers}, so its "
-                "copies start from the dataset as it is, not from those states", stacklevel=3)
+            if any(w.get("state") is not None for w in workers):
+                warnings.warn(
+                    f"the state was saved at the start of an epoch by a loader with "
+                    f"num_workers={state['num_workers']}, with the own states of its dataset copies; this loader has "
+                    f"num_workers={self.num_workers}, so its copies start from the dataset as it is, not from those "
+                    "states", stacklevel=3)
             workers = None
         if workers is not None:
             if state["num_workers"] != self.num_workers:

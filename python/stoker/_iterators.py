@@ -701,10 +701,19 @@ class IterableIterator(_Iterator):
         # Whether the pass has met the end of the dataset's iterator (the last batch served then is its last).
         self._ended = ended = [self._source.ended]
 
+        loaded, resumed_at = start[1] if start is not None else None, cursor.served
+
         def position() -> dict:
-            # No prefetch here: the dataset's own state is the consumer's position. (The cursor, which the
-            # loader keeps, must not keep this iterator alive: no reference to self.)
-            state = dataset.state_dict() if stateful else None
+            # No prefetch here: the dataset's own state is the consumer's position; until the resumed pass has
+            # served a batch, the state it was loaded with (a dataset that loads lazily may not say it yet, and
+            # the look at it may have moved it). (The cursor, which the loader keeps, must not keep this
+            # iterator alive: no reference to self.)
+            if not stateful:
+                state = None
+            elif loaded is not None and cursor.served == resumed_at:
+                state = copy.deepcopy(loaded)
+            else:
+                state = dataset.state_dict()
             return {"workers": [{"batches": cursor.served, "ended": ended[0], "state": state}], "next_worker": 0}
 
         self._cursor.position = position

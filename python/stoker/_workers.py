@@ -19,6 +19,7 @@ the user, those that arrived ahead of their turn included, so the ring's slots c
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import copy
 import functools
@@ -207,6 +208,32 @@ def set_thread_worker_info(worker_id: int, num_workers: int, seed: int, dataset)
     _thread_info.info = info
 
 
+def _moved(dataset, state) -> bool:
+    """Whether a stateful dataset's state is no longer ``state`` (one that cannot be read counts as moved)."""
+    try:
+        return not _same(dataset.state_dict(), state)
+    except Exception:  # noqa: BLE001 - a state_dict() that raises: the state is loaded again all the same
+        return True
+
+
+def _same(a, b) -> bool:
+    """Equality of two states as values, whichever way one travelled: json makes tuples lists, torch.load
+    gives tensors back; a tensor or an array equals another of the same values."""
+    if isinstance(a, collections.abc.Mapping) and isinstance(b, collections.abc.Mapping):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
+        try:
+            return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        except Exception:  # noqa: BLE001 - not comparable as arrays
+            return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an object whose == raises
+        return False
+
+
 class IterableSource:
     """One pass over an IterableDataset, cut into batches as torch's iterable fetcher cuts them: up to
     `batch_size` items per batch (one item, uncollated, without automatic batching); an empty batch, or a
@@ -228,15 +255,18 @@ class IterableSource:
         A state taken before the pass's first batch, or after its last, may be the end of a pass: a dataset
         that keeps its end position until its next iter() (torchdata's way; its generator has not run yet
         when iter() returns) reports the pass before's end there, and loaded as it is would give an empty
-        pass. One item drawn from a new iterator tells (see _resume.starts_a_pass): the end is then taken as
-        the saved run took it, and an item drawn is given back (the state loaded again)."""
+        pass. One item drawn from a new iterator tells (see _resume.starts_a_pass), its draws from the global
+        generators given back: an item drawn is given back too (the state loaded again). A pass that gives
+        none without moving the state was such an end, which the saved run had taken; one that moves it (a
+        dataset that rewinds itself, whose pass is empty) is the pass to come: the state is loaded again."""
         ended = start is not None and len(start) > 2 and start[2]
         if start is not None and start[1] is not None:
             dataset.load_state_dict(copy.deepcopy(start[1]))
             if ended or start[0] == 0:
                 from stoker._resume import starts_a_pass  # (which imports this module)
 
-                starts_a_pass(dataset, dataset, start[1], keep_end=True)
+                if not starts_a_pass(dataset, dataset, start[1], keep_end=False) and _moved(dataset, start[1]):
+                    dataset.load_state_dict(copy.deepcopy(start[1]))
         if ended:
             source = cls.__new__(cls)
             source.iterator, source.ended = None, True
