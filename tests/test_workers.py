@@ -777,3 +777,74 @@ def test_a_ring_left_behind_by_a_killed_process_of_the_same_pid_is_no_obstacle()
     finally:
         for path in left:
             os.unlink(path)
+
+
+class CollatesItsOwn(Dataset):
+    """Builds each sample with stoker.default_collate, in the worker's serving thread or in threads of its own,
+    and keeps what it built: every sample it made before must still hold its values (a tensor made in the
+    ring slot of the batch being loaded would be overwritten once that slot is lent again)."""
+
+    def __init__(self, threads: bool) -> None:
+        self.threads, self.kept, self.pool = threads, {}, None
+
+    def __len__(self):
+        return 96
+
+    def _build(self, i):
+        return stoker.default_collate([torch.full((256,), float(i))] * 8)
+
+    def __getitem__(self, i):
+        if self.threads:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = self.pool or ThreadPoolExecutor(3)
+            built = list(self.pool.map(self._build, [i] * 3))[0]
+        else:
+            built = self._build(i)
+        self.kept[i] = built
+        intact = all(bool((t == j).all()) for j, t in self.kept.items())
+        return torch.tensor([float(built.sum()), float(intact)])
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["serving_thread", "own_threads"])
+def test_what_a_dataset_collates_itself_is_not_in_the_ring(threads):
+    loader = stoker.DataLoader(CollatesItsOwn(threads), batch_size=4, num_workers=2, prefetch_factor=4)
+    for _ in range(2):
+        out = torch.cat(list(loader))
+        assert out[:, 0].tolist() == [2048.0 * i for i in range(96)]
+        assert out[:, 1].all(), "a tensor the dataset kept was overwritten"
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        info = get_worker_info()
+        yield from (torch.full((1024,), float(i)) for i in range(info.id, 64, info.num_workers))
+
+
+class _StatefulMap(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return torch.full((1024,), float(i))
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("dataset", [_Stream, _StatefulMap], ids=["iterable", "stateful_map"])
+def test_an_ended_epoch_lets_go_of_its_ring(dataset):
+    # The workers' positions are followed for these datasets; once the epoch has ended nothing keeps its
+    # workers' shared-memory ring mapped while the loader lives on (a kept validation loader, say).
+    loader = stoker.DataLoader(dataset(), batch_size=4, num_workers=2)
+    for batch in loader:
+        pass
+    del batch
+    gc.collect()
+    with open("/proc/self/maps") as f:
+        assert "stoker-ring" not in f.read()
+    assert loader.state_dict()["epoch"] == 1

@@ -26,13 +26,22 @@ __all__ = ["default_collate"]
 _Tensor = torch.Tensor
 
 
-# In a worker process, the slot of the shared-memory ring the batch being collated goes to: stacking
-# writes straight into it, so the batch crosses to the main process without a copy (see _workers).
-ARENA = None
-
 # The pool a thread collates into when an iterator asks for another one than POOL: the page-locked pool when
-# batches are pinned for a GPU (see use_pool).
+# batches are pinned for a GPU (see use_pool); and, in a worker process, the slot of the shared-memory ring the
+# batch being collated goes to, for the thread that serves it alone (see current_arena).
 _local = threading.local()
+
+
+def current_arena():
+    """In a stoker worker process's serving thread, the slot of the ring the batch being collated goes to:
+    stacking writes straight into it, so the batch crosses to the main process without a copy (see _workers).
+    None elsewhere, and in any other thread (a dataset's own threads collate into the pool as usual)."""
+    return getattr(_local, "arena", None)
+
+
+def set_arena(arena) -> None:
+    """Makes `arena` this thread's (None: no longer)."""
+    _local.arena = arena
 
 
 def current_pool():
@@ -54,8 +63,9 @@ def use_pool(pool):
 
 def _stack_numpy(batch, *, collate_fn_map=None):
     if _tc.np_str_obj_array_pattern.search(batch[0].dtype.str) is None:
-        if ARENA is not None:
-            out = ARENA.empty_like_stack(batch)
+        arena = current_arena()
+        if arena is not None:
+            out = arena.empty_like_stack(batch)
             if out is not None:
                 try:
                     np.stack(batch, out=out.numpy())
@@ -74,7 +84,8 @@ def _stack_tensors(batch, *, collate_fn_map=None):
         dtype = elem.dtype
         code_bits = dlpack_type_of_torch(dtype)
         if code_bits is not None and all(type(t) is _Tensor and t.dtype is dtype for t in batch):
-            out = ARENA.empty([len(batch), *elem.shape], dtype) if ARENA is not None else None
+            arena = current_arena()
+            out = arena.empty([len(batch), *elem.shape], dtype) if arena is not None else None
             if out is None:
                 out = from_dlpack(current_pool().empty([len(batch), *elem.shape], *code_bits))
             try:

@@ -266,8 +266,10 @@ class _Iterator:
         self._cursor.position = _map_position(self._user_batches, self._cursor, self._loader.dataset, None)
 
     def _finish(self):
-        """Ends the epoch: the cursor moves to the next one and StopIteration is raised."""
+        """Ends the epoch: the cursor moves to the next one and StopIteration is raised. (Its position, which
+        may hold the epoch's workers and their ring, is no longer asked for.)"""
         self._cursor.finished = True
+        self._cursor.position = None
         self.close()
         raise StopIteration
 

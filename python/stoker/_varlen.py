@@ -297,8 +297,8 @@ class PadCollate:
     def _pad_native(self, values: dict[Any, list], order: list) -> dict[Any, torch.Tensor] | None:
         """The padded keys (and the mask) from one native call, or None where that call does not cover the
         batch (values of other kinds, keys of different lengths): the numpy path decides. In a stoker worker
-        process they are written into the slot the batch goes to (``_collate.ARENA``), which then crosses to the
-        main process without a copy; elsewhere into a pooled block."""
+        process they are written into the slot the batch goes to (``_collate.current_arena()``), which then
+        crosses to the main process without a copy; elsewhere into a pooled block."""
         multiple = self.pad_to_multiple_of or 0
         if not self._use_native or multiple > _INT64.max:
             return None
@@ -308,8 +308,9 @@ class PadCollate:
         left = self.padding_side == "left"
         mask = self.return_attention_mask and "attention_mask" not in order
         tensors = None
-        if _collate.ARENA is not None:
-            target = _ArenaBlock(_collate.ARENA)
+        arena = _collate.current_arena()
+        if arena is not None:
+            target = _ArenaBlock(arena)
             if core.pad_sequences_into(columns, pad_values, multiple, left, mask, target):
                 tensors = target.tensors
             elif not target.declined:
@@ -363,7 +364,7 @@ def _collate_field(values: list) -> Any:
     """default_collate for a field PadCollate does not pad: stoker's (torch's result and errors), which stacks
     tensors and arrays into the worker's slot, or into the pool; torch's own in a worker process of torch's
     DataLoader, where it stacks into shared memory that its queue sends without a copy."""
-    if _collate.ARENA is None and _torch_worker._worker_info is not None:
+    if _collate.current_arena() is None and _torch_worker._worker_info is not None:
         return _default_collate(values)
     return _collate.default_collate(values)
 

@@ -52,6 +52,7 @@ from torch.utils.data._utils import worker as _torch_worker
 
 from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
+from stoker._collate import set_arena
 
 __all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
            "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of",
@@ -805,16 +806,16 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
         view = arena = None
         if slot >= 0 and ring is not None:
             view = torch.frombuffer(ring, dtype=torch.uint8, count=slot_bytes, offset=slot * slot_bytes)
-            arena = _collate_module.ARENA = _Arena(view, functools.partial(pages.reserve, slot))
-        else:  # no slot (every one is held, or no ring): the batch travels pickled, collated into shared memory
-            _collate_module.ARENA = _SharedArena()
+            arena = _Arena(view, functools.partial(pages.reserve, slot))
+        # (no slot: every one is held, or no ring; the batch travels pickled, collated into shared memory)
+        into = functools.partial(_collate_into, collate, arena if arena is not None else _SharedArena())
         try:
             if source is not None:
-                batch = collate(source.next_data())
+                batch = into(source.next_data())
                 if stateful:
                     position = dataset.state_dict()
             else:
-                batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
+                batch = load_batch(dataset, getitems, auto, into, number, indices, rng_key)
                 if stateful:
                     position = dataset.state_dict()
         except StopIteration:
@@ -845,7 +846,7 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
             reply("error", _WorkerError(exc, worker_id, where))
             continue
         finally:
-            _collate_module.ARENA = None
+            del into
         if source is not None and source.ended:
             position = LastOfPass(position)
         if view is not None:
@@ -864,6 +865,17 @@ def _serve(dataset, auto, collate, index_queue, results, ring_path, slot_bytes, 
             del view, arena
         reply("pickled", batch)
         del batch  # its shared-memory segments are the main process's now: not kept here until the next batch
+
+
+def _collate_into(collate, arena, data):
+    """`collate(data)` with `arena` as this thread's for the call: the batch's tensors are stacked into the slot
+    it goes to. Only for that call: what the dataset builds while its samples load (with its own collation, in
+    its own threads or this one) may outlive the batch, and is made in the pool as anywhere else."""
+    set_arena(arena)
+    try:
+        return collate(data)
+    finally:
+        set_arena(None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
