@@ -848,3 +848,32 @@ def test_an_ended_epoch_lets_go_of_its_ring(dataset):
     with open("/proc/self/maps") as f:
         assert "stoker-ring" not in f.read()
     assert loader.state_dict()["epoch"] == 1
+
+
+class _Slow(Dataset):
+    def __init__(self) -> None:
+        import threading
+
+        self.calls, self.lock = 0, threading.Lock()
+
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        time.sleep(0.2)
+        with self.lock:
+            self.calls += 1
+        return i
+
+
+def test_a_loop_left_by_break_cancels_the_batches_its_worker_threads_had_queued():
+    # 16 batches are queued (prefetch_factor 8, two threads); once the iterator a `break` left is freed, the
+    # threads finish the batches they are loading and start no other (before, every queued batch was loaded,
+    # and the interpreter's exit waited for them).
+    dataset = _Slow()
+    loader = stoker.DataLoader(dataset, batch_size=1, num_workers=2, worker_mode="thread", prefetch_factor=8)
+    for _ in loader:
+        break
+    gc.collect()
+    time.sleep(2.0)  # long enough for 10 more batches, were they still loaded
+    assert dataset.calls <= 7, dataset.calls

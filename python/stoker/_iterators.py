@@ -550,6 +550,15 @@ def _unaliased(batch, ranges: list[tuple[int, int]]):
     return walk(batch)
 
 
+def _load_in_thread(host_pool, dataset, getitems, auto: bool, collate, rng_key, ranges, number: int, indices):
+    """One batch of a map-style Python dataset, loaded where it is called (the main thread, or a worker
+    thread), into `host_pool` (page-locked blocks when pinned, else the ordinary pool); a batch viewing an
+    array dataset's `ranges` is copied."""
+    with _collate.use_pool(host_pool):
+        batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
+    return _unaliased(batch, ranges) if ranges else batch
+
+
 class PythonIterator(_Iterator):
     """Batches of any map-style dataset: `__getitems__`/`__getitem__` in Python, collated into pooled
     buffers; with num_workers > 0 the batches are loaded by that many threads, delivered in order (as they
@@ -606,15 +615,17 @@ class PythonIterator(_Iterator):
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
             self._in_order = bool(loader.in_order)
             self._pending: collections.deque = collections.deque()  # (number, future) of each batch asked for
+            # What a thread's task holds: what loading needs, not this iterator, so that one a `break` left is
+            # freed and its closing cancels the batches still queued (the threads would load them all first).
+            self._task = functools.partial(_load_in_thread, self._host_pool, self._dataset, self._getitems,
+                                           self._auto, self._collate, self._rng_key, self._dataset_ranges)
         self._started()
         if self._pool is not None and self._init_error is None:
             self._top_up()
 
     def _load(self, number: int, indices):
-        with _collate.use_pool(self._host_pool):  # page-locked blocks when pinned, else the ordinary pool
-            batch = load_batch(self._dataset, self._getitems, self._auto, self._collate, number, indices,
-                               self._rng_key)
-        return _unaliased(batch, self._dataset_ranges) if self._dataset_ranges else batch
+        return _load_in_thread(self._host_pool, self._dataset, self._getitems, self._auto, self._collate,
+                               self._rng_key, self._dataset_ranges, number, indices)
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
@@ -628,7 +639,7 @@ class PythonIterator(_Iterator):
                 failed.set_exception(exc)
                 self._pending.append((self._next_number - 1, failed))
                 continue
-            self._pending.append((number, self._pool.submit(self._load, number, indices)))
+            self._pending.append((number, self._pool.submit(self._task, number, indices)))
 
     def _first_ready(self, timeout: float | None):
         """The (number, future) of the batch asked for first among those ready, waiting for one up to `timeout`
