@@ -681,16 +681,26 @@ def test_a_state_saved_straight_after_a_resume_is_the_one_loaded(k, num_workers)
     assert head + epoch(last) == want
 
 
-@pytest.mark.parametrize("kind", ["tuple", "tensor"])
+class _Opaque:
+    """A value without __eq__: equal only to itself under ==."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+@pytest.mark.parametrize("kind", ["tuple", "tensor", "nan", "bfloat16", "object"])
 def test_a_kept_end_is_told_whichever_way_its_state_travelled(kind):
-    # json makes a tuple a list, torch.load gives tensors back: the state the look leaves is compared as
-    # values with the one loaded, so a kept end is still told from a rewinding dataset's empty pass.
+    # json makes a tuple a list, torch.load gives tensors back, NaN and objects without __eq__ are not equal
+    # to their copies under ==: the state the look leaves is compared as values with the one loaded, so a
+    # kept end is still told from a rewinding dataset's empty pass.
     import json
 
     class KeepsEndAs(KeepsEnd):
         def state_dict(self):
             at = (self.yielded, self.passes)
-            return {"at": at if kind == "tuple" else torch.tensor(at)}
+            extra = {"tuple": None, "tensor": None, "nan": float("nan"),
+                     "bfloat16": torch.tensor([1.5, float("nan")], dtype=torch.bfloat16), "object": _Opaque(3)}[kind]
+            return {"at": at if kind == "tuple" else torch.tensor(at), "extra": extra}
 
         def load_state_dict(self, state):
             self.pending = tuple(int(v) for v in state["at"])

@@ -210,29 +210,54 @@ def set_thread_worker_info(worker_id: int, num_workers: int, seed: int, dataset)
 
 
 def _moved(dataset, state) -> bool:
-    """Whether a stateful dataset's state is no longer ``state`` (one that cannot be read counts as moved)."""
+    """Whether a stateful dataset's state is no longer ``state``. Where that cannot be told (a state_dict()
+    that raises), it has not: the look at a kept end leaves the state as loaded."""
     try:
         return not _same(dataset.state_dict(), state)
-    except Exception:  # noqa: BLE001 - a state_dict() that raises: the state is loaded again all the same
-        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _same(a, b) -> bool:
-    """Equality of two states as values, whichever way one travelled: json makes tuples lists, torch.load
-    gives tensors back; a tensor or an array equals another of the same values."""
+    """Equality of two states as values, whichever way one travelled (json makes tuples lists, torch.load
+    gives tensors back) and for values that are not equal to themselves under ``==`` (NaN, objects without
+    ``__eq__``): a value and its deep copy are the same."""
+    if a is b:
+        return True
     if isinstance(a, collections.abc.Mapping) and isinstance(b, collections.abc.Mapping):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        try:
+            return a.shape == b.shape and a.dtype == b.dtype and bool(
+                torch.equal(a, b) or ((a == b) | (a.isnan() & b.isnan())).all())
+        except Exception:  # noqa: BLE001 - sparse or other layouts: their bytes decide
+            return _same_bytes(a, b)
     if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
         try:
-            return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-        except Exception:  # noqa: BLE001 - not comparable as arrays
-            return False
+            return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
+        except Exception:  # noqa: BLE001 - not numeric arrays
+            try:
+                return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+            except Exception:  # noqa: BLE001
+                return _same_bytes(a, b)
     try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - an object whose == raises
-        return False
+        if a == b:
+            return True
+    except Exception:  # noqa: BLE001 - an object whose == raises, or gives an array
+        pass
+    if isinstance(a, float) and isinstance(b, float):
+        return a != a and b != b  # NaN and NaN
+    return _same_bytes(a, b)
+
+
+def _same_bytes(a, b) -> bool:
+    """Whether two values pickle alike (objects compared by identity under ``==``, say)."""
+    try:
+        return type(a) is type(b) and pickle.dumps(a) == pickle.dumps(b)
+    except Exception:  # noqa: BLE001 - unpicklable: no way to tell them apart
+        return True
 
 
 class IterableSource:
