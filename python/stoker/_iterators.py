@@ -584,6 +584,11 @@ class PythonIterator(_Iterator):
         # Threads serving an array dataset index its arrays in this process: a batch may be a view of them
         # (batch_size=None, a collate_fn that returns samples), where torch's worker processes give copies.
         self._dataset_ranges = array_ranges(self._dataset) if self._num_threads > 0 else []
+        # Loads one batch. A worker thread's task holds what loading needs, not this iterator, so that one a
+        # `break` left is freed and its closing cancels the batches still queued (the threads would load them
+        # all first).
+        self._task = functools.partial(_load_in_thread, self._host_pool, self._dataset, self._getitems,
+                                       self._auto, self._collate, self._rng_key, self._dataset_ranges)
         if self._num_threads > 0:
             worker_ids = itertools.count()
             init = loader.worker_init_fn
@@ -615,17 +620,9 @@ class PythonIterator(_Iterator):
             self._depth = (loader.prefetch_factor or 2) * self._num_threads
             self._in_order = bool(loader.in_order)
             self._pending: collections.deque = collections.deque()  # (number, future) of each batch asked for
-            # What a thread's task holds: what loading needs, not this iterator, so that one a `break` left is
-            # freed and its closing cancels the batches still queued (the threads would load them all first).
-            self._task = functools.partial(_load_in_thread, self._host_pool, self._dataset, self._getitems,
-                                           self._auto, self._collate, self._rng_key, self._dataset_ranges)
         self._started()
         if self._pool is not None and self._init_error is None:
             self._top_up()
-
-    def _load(self, number: int, indices):
-        return _load_in_thread(self._host_pool, self._dataset, self._getitems, self._auto, self._collate,
-                               self._rng_key, self._dataset_ranges, number, indices)
 
     def _top_up(self) -> None:
         while self._indices is not None and len(self._pending) < self._depth:
@@ -661,7 +658,7 @@ class PythonIterator(_Iterator):
             except StopIteration:
                 self._finish()
             try:
-                return self._load(number, indices)
+                return self._task(number, indices)
             except StopIteration:  # a dataset that raises StopIteration ends the epoch, as with torch
                 self._finish()
         if self._init_error is not None:
@@ -707,8 +704,8 @@ class IterableIterator(_Iterator):
         # iter(dataset) runs here, at iter(loader), as torch's single-process iterator calls it; not for a
         # resumed pass that had ended, whose dataset only takes the state it was left in (for its next pass).
         start = saved.start_of(0)
-        if saved.ended[0]:
-            start = (saved.batches[0], saved.states[0] if stateful else None, True)
+        if saved.ended[0] and not stateful:
+            start = (start[0], None, True)
         self._source = IterableSource.begin(dataset, loader._auto_collation, loader.batch_size,
                                             bool(loader.drop_last), start)
         # Whether the pass has met the end of the dataset's iterator (the last batch served then is its last).

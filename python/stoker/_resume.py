@@ -246,7 +246,8 @@ class SamplerDraws:
 
 def starts_a_pass(stateful, sampler, state, keep_end: bool) -> bool:
     """Whether a sampler that keeps its own state (``stateful``, ``sampler`` or the one it wraps), loaded with
-    ``state``, has a batch to give: one draw from a new iterator of ``sampler`` tells. A draw that gives one is
+    ``state``, has a batch to give: one draw from a new iterator of ``sampler`` tells. (An IterableDataset
+    with its own state is looked at alike, as its own ``stateful``: see IterableSource.begin.) A draw that gives one is
     undone: ``state`` loaded again, the random generators it may draw from (torch's, random's, numpy's, the
     sampler's) put back. False when the draw ends the pass; what the sampler did then (it may rewind itself)
     is kept, and so are its generators' draws with ``keep_end`` (a draw the saved run makes too)."""

@@ -237,11 +237,8 @@ def _same(a, b) -> bool:
     if isinstance(a, (torch.Tensor, np.ndarray)) or isinstance(b, (torch.Tensor, np.ndarray)):
         try:
             return bool(np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True))
-        except Exception:  # noqa: BLE001 - not numeric arrays
-            try:
-                return bool(np.array_equal(np.asarray(a), np.asarray(b)))
-            except Exception:  # noqa: BLE001
-                return _same_bytes(a, b)
+        except Exception:  # noqa: BLE001 - not numeric arrays (objects, strings): their bytes decide
+            return _same_bytes(a, b)
     try:
         if a == b:
             return True
@@ -1627,8 +1624,13 @@ class IterablePosition:
             self.states[worker] = state
 
     def start_of(self, worker: int):
-        """What a worker's pass starts from: None (the beginning), else (batches to skip, state to load)."""
-        if not self.resumed or not (self.batches[worker] or self.states[worker] is not None):
+        """What a worker's pass starts from: None (the beginning), else (batches to skip, state to load), and
+        True third for a pass that had ended (it serves nothing more: see IterableSource.begin)."""
+        if not self.resumed:
+            return None
+        if self.ended[worker]:
+            return (self.batches[worker], self.states[worker], True)
+        if not (self.batches[worker] or self.states[worker] is not None):
             return None
         return (self.batches[worker], self.states[worker])
 
@@ -1693,8 +1695,7 @@ class ProcessBatches:
         for worker in range(self.pool.num_workers):
             if self.position.ended[worker] and self.position.states[worker] is not None:
                 self.first_task[worker] = False
-                start = (self.position.batches[worker], self.position.states[worker], True)
-                self._send(worker, next(self.numbers), None, -1, start)
+                self._send(worker, next(self.numbers), None, -1, self.position.start_of(worker))
 
     def _send(self, worker: int, number: int, indices, slot: int, start) -> None:
         """Sends task `number` to `worker` (its reply awaited in dispatch order)."""
