@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import threading
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ def _encode_rng(states: dict | None) -> dict | None:
 # A loader with persistent workers -> its one iterator (both weakly held: in the loader's own attributes the
 # reference would not pickle, nor let the loader end its workers once dropped).
 _persistent_iterators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_persistent_lock = threading.Lock()
 
 
 class DataLoader(_TorchDataLoader):
@@ -639,13 +641,13 @@ class DataLoader(_TorchDataLoader):
             # As torch's loader: one iterator, which each iter() resets (ending the epoch it served) and hands
             # out again. The loader holds it weakly: one nobody holds cannot be told from a new one, and the
             # loader dropped must end its workers at once (an iterator holds its loader).
-            held = _persistent_iterators.get(self)
-            it = held() if held is not None else None
-            if it is not None:
-                it._reset(self._stoker_iter)
-            else:
-                it = PersistentIterator(self._stoker_iter)
-                _persistent_iterators[self] = weakref.ref(it)
+            with _persistent_lock:  # two threads' first iter() make one iterator
+                held = _persistent_iterators.get(self)
+                it = held() if held is not None else None
+                if it is None:
+                    it = PersistentIterator()
+                    _persistent_iterators[self] = weakref.ref(it)
+            it._reset(self._stoker_iter)  # after the batch another thread is being served, if one is
             return it
         return self._stoker_iter()
 

@@ -38,6 +38,7 @@ import torch
 
 from stoker import _cuda
 from stoker._native import core
+from stoker._turns import Turns, one_at_a_time
 
 __all__ = ["CudaTarget", "DeviceIterator", "fence_queue", "poll", "stamp", "to_device"]
 
@@ -156,6 +157,7 @@ class DeviceIterator:
     staged batches are not counted as served."""
 
     def __init__(self, inner, target, depth: int, cursor=None, transform: Callable | None = None) -> None:
+        self._turns = Turns()
         self._inner = inner
         self._target = target
         self._depth = max(1, int(depth))
@@ -215,6 +217,7 @@ class DeviceIterator:
         while self._held and self._held[0][0].query():
             self._held.popleft()
 
+    @one_at_a_time
     def __next__(self):
         if self._closed:
             raise StopIteration

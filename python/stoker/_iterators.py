@@ -27,6 +27,7 @@ from torch.utils.data.dataloader import _DatasetKind
 from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
+from stoker._turns import Turns, one_at_a_time
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
                              load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
 from stoker._workers import _add_note as _add_worker_note
@@ -106,6 +107,7 @@ class _Iterator:
     _fence = None
 
     def __init__(self, loader) -> None:
+        self._turns = Turns()
         self._loader = loader
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
@@ -281,6 +283,7 @@ class _Iterator:
             return self._loader._stoker_num_batches()
         return len(self._index_sampler)
 
+    @one_at_a_time
     def __next__(self):
         if self._pid != os.getpid():
             raise RuntimeError(
@@ -337,20 +340,28 @@ class PersistentIterator:
     epoch it was serving ends, its prefetched batches are dropped) and hands out this same object again, now
     serving the next epoch. Whatever else is asked of it is asked of the epoch's own iterator."""
 
-    def __init__(self, begin) -> None:
-        self._inner = begin()
+    def __init__(self) -> None:
+        self._turns = Turns()
+        self._inner = None  # until the first reset begins the first epoch
 
+    @one_at_a_time
     def _reset(self, begin) -> None:
         """Ends the current epoch's iterator, then begins the next (``begin()``). If the next cannot begin, the
-        error is raised and this iterator stays ended."""
-        self._inner.close()
+        error is raised and this iterator stays ended. A batch being loaded for another thread is handed over
+        first: the two never share the workers."""
+        if self._inner is not None:
+            self._inner.close()
         self._inner = begin()
 
     def __iter__(self):
         return self
 
+    @one_at_a_time
     def __next__(self):
-        return next(self._inner)
+        inner = self._inner
+        if inner is None:  # the epoch could not begin
+            raise StopIteration
+        return next(inner)
 
     def __len__(self) -> int:
         return len(self._inner)

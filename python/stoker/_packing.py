@@ -17,6 +17,7 @@ from stoker import _cuda, _device
 from stoker._cursor import Cursor
 from stoker._native import POOL, core, from_dlpack
 from stoker._shard import SEED_MASK, check_count, is_seed, resolve_shard
+from stoker._turns import Turns, one_at_a_time
 
 __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
@@ -551,6 +552,7 @@ class _PackedIterator:
     parallel and handed over in order)."""
 
     def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: Cursor) -> None:
+        self._turns = Turns()
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
         self._next_batch = cursor.served
@@ -594,6 +596,7 @@ class _PackedIterator:
         return core.materialize_packed(self._plan, self._source, rows[b * bs:(b + 1) * bs], *self._options,
                                        helper, after)
 
+    @one_at_a_time
     def __next__(self) -> dict[str, Any]:
         b = self._next_batch
         if b >= self._num_batches:

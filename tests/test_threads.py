@@ -1,0 +1,183 @@
+"""One loader's iterator used from several threads: each batch goes whole to one caller, never a hang, a torn
+message or a batch served twice; an iterator asked for a batch while it is loading one, from the same thread,
+raises instead of waiting on itself."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import stoker
+from helpers import run_with_deadline
+
+N, BATCH = 240, 4
+
+
+class Numbers(torch.utils.data.Dataset):
+    """A Python dataset (workers load it): sample i is [i]."""
+
+    def __len__(self):
+        return N
+
+    def __getitem__(self, i):
+        return torch.tensor([i])
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Each worker's share of 0..N-1, one sample at a time."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(wid, N, nw):
+            yield torch.tensor([i])
+
+
+SETUPS = {
+    "array-nw0": lambda: stoker.DataLoader(TensorDataset(torch.arange(N).view(N, 1)), batch_size=BATCH),
+    "python-nw0": lambda: stoker.DataLoader(Numbers(), batch_size=BATCH),
+    "python-threads": lambda: stoker.DataLoader(Numbers(), batch_size=BATCH, num_workers=2, worker_mode="thread"),
+    "python-processes": lambda: stoker.DataLoader(Numbers(), batch_size=BATCH, num_workers=2),
+    "python-persistent": lambda: stoker.DataLoader(Numbers(), batch_size=BATCH, num_workers=2,
+                                                   persistent_workers=True),
+    "iterable-processes": lambda: stoker.DataLoader(Stream(), batch_size=BATCH, num_workers=2),
+}
+
+
+def _values(batch) -> list[int]:
+    t = batch[0] if isinstance(batch, (list, tuple)) else batch
+    return t.flatten().tolist()
+
+
+def _drain_from_threads(it, threads: int = 3) -> list[list[int]]:
+    """Every thread calls next(it) until the end; returns each batch as a list of its values."""
+    got: list = []
+    errors: list = []
+    lock = threading.Lock()
+
+    def consume() -> None:
+        try:
+            for batch in it:
+                with lock:
+                    got.append(_values(batch))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=consume) for _ in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return got
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_one_iterator_shared_by_threads_serves_every_sample_once(setup):
+    loader = SETUPS[setup]()
+    for _epoch in range(2):
+        batches = run_with_deadline(lambda: _drain_from_threads(iter(loader)), 60)
+        assert len(batches) == N // BATCH
+        assert all(len(b) == BATCH for b in batches)
+        assert sorted(v for b in batches for v in b) == list(range(N))
+        if not setup.startswith("iterable"):  # a map-style batch is whole: BATCH consecutive indices
+            assert all(b == list(range(b[0], b[0] + BATCH)) for b in batches)
+
+
+def test_threads_iterating_one_persistent_loader_never_hang():
+    """Each thread's iter() resets the loader's one iterator, ending the epoch the other is in (as torch's
+    loader does): the threads get whole batches of the dataset, and the loader serves whole epochs after."""
+    loader = SETUPS["python-persistent"]()
+    got: list = []
+    errors: list = []
+
+    def epochs() -> None:
+        try:
+            for _ in range(3):
+                for batch in loader:
+                    got.append(_values(batch))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    def both() -> None:
+        threads = [threading.Thread(target=epochs) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_with_deadline(both, 60)
+    assert not errors, errors
+    assert got and all(b == list(range(b[0], b[0] + BATCH)) and b[0] % BATCH == 0 for b in got)
+    for _ in range(2):
+        assert sorted(v for b in loader for v in _values(b)) == list(range(N))
+
+
+def test_persistent_loaders_first_iter_from_two_threads_makes_one_iterator():
+    loader = SETUPS["python-persistent"]()
+    its: list = []
+    barrier = threading.Barrier(2)
+
+    def first() -> None:
+        barrier.wait()
+        its.append(iter(loader))
+
+    threads = [threading.Thread(target=first) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(its) == 2 and its[0] is its[1]
+    assert sorted(v for b in its[0] for v in _values(b)) == list(range(N))
+
+
+def test_packed_iterator_shared_by_threads_serves_every_batch_once():
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(1, 1000, size=int(n)) for n in rng.integers(5, 60, size=200)]
+    for num_threads in (0, 2):
+        def packed():
+            return stoker.PackedLoader(docs, seq_len=32, batch_size=2, num_threads=num_threads, seed=3)
+
+        expected = sorted(b["input_ids"].flatten().tolist() for b in packed())
+        got: list = []
+        lock = threading.Lock()
+        it = iter(packed())
+
+        def consume() -> None:
+            for b in it:
+                with lock:
+                    got.append(b["input_ids"].flatten().tolist())
+
+        def all_threads() -> None:
+            threads = [threading.Thread(target=consume) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        run_with_deadline(all_threads, 60)
+        assert sorted(got) == expected
+
+
+class AsksItsOwnIterator(torch.utils.data.Dataset):
+    it = None
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        if i == 5:
+            next(self.it)
+        return i
+
+
+def test_iterator_asked_for_a_batch_by_the_dataset_it_is_loading_raises():
+    ds = AsksItsOwnIterator()
+    ds.it = it = iter(stoker.DataLoader(ds, batch_size=4))
+    assert next(it).tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match=r"was called while it was running, from the same thread"):
+        run_with_deadline(lambda: next(it), 20)
+    assert next(it).tolist() == [8, 9, 10, 11]  # the batch that raised took its turn, as any loading error
