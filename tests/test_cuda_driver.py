@@ -402,6 +402,37 @@ def test_a_pinned_worker_ring_locks_each_slot_as_far_as_its_batches_reach(fake_d
     assert _allocated(ring_file) >= 327680 + (1 << 20)
 
 
+def test_a_retired_ring_unlocks_and_gives_back_each_slot_once_free(fake_driver, ring_file):
+    # The pool is done with the ring while a batch is kept: the free slots are unlocked and their pages given back
+    # at once; the kept slot stays locked and intact until it returns, then goes the same way. Nothing more is lent.
+    out = run(f"""
+        ring = core.SlotRing({ring_file!r}, 1 << 20, 3)
+        ring.pin(0)
+        a, b, c = (ring.lease(ring.acquire(), 1 << 20) for _ in range(3))
+        t = from_dlpack(b.tensor(0, [1 << 20], 1, 8))
+        t.fill_(7)
+        del a, b
+        out["lent"] = [count("unregister"), ring.pinned_bytes, ring.free_slots]
+        ring.retire()
+        ring.retire()
+        out["retired"] = [count("unregister"), ring.pinned_bytes, ring.free_slots, ring.acquire()]
+        out["kept"] = [int(t.min()), int(t.max())]
+        del t
+        gc.collect()
+        out["one_left"] = [count("unregister"), ring.pinned_bytes]
+        del c
+        gc.collect()
+        out["none_left"] = [count("unregister"), ring.pinned_bytes, ring.free_slots, ring.acquire()]
+        out["bad_context"] = count("bad_context")
+    """, library=fake_driver["current"], package=True)
+    assert out["lent"] == [0, 3 << 20, 1]  # slot 0 returned; slot 1 is held by its tensor, slot 2 by its lease
+    assert out["retired"] == [1, 2 << 20, 1, -1]
+    assert out["kept"] == [7, 7]
+    assert out["one_left"] == [2, 1 << 20]
+    assert out["none_left"] == [3, 0, 3, -1] and out["bad_context"] == 0
+    assert _allocated(ring_file) == 0  # every slot's pages given back
+
+
 def test_a_ring_the_driver_refuses_to_lock_stops_locking_and_says_why(fake_driver, ring_file):
     out = run(f"""
         ring = core.SlotRing({ring_file!r}, 1 << 20, 3)

@@ -850,6 +850,52 @@ def test_an_ended_epoch_lets_go_of_its_ring(dataset):
     assert loader.state_dict()["epoch"] == 1
 
 
+def _ring_file_bytes() -> dict[str, int]:
+    """Bytes of memory each stoker ring file this process holds open takes (its allocated blocks)."""
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if "stoker-ring" in target:
+                out[target] = os.stat(f"/proc/self/fd/{fd}").st_blocks * 512
+        except OSError:  # closed meanwhile (the listing's own descriptor among them)
+            pass
+    return out
+
+
+class _Planes(Dataset):
+    def __len__(self):
+        return 256
+
+    def __getitem__(self, i):
+        return torch.full((64, 1024), float(i))  # 256 KiB: a batch of 16 is 4 MiB
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="reads /proc/self/fd")
+@pytest.mark.parametrize("persistent", [False, True], ids=["epoch_ends", "loader_dropped"])
+def test_a_batch_kept_after_its_workers_end_holds_its_own_slot_not_the_ring(persistent):
+    # Every slot of the ring was written during the epoch; once the workers are gone, the ring's other slots give
+    # their memory back at once, and the kept batch's slot as it goes. The kept batch is intact.
+    loader = stoker.DataLoader(_Planes(), batch_size=16, num_workers=2, persistent_workers=persistent)
+    kept, during = None, 0
+    for i, batch in enumerate(loader):
+        during = max(during, sum(_ring_file_bytes().values()))
+        if i == 3:
+            kept = batch
+    del batch
+    if persistent:
+        del loader
+    gc.collect()
+    batch_bytes = kept.numel() * kept.element_size()
+    assert during >= 4 * batch_bytes  # the slots the epoch wrote
+    after = _ring_file_bytes()
+    assert len(after) == 1 and sum(after.values()) <= batch_bytes + (1 << 20), (during, after)
+    assert torch.equal(kept, torch.arange(48.0, 64.0).view(16, 1, 1).expand(16, 64, 1024))
+    del kept
+    gc.collect()
+    assert _ring_file_bytes() == {}
+
+
 class _Slow(Dataset):
     def __init__(self) -> None:
         import threading

@@ -221,6 +221,8 @@ class SlotRing:
         """Bytes page-locked now, over all slots."""
     def release(self, slot: typing.SupportsInt | typing.SupportsIndex, fenced: bool = True) -> None:
         """Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got."""
+    def retire(self) -> None:
+        """The pool is done with the ring: free slots give back their memory now, lent ones as they return."""
     def set_fence(self, fence: FenceQueue) -> None:
         """Slots released from now on go back through the fence queue before they are lent again."""
     @property

@@ -1230,6 +1230,10 @@ class WorkerPool:
                     q.close()
             except Exception:
                 pass
+        # A batch the user keeps holds the ring: what its other slots hold is given back now, the rest as the
+        # batches kept return.
+        with contextlib.suppress(Exception):
+            self.ring.retire()
         self._unlink()
 
     def __del__(self) -> None:

@@ -115,6 +115,8 @@ void register_pool(py::module_& m) {
   py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
       .def(py::init<const std::string&, size_t, int>(), py::arg("path"), py::arg("slot_bytes"), py::arg("slots"))
       .def("acquire", &SlotRing::acquire)
+      .def("retire", &SlotRing::retire, py::call_guard<py::gil_scoped_release>(),
+           "The pool is done with the ring: free slots give back their memory now, lent ones as they return.")
       .def("release", &SlotRing::release, py::arg("slot"), py::arg("fenced") = true,
            "Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got.")
       .def_property_readonly("free_slots", &SlotRing::free_slots)

@@ -113,6 +113,7 @@ size_t SlotRing::pinned_bytes() const {
 
 int SlotRing::acquire() {
   std::lock_guard<std::mutex> lock(mu_);
+  if (retired_) return -1;
   for (int s = 0; s < slots_; ++s) {
     if (!lent_[s]) {
       lent_[s] = 1;
@@ -127,17 +128,47 @@ void SlotRing::release(int slot, bool fenced) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (fenced) fence = fence_;
-    if (!fence) {
-      if (slot >= 0 && slot < slots_) lent_[slot] = 0;
-      return;
-    }
+  }
+  if (!fence) {
+    release_now(slot);
+    return;
   }
   fence->park([ring = shared_from_this(), slot] { ring->release_now(slot); });
 }
 
 void SlotRing::release_now(int slot) {
-  std::lock_guard<std::mutex> lock(mu_);
-  if (slot >= 0 && slot < slots_) lent_[slot] = 0;
+  if (slot < 0 || slot >= slots_) return;
+  bool retired;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    lent_[slot] = 0;
+    retired = retired_;
+  }
+  if (retired) discard(slot);
+}
+
+void SlotRing::retire() {
+  std::vector<int> free;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (retired_) return;
+    retired_ = true;
+    for (int s = 0; s < slots_; ++s)
+      if (!lent_[s]) free.push_back(s);
+  }
+  for (int s : free) discard(s);
+}
+
+void SlotRing::discard(int slot) {
+  {
+    // A slot is free only once the GPU has passed its last batch (the fence): nothing reads what is unlocked.
+    std::lock_guard<std::mutex> lock(pin_mu_);
+    if (static_cast<size_t>(slot) < registered_.size()) registered_[static_cast<size_t>(slot)].reset();
+  }
+  // tmpfs frees the hole's pages (and unmaps them here). Where punching is not supported the pages stay until
+  // the mapping goes, as before: nothing else depends on it.
+  (void)::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(static_cast<size_t>(slot) * slot_bytes_), static_cast<off_t>(slot_bytes_));
 }
 
 void SlotRing::set_fence(std::shared_ptr<FenceQueue> fence) {

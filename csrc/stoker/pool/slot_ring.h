@@ -34,6 +34,11 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   /// Returns a slot (from any thread, without the GIL); through the fence when one is set and `fenced` (a
   /// slot whose batch never reached the user needs none).
   void release(int slot, bool fenced = true);
+  /// The pool is done with the ring (its workers are gone): the memory of every slot not lent now is given back
+  /// to the file system at once (a hole punched over it; page-locked slots are unlocked first), and each lent
+  /// slot's as it returns. A batch kept after its epoch then holds the pages of its own slot, not of the whole
+  /// ring. No slot is lent after it (acquire gives -1). Idempotent.
+  void retire();
   /// From now on a released slot goes back through `fence` (see FenceQueue) before it can be lent again.
   void set_fence(std::shared_ptr<FenceQueue> fence);
   int free_slots() const;
@@ -65,6 +70,7 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
   size_t slot_bytes_;
   int slots_;
   void release_now(int slot);
+  void discard(int slot);  // gives back the slot's pages (not under mu_: a syscall, and pin_mu_ is taken)
 
   // Page-locking, under pin_mu_ (registering takes milliseconds: never under mu_, which releases wait on).
   mutable std::mutex pin_mu_;
@@ -74,6 +80,7 @@ class SlotRing : public std::enable_shared_from_this<SlotRing> {
 
   mutable std::mutex mu_;
   std::vector<char> lent_;
+  bool retired_ = false;                 // under mu_
   std::shared_ptr<FenceQueue> fence_;  // under mu_
 };
 
