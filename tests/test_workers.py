@@ -912,6 +912,22 @@ class _Slow(Dataset):
         return i
 
 
+def test_worker_threads_stop_a_batch_between_samples_once_its_iterator_closes():
+    # Batches of 8 samples of 0.2 s: a thread in the middle of one when the iterator closes loads no more of it
+    # than the sample it is in (before, it loaded the batch to its end: up to 1.6 s more, which the interpreter's
+    # exit waited for).
+    dataset = _Slow()
+    it = iter(stoker.DataLoader(dataset, batch_size=8, num_workers=2, worker_mode="thread", prefetch_factor=1))
+    next(it)
+    next(it)  # ready with the first: batches 2 and 3 begin now, one in each thread
+    time.sleep(0.3)
+    it.close()
+    at_close = dataset.calls
+    time.sleep(1.0)
+    assert dataset.calls <= at_close + 2, (at_close, dataset.calls)
+    assert dataset.calls < 8 * 3
+
+
 def test_a_loop_left_by_break_cancels_the_batches_its_worker_threads_had_queued():
     # 16 batches are queued (prefetch_factor 8, two threads); once the iterator a `break` left is freed, the
     # threads finish the batches they are loading and start no other (before, every queued batch was loaded,

@@ -28,8 +28,9 @@ from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._turns import Turns, one_at_a_time
-from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, WorkerPool, Zygote, is_stateful,
-                             load_batch, set_thread_worker_info, shutdown_all, start_method_of, warn_ring_not_pinned)
+from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool, Zygote,
+                             is_stateful, load_batch, set_thread_worker_info, shutdown_all, start_method_of,
+                             warn_ring_not_pinned)
 from stoker._workers import _add_note as _add_worker_note
 
 __all__ = ["ArrayIterator", "IterableIterator", "PersistentIterator", "ProcessIterator", "PythonIterator"]
@@ -561,12 +562,12 @@ def _unaliased(batch, ranges: list[tuple[int, int]]):
     return walk(batch)
 
 
-def _load_in_thread(host_pool, dataset, getitems, auto: bool, collate, rng_key, ranges, number: int, indices):
+def _load_in_thread(host_pool, dataset, getitems, auto: bool, collate, rng_key, ranges, stop, number: int, indices):
     """One batch of a map-style Python dataset, loaded where it is called (the main thread, or a worker
     thread), into `host_pool` (page-locked blocks when pinned, else the ordinary pool); a batch viewing an
-    array dataset's `ranges` is copied."""
+    array dataset's `ranges` is copied. A worker thread's batch stops between samples once `stop` is set."""
     with _collate.use_pool(host_pool):
-        batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key)
+        batch = load_batch(dataset, getitems, auto, collate, number, indices, rng_key, stop)
     return _unaliased(batch, ranges) if ranges else batch
 
 
@@ -598,8 +599,9 @@ class PythonIterator(_Iterator):
         # Loads one batch. A worker thread's task holds what loading needs, not this iterator, so that one a
         # `break` left is freed and its closing cancels the batches still queued (the threads would load them
         # all first).
+        self._stop = Stop() if self._num_threads > 0 else None  # set at close(): the threads' batches stop
         self._task = functools.partial(_load_in_thread, self._host_pool, self._dataset, self._getitems,
-                                       self._auto, self._collate, self._rng_key, self._dataset_ranges)
+                                       self._auto, self._collate, self._rng_key, self._dataset_ranges, self._stop)
         if self._num_threads > 0:
             worker_ids = itertools.count()
             init = loader.worker_init_fn
@@ -699,6 +701,7 @@ class PythonIterator(_Iterator):
         if not self._closed:
             self._closed = True
             if self._pool is not None and self._pid == os.getpid():
+                self._stop.set = True  # batches being loaded stop at their next sample
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
 

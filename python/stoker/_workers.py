@@ -132,10 +132,25 @@ def seed_sample(rng_key, index) -> None:
     _seed_torch(s)
 
 
-def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng_key=None):
+class Stop:
+    """Set when the iterator a worker thread loads for has closed: the thread's batch stops at its next sample
+    (raising Stopped, which nobody receives), where it would otherwise load the rest of the batch first."""
+
+    __slots__ = ("set",)
+
+    def __init__(self) -> None:
+        self.set = False
+
+
+class Stopped(Exception):
+    """A batch left between two samples: its iterator has closed (see Stop)."""
+
+
+def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng_key=None, stop: Stop | None = None):
     """Fetches and collates one batch as torch's fetcher does; an error gets a note naming the index. With
     `rng_key` = (seed, epoch), the RNGs are seeded before each sample (before each batch, with
-    __getitems__, from its first index)."""
+    __getitems__, from its first index). With `stop`, a batch whose iterator has closed stops before its next
+    sample."""
     if not auto:
         if rng_key is not None:
             seed_sample(rng_key, indices)
@@ -159,6 +174,8 @@ def load_batch(dataset, getitems, auto: bool, collate, number: int, indices, rng
     else:
         data = []
         for i in indices:
+            if stop is not None and stop.set:
+                raise Stopped
             if rng_key is not None:
                 seed_sample(rng_key, i)
             try:
