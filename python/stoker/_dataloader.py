@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 import threading
 import warnings
 import weakref
@@ -55,6 +56,14 @@ def _encode_rng(states: dict | None) -> dict | None:
 # reference would not pickle, nor let the loader end its workers once dropped).
 _persistent_iterators: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _persistent_lock = threading.Lock()
+
+
+def _new_persistent_lock() -> None:  # a forked child's copy may be held by a thread that is not there
+    global _persistent_lock
+    _persistent_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_persistent_lock)
 
 
 class DataLoader(_TorchDataLoader):

@@ -11,15 +11,26 @@ import threading
 __all__ = ["Turns", "one_at_a_time"]
 
 
+_forks = 0  # forks this process is a child of (each fork's child counts one more)
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
 class Turns:
     """The lock an object's one-at-a-time methods share, and which thread holds it."""
 
-    __slots__ = ("lock", "owner", "pid")
+    __slots__ = ("lock", "owner", "forks")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: int | None = None
-        self.pid = os.getpid()
+        self.forks = _forks
 
 
 def one_at_a_time(method):
@@ -30,25 +41,19 @@ def one_at_a_time(method):
     @functools.wraps(method)
     def in_turn(self, *args, **kwargs):
         turns = self._turns
-        lock = turns.lock
-        if not lock.acquire(False):
-            me = threading.get_ident()
-            if turns.pid != os.getpid():
-                # A forked child's copy of a lock a thread of the parent held: nobody here will release it.
-                turns = self._turns = Turns()
-                lock = turns.lock
-                lock.acquire()
-            elif turns.owner == me:
-                raise RuntimeError(
-                    f"{type(self).__name__}.{method.__name__}() was called while it was running, from the same "
-                    f"thread: a dataset, sampler or collate_fn asked the iterator that is loading it for a batch")
-            else:
-                lock.acquire()
-        turns.owner = threading.get_ident()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            turns.owner = None
-            lock.release()
+        if turns.forks != _forks:
+            # A forked child's copy of a lock a thread of the parent may have held: nobody here would release it.
+            turns = self._turns = Turns()
+        me = threading.get_ident()
+        if turns.owner == me:  # only this thread writes its own id there
+            raise RuntimeError(
+                f"{type(self).__name__}.{method.__name__}() was called while it was running, from the same "
+                f"thread: a dataset, sampler or collate_fn asked the iterator that is loading it for a batch")
+        with turns.lock:  # (taken and released by `with`: a KeyboardInterrupt between the two cannot keep it)
+            try:
+                turns.owner = me
+                return method(self, *args, **kwargs)
+            finally:
+                turns.owner = None
 
     return in_turn
