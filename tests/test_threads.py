@@ -181,3 +181,63 @@ def test_iterator_asked_for_a_batch_by_the_dataset_it_is_loading_raises():
     with pytest.raises(RuntimeError, match=r"was called while it was running, from the same thread"):
         run_with_deadline(lambda: next(it), 20)
     assert next(it).tolist() == [8, 9, 10, 11]  # the batch that raised took its turn, as any loading error
+
+
+class _Counting(torch.utils.data.IterableDataset):
+    """A stateful stream whose workers start slowly: the first batch is awaited while state_dict() is asked."""
+
+    def __init__(self):
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+    def __iter__(self):
+        import time
+
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        time.sleep(0.3)
+        for i in range(wid + nw * self.pos, N, nw):
+            self.pos += 1
+            yield torch.tensor([i])
+
+
+def test_state_dict_from_another_thread_while_batches_load():
+    # A checkpoint thread's state_dict() waits for the workers' pipe the iterating thread is reading (before, both
+    # read it: a torn message, and a reader waiting for good).
+    loader = stoker.DataLoader(_Counting(), batch_size=BATCH, num_workers=2, prefetch_factor=1)
+    it = iter(loader)
+    got: list = []
+    errors: list = []
+
+    def train() -> None:
+        try:
+            for b in it:
+                got.extend(_values(b))
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    def checkpoint() -> None:
+        import time
+
+        try:
+            for _ in range(50):
+                assert loader.state_dict()["epoch"] in (0, 1)  # 1 once the epoch has ended
+                time.sleep(0.001)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            errors.append(exc)
+
+    def both() -> None:
+        threads = [threading.Thread(target=train), threading.Thread(target=checkpoint)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_with_deadline(both, 60)
+    assert not errors, errors
+    assert sorted(got) == list(range(N))

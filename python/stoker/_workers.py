@@ -1698,6 +1698,9 @@ class ProcessBatches:
         self.active = [not ended for ended in self.position.ended]
         self.first_task = [True] * pool.num_workers
         self.heard = [False] * pool.num_workers  # a message of this epoch came from the worker
+        # Held while the workers' pipe is read (next, position_dict, drain): one reader at a time, whichever
+        # thread asks, and a reader waiting for its answer is never left waiting for one another took.
+        self.reading = threading.RLock()
         if self.tracked and not self.iterable and self.position.resumed:
             # A stateful map-style copy loads its saved state with its first task, of this epoch or (persistent
             # workers, when this one leaves it none) of a later one.
@@ -1795,10 +1798,11 @@ class ProcessBatches:
         """The consumer's position (IterableDataset). For a stateful dataset it first waits until every
         worker asked for a batch has reported the state its pass started from, so that a worker the user
         has no batch of yet resumes that same pass, not a new one."""
-        if stateful and not self.pool._closed:
-            while any(not self.first_task[w] and not self.heard[w] for w in range(self.pool.num_workers)):
-                self._receive()
-        return self.position.to_dict()
+        with self.reading:  # (a checkpoint taken in another thread than the one iterating)
+            if stateful and not self.pool._closed:
+                while any(not self.first_task[w] and not self.heard[w] for w in range(self.pool.num_workers)):
+                    self._receive()
+            return self.position.to_dict()
 
     def _take(self):
         """The next answer in the order asked for: in dispatch order, or the first that has arrived."""
@@ -1821,6 +1825,10 @@ class ProcessBatches:
 
     def next(self):
         """("batch", b) | ("error", exc) | ("stop", None) | None when the epoch is over."""
+        with self.reading:
+            return self._next()
+
+    def _next(self):
         self.taken = None
         while True:
             self._top_up()
@@ -1842,12 +1850,13 @@ class ProcessBatches:
 
     def drain(self) -> None:
         """Waits for this epoch's outstanding tasks (persistent workers), returning their slots."""
-        try:
-            while self.outstanding:
-                self._receive()
-        except RuntimeError:
-            pass
-        self.ready.clear()
-        self.order.clear()
-        self.exhausted = True
+        with self.reading:
+            try:
+                while self.outstanding:
+                    self._receive()
+            except RuntimeError:
+                pass
+            self.ready.clear()
+            self.order.clear()
+            self.exhausted = True
 
