@@ -51,27 +51,42 @@ def _values(batch) -> list[int]:
     return t.flatten().tolist()
 
 
+def _in_threads(*targets, seconds: float = 60) -> None:
+    """Runs each target in a thread of its own, all at once; fails if they are not all done within `seconds`
+    (a hang), and raises the first error one of them raised."""
+    errors: list = []
+
+    def reporting(target):
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+        return run
+
+    def all_of_them() -> None:
+        threads = [threading.Thread(target=reporting(t)) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    run_with_deadline(all_of_them, seconds)
+    if errors:
+        raise errors[0]
+
+
 def _drain_from_threads(it, threads: int = 3) -> list[list[int]]:
     """Every thread calls next(it) until the end; returns each batch as a list of its values."""
     got: list = []
-    errors: list = []
     lock = threading.Lock()
 
     def consume() -> None:
-        try:
-            for batch in it:
-                with lock:
-                    got.append(_values(batch))
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
+        for batch in it:
+            with lock:
+                got.append(_values(batch))
 
-    workers = [threading.Thread(target=consume) for _ in range(threads)]
-    for t in workers:
-        t.start()
-    for t in workers:
-        t.join()
-    if errors:
-        raise errors[0]
+    _in_threads(*[consume] * threads)
     return got
 
 
@@ -79,7 +94,7 @@ def _drain_from_threads(it, threads: int = 3) -> list[list[int]]:
 def test_one_iterator_shared_by_threads_serves_every_sample_once(setup):
     loader = SETUPS[setup]()
     for _epoch in range(2):
-        batches = run_with_deadline(lambda: _drain_from_threads(iter(loader)), 60)
+        batches = _drain_from_threads(iter(loader))
         assert len(batches) == N // BATCH
         assert all(len(b) == BATCH for b in batches)
         assert sorted(v for b in batches for v in b) == list(range(N))
@@ -92,25 +107,13 @@ def test_threads_iterating_one_persistent_loader_never_hang():
     loader does): the threads get whole batches of the dataset, and the loader serves whole epochs after."""
     loader = SETUPS["python-persistent"]()
     got: list = []
-    errors: list = []
 
     def epochs() -> None:
-        try:
-            for _ in range(3):
-                for batch in loader:
-                    got.append(_values(batch))
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
+        for _ in range(3):
+            for batch in loader:
+                got.append(_values(batch))
 
-    def both() -> None:
-        threads = [threading.Thread(target=epochs) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    run_with_deadline(both, 60)
-    assert not errors, errors
+    _in_threads(epochs, epochs)
     assert got and all(b == list(range(b[0], b[0] + BATCH)) and b[0] % BATCH == 0 for b in got)
     for _ in range(2):
         assert sorted(v for b in loader for v in _values(b)) == list(range(N))
@@ -125,11 +128,7 @@ def test_persistent_loaders_first_iter_from_two_threads_makes_one_iterator():
         barrier.wait()
         its.append(iter(loader))
 
-    threads = [threading.Thread(target=first) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _in_threads(first, first)
     assert len(its) == 2 and its[0] is its[1]
     assert sorted(v for b in its[0] for v in _values(b)) == list(range(N))
 
@@ -151,14 +150,7 @@ def test_packed_iterator_shared_by_threads_serves_every_batch_once():
                 with lock:
                     got.append(b["input_ids"].flatten().tolist())
 
-        def all_threads() -> None:
-            threads = [threading.Thread(target=consume) for _ in range(3)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-
-        run_with_deadline(all_threads, 60)
+        _in_threads(consume, consume, consume)
         assert sorted(got) == expected
 
 
@@ -212,32 +204,17 @@ def test_state_dict_from_another_thread_while_batches_load():
     loader = stoker.DataLoader(_Counting(), batch_size=BATCH, num_workers=2, prefetch_factor=1)
     it = iter(loader)
     got: list = []
-    errors: list = []
 
     def train() -> None:
-        try:
-            for b in it:
-                got.extend(_values(b))
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
+        for b in it:
+            got.extend(_values(b))
 
     def checkpoint() -> None:
         import time
 
-        try:
-            for _ in range(50):
-                assert loader.state_dict()["epoch"] in (0, 1)  # 1 once the epoch has ended
-                time.sleep(0.001)
-        except BaseException as exc:  # noqa: BLE001 - the test reports it
-            errors.append(exc)
+        for _ in range(50):
+            assert loader.state_dict()["epoch"] in (0, 1)  # 1 once the epoch has ended
+            time.sleep(0.001)
 
-    def both() -> None:
-        threads = [threading.Thread(target=train), threading.Thread(target=checkpoint)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    run_with_deadline(both, 60)
-    assert not errors, errors
+    _in_threads(train, checkpoint)
     assert sorted(got) == list(range(N))
