@@ -1,6 +1,6 @@
 """One loader's iterator used from several threads: each batch goes whole to one caller, never a hang, a torn
 message or a batch served twice; an iterator asked for a batch while it is loading one, from the same thread,
-raises instead of waiting on itself."""
+raises instead of waiting on itself, and so does one asked from the loader's own worker threads."""
 
 import threading
 
@@ -173,6 +173,31 @@ def test_iterator_asked_for_a_batch_by_the_dataset_it_is_loading_raises():
     with pytest.raises(RuntimeError, match=r"was called while it was running, from the same thread"):
         run_with_deadline(lambda: next(it), 20)
     assert next(it).tolist() == [8, 9, 10, 11]  # the batch that raised took its turn, as any loading error
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_iterator_asked_for_a_batch_from_its_own_worker_thread_raises(persistent):
+    ds = AsksItsOwnIterator()
+    loader = stoker.DataLoader(ds, batch_size=4, num_workers=1, worker_mode="thread", persistent_workers=persistent)
+    ds.it = it = iter(loader)
+    assert next(it).tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match=r"called from one of its loader's worker threads \(stoker_worker_0\)"):
+        run_with_deadline(lambda: next(it), 20)
+    assert run_with_deadline(lambda: [b.tolist() for b in it], 20) == [[8, 9, 10, 11], [12, 13, 14, 15]]
+
+
+def test_worker_thread_may_iterate_another_loader():
+    inner = stoker.DataLoader(TensorDataset(torch.arange(8)), batch_size=4)
+
+    class UsesAnotherLoader(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return sum(int(b[0].sum()) for b in inner) + i
+
+    loader = stoker.DataLoader(UsesAnotherLoader(), batch_size=2, num_workers=2, worker_mode="thread")
+    assert run_with_deadline(lambda: [b.tolist() for b in loader], 20) == [[28, 29], [30, 31]]
 
 
 class _Counting(torch.utils.data.IterableDataset):

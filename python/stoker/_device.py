@@ -157,7 +157,7 @@ class DeviceIterator:
     staged batches are not counted as served."""
 
     def __init__(self, inner, target, depth: int, cursor=None, transform: Callable | None = None) -> None:
-        self._turns = Turns()
+        self._turns = Turns(getattr(inner, "_loader", None))
         self._inner = inner
         self._target = target
         self._depth = max(1, int(depth))

@@ -27,7 +27,7 @@ from torch.utils.data.dataloader import _DatasetKind
 from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
-from stoker._turns import Turns, one_at_a_time
+from stoker._turns import Turns, one_at_a_time, serve
 from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool, Zygote,
                              is_stateful, load_batch, set_thread_worker_info, shutdown_all, start_method_of,
                              warn_ring_not_pinned)
@@ -108,7 +108,7 @@ class _Iterator:
     _fence = None
 
     def __init__(self, loader) -> None:
-        self._turns = Turns()
+        self._turns = Turns(loader)
         self._loader = loader
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
@@ -341,8 +341,8 @@ class PersistentIterator:
     epoch it was serving ends, its prefetched batches are dropped) and hands out this same object again, now
     serving the next epoch. Whatever else is asked of it is asked of the epoch's own iterator."""
 
-    def __init__(self) -> None:
-        self._turns = Turns()
+    def __init__(self, loader) -> None:
+        self._turns = Turns(loader)
         self._inner = None  # until the first reset begins the first epoch
 
     @one_at_a_time
@@ -611,6 +611,7 @@ class PythonIterator(_Iterator):
             def start_worker() -> None:
                 wid = next(worker_ids)
                 threading.current_thread().name = f"stoker_worker_{wid}"
+                serve(loader)  # asking this loader for a batch from here is refused, not a wait for good
                 # get_worker_info() answers per thread (worker_method "thread"); the threads share the process's
                 # random generators, which are therefore not seeded per worker.
                 set_thread_worker_info(wid, num_threads, base_seed + wid, dataset)

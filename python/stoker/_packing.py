@@ -552,7 +552,7 @@ class _PackedIterator:
     parallel and handed over in order)."""
 
     def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: Cursor) -> None:
-        self._turns = Turns()
+        self._turns = Turns(loader)
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
         self._next_batch = cursor.served
