@@ -3,6 +3,7 @@ message or a batch served twice; an iterator asked for a batch while it is loadi
 raises instead of waiting on itself, and so does one asked from the loader's own worker threads."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -152,6 +153,61 @@ def test_packed_iterator_shared_by_threads_serves_every_batch_once():
 
         _in_threads(consume, consume, consume)
         assert sorted(got) == expected
+
+
+class SlowNumbers(Numbers):
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        time.sleep(0.02)
+        return torch.tensor([i])
+
+
+class SlowStream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
+        for i in range(wid, 40, nw):
+            time.sleep(0.02)
+            yield torch.tensor([i])
+
+
+SLOW = {
+    "python-nw0": lambda: stoker.DataLoader(SlowNumbers(), batch_size=BATCH),
+    "python-threads": lambda: stoker.DataLoader(SlowNumbers(), batch_size=BATCH, num_workers=2, worker_mode="thread"),
+    "python-processes": lambda: stoker.DataLoader(SlowNumbers(), batch_size=BATCH, num_workers=2),
+    "python-persistent": lambda: stoker.DataLoader(SlowNumbers(), batch_size=BATCH, num_workers=2,
+                                                   persistent_workers=True),
+    "iterable-nw0": lambda: stoker.DataLoader(SlowStream(), batch_size=BATCH),
+    "iterable-processes": lambda: stoker.DataLoader(SlowStream(), batch_size=BATCH, num_workers=2),
+}
+
+
+@pytest.mark.parametrize("setup", list(SLOW))
+def test_close_from_another_thread_ends_the_loop_waiting_for_a_batch(setup):
+    loader = SLOW[setup]()
+    it = iter(loader)
+    served = _values(next(it))
+
+    def consume() -> None:
+        for batch in it:  # ends with StopIteration at the close, whatever it was waiting for then
+            served.extend(_values(batch))
+
+    def close_soon() -> None:
+        time.sleep(0.1)
+        it.close()
+
+    _in_threads(consume, close_soon, seconds=30)
+    assert len(set(served)) == len(served) and len(served) % BATCH == 0
+    with pytest.raises(StopIteration):
+        next(it)
+    if "processes" in setup:  # the workers end with the iterator
+        for w in it._workers:
+            w.join(10)
+            assert w.exitcode is not None
+    if "persistent" in setup:  # the workers outlive the iterator's epoch, as torch's: the next one is whole
+        assert sorted(v for b in run_with_deadline(lambda: list(loader), 30) for v in _values(b)) == list(range(40))
 
 
 class AsksItsOwnIterator(torch.utils.data.Dataset):

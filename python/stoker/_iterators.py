@@ -28,9 +28,9 @@ from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._turns import Turns, one_at_a_time, serve
-from stoker._workers import (IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool, Zygote,
-                             is_stateful, load_batch, set_thread_worker_info, shutdown_all, start_method_of,
-                             warn_ring_not_pinned)
+from stoker._workers import (Interrupted, IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool,
+                             Zygote, is_stateful, load_batch, set_thread_worker_info, shutdown_all,
+                             start_method_of, warn_ring_not_pinned)
 from stoker._workers import _add_note as _add_worker_note
 
 __all__ = ["ArrayIterator", "IterableIterator", "PersistentIterator", "ProcessIterator", "PythonIterator"]
@@ -680,6 +680,15 @@ class PythonIterator(_Iterator):
             self.close()  # as torch's loader, whose worker failing to start ends its epoch
             raise error
         self._taken = None
+        try:
+            return self._take()
+        except Exception:
+            if self._closed:  # closed by another thread meanwhile: its batch stopped, or was never begun
+                self._taken = None
+                raise StopIteration from None
+            raise
+
+    def _take(self):
         self._top_up()
         if not self._pending:
             self._finish()
@@ -838,10 +847,15 @@ class ProcessIterator(_Iterator):
         if self._closed:
             raise StopIteration
         try:
-            item = self._batches.next()
+            item = None if self._batches.interrupted else self._batches.next()
+        except Interrupted:
+            item = None
         except RuntimeError:
             self.close()
             raise
+        if self._batches.interrupted:  # close() was asked for by another thread meanwhile: this one closes
+            self.close()
+            raise StopIteration
         if item is None:
             self._finish()
         kind, value = item
@@ -852,6 +866,24 @@ class ProcessIterator(_Iterator):
         raise value
 
     def close(self) -> None:
+        if self._closed:
+            return
+        turns = self._turns
+        if self._pid == os.getpid() and turns.owner != threading.get_ident():
+            if not turns.lock.acquire(blocking=False):
+                # Another thread is in next(), reading the workers' pipes: closing them under it could hand its
+                # read a descriptor opened again meanwhile. It closes this iterator itself as soon as it looks
+                # (within a quarter of a second while it waits), and its next() ends with StopIteration.
+                self._batches.interrupted = True
+                return
+            try:
+                self._close()
+            finally:
+                turns.lock.release()
+            return
+        self._close()
+
+    def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self._batches.ready.clear()  # prefetched batches release their slots

@@ -54,9 +54,9 @@ from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 from stoker._collate import set_arena
 
-__all__ = ["IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote", "close_zygotes",
-           "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all", "start_method_of",
-           "warn_ring_not_pinned"]
+__all__ = ["Interrupted", "IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote",
+           "close_zygotes", "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all",
+           "start_method_of", "warn_ring_not_pinned"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -140,6 +140,11 @@ class Stop:
 
     def __init__(self) -> None:
         self.set = False
+
+
+class Interrupted(Exception):
+    """Raised to the thread waiting for the workers' next message when another thread asked for the epoch to
+    close: that waiting thread closes it (the pipes it reads are not closed under it)."""
 
 
 class Stopped(Exception):
@@ -1181,11 +1186,14 @@ class WorkerPool:
                     raise RuntimeError(f"DataLoader worker (pid {w.pid}) is killed by signal: {desc}")
                 raise RuntimeError(f"DataLoader worker (pid(s) {w.pid}) exited unexpectedly (exit code {code})")
 
-    def get(self, timeout: float | None):
-        """The next message of a worker; RuntimeError if a worker died or `timeout` seconds passed. Workers
-        due to start (see begin) are forked here, one at a time while no message is waiting."""
+    def get(self, timeout: float | None, interrupted: Callable[[], bool] | None = None):
+        """The next message of a worker; RuntimeError if a worker died or `timeout` seconds passed; Interrupted
+        as soon as `interrupted()` says so (looked at every _POLL_S while waiting). Workers due to start (see
+        begin) are forked here, one at a time while no message is waiting."""
         deadline = None if not timeout else time.monotonic() + timeout
         while True:
+            if interrupted is not None and interrupted():
+                raise Interrupted
             if self._launched < self.num_workers and not self._closed:
                 if (self._replied or time.monotonic() >= self._rest_due) and not self._pending():
                     self.start(self._launched + 1)
@@ -1709,6 +1717,7 @@ class ProcessBatches:
         for _ in range(self.position.next_worker):
             next(self.cycle)
         self.exhausted = False
+        self.interrupted = False  # another thread asked for this epoch to close while next() waits (see close)
         if self.iterable and self.position.resumed and persistent:
             self._hand_over_ended_states()
         self._top_up()
@@ -1762,9 +1771,10 @@ class ProcessBatches:
                 start = self.position.start_of(worker) if self.iterable else pool.pending_states.pop(worker, None)
             self._send(worker, number, indices, pool.ring.acquire(), start)
 
-    def _receive(self) -> None:
+    def _receive(self, interruptible: bool = False) -> None:
         pool = self.pool
-        generation, number, worker, kind, payload, slot, state = pool.get(self.timeout)
+        interrupted = (lambda: self.interrupted) if interruptible else None
+        generation, number, worker, kind, payload, slot, state = pool.get(self.timeout, interrupted)
         if generation != self.generation:  # left over from an earlier epoch of persistent workers
             if slot >= 0:
                 pool.ring.release(slot, fenced=False)
@@ -1810,13 +1820,13 @@ class ProcessBatches:
             number = self.order[0]
             if number not in self.local_errors:
                 while number not in self.ready:
-                    self._receive()
+                    self._receive(True)
         else:
             number = None
             while number is None:
                 number = next((n for n in self.order if n in self.local_errors or n in self.ready), None)
                 if number is None:
-                    self._receive()
+                    self._receive(True)
         self.order.remove(number)
         self.taken = number
         if number in self.local_errors:
