@@ -204,6 +204,44 @@ def test_state_counts_the_batches_received_not_those_staged(fake_driver):
     assert out["iterable"] == {"0": [4, True], "2": [4, True]}
 
 
+def test_close_from_another_thread_ends_the_loop_and_leaves_the_epoch_where_it_was(fake_driver):
+    out = stage("""
+        import threading, time
+
+        class Slow(torch.utils.data.Dataset):
+            def __len__(self): return 40
+            def __getitem__(self, i):
+                time.sleep(0.02)
+                return torch.tensor([i])
+
+        cases = {}
+        for mode in ("process", "thread"):
+            loader = stoker.DataLoader(Slow(), batch_size=4, num_workers=2, worker_mode=mode, device="cuda")
+            it = iter(loader)
+            got = [next(it).flatten().tolist()]
+            errors = []
+
+            def consume():
+                try:
+                    for b in it:
+                        got.append(b.flatten().tolist())
+                except BaseException as exc:
+                    errors.append(repr(exc))
+
+            t = threading.Thread(target=consume)
+            t.start()
+            time.sleep(0.1)
+            it.close()
+            closed = it._closed
+            t.join(30)
+            state = loader.state_dict()
+            cases[mode] = [closed, t.is_alive(), errors, state["epoch"], state["batches_served"] == len(got),
+                           len(got) < 10]
+        out["cases"] = cases
+    """, fake_driver)
+    assert out["cases"] == {m: [True, False, [], 0, True, True] for m in ("process", "thread")}
+
+
 def test_errors_arrive_at_their_turn_and_iteration_goes_on(fake_driver):
     out = stage("""
         class Bad(torch.utils.data.Dataset):

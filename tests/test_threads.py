@@ -154,6 +154,19 @@ def test_packed_iterator_shared_by_threads_serves_every_batch_once():
         _in_threads(consume, consume, consume)
         assert sorted(got) == expected
 
+        # close() from another thread stops the building ahead, never under a next(): the batches are all
+        # served still (built on demand after it), each once.
+        got.clear()
+        it = iter(packed())
+
+        def consume_slowly() -> None:
+            for b in it:
+                got.append(b["input_ids"].flatten().tolist())
+                time.sleep(0.002)
+
+        _in_threads(consume_slowly, lambda: (time.sleep(0.05), it.close()))
+        assert sorted(got) == expected
+
 
 class SlowNumbers(Numbers):
     def __len__(self):
@@ -180,6 +193,10 @@ SLOW = {
     "python-persistent": lambda: stoker.DataLoader(SlowNumbers(), batch_size=BATCH, num_workers=2,
                                                    persistent_workers=True),
     "iterable-nw0": lambda: stoker.DataLoader(SlowStream(), batch_size=BATCH),
+    # (fast to load: the loop is slow, so the close comes mid-epoch)
+    "array-nw0": lambda: stoker.DataLoader(TensorDataset(torch.arange(N).view(N, 1)), batch_size=BATCH),
+    "array-threads": lambda: stoker.DataLoader(TensorDataset(torch.arange(N).view(N, 1)), batch_size=BATCH,
+                                               num_workers=2),
     "iterable-processes": lambda: stoker.DataLoader(SlowStream(), batch_size=BATCH, num_workers=2),
 }
 
@@ -193,15 +210,22 @@ def test_close_from_another_thread_ends_the_loop_waiting_for_a_batch(setup):
     def consume() -> None:
         for batch in it:  # ends with StopIteration at the close, whatever it was waiting for then
             served.extend(_values(batch))
+            time.sleep(0.005)
+
+    closed: list = []
 
     def close_soon() -> None:
         time.sleep(0.1)
         it.close()
+        closed.append(it._closed)  # closed by the time close() returns, whichever thread did it
 
     _in_threads(consume, close_soon, seconds=30)
+    assert closed == [True]
     assert len(set(served)) == len(served) and len(served) % BATCH == 0
     with pytest.raises(StopIteration):
         next(it)
+    state = loader.state_dict()  # the epoch was left, not ended: a resume goes on after the batches served
+    assert (state["epoch"], state["batches_served"]) == (0, len(served) // BATCH)
     if "processes" in setup:  # the workers end with the iterator
         for w in it._workers:
             w.join(10)
@@ -237,7 +261,7 @@ def test_iterator_asked_for_a_batch_from_its_own_worker_thread_raises(persistent
     loader = stoker.DataLoader(ds, batch_size=4, num_workers=1, worker_mode="thread", persistent_workers=persistent)
     ds.it = it = iter(loader)
     assert next(it).tolist() == [0, 1, 2, 3]
-    with pytest.raises(RuntimeError, match=r"called from one of its loader's worker threads \(stoker_worker_0\)"):
+    with pytest.raises(RuntimeError, match=r"called from one of its own worker threads \(stoker_worker_0\)"):
         run_with_deadline(lambda: next(it), 20)
     assert run_with_deadline(lambda: [b.tolist() for b in it], 20) == [[8, 9, 10, 11], [12, 13, 14, 15]]
 
@@ -254,6 +278,24 @@ def test_worker_thread_may_iterate_another_loader():
 
     loader = stoker.DataLoader(UsesAnotherLoader(), batch_size=2, num_workers=2, worker_mode="thread")
     assert run_with_deadline(lambda: [b.tolist() for b in loader], 20) == [[28, 29], [30, 31]]
+
+
+def test_worker_thread_may_iterate_a_new_iterator_of_its_own_loader():
+    class IteratesItsLoaderOnce(torch.utils.data.Dataset):
+        loader, nested = None, False
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if i == 0 and not self.nested:  # (once: the new iterator's worker thread loads index 0 too)
+                self.nested = True
+                return sum(int(b.sum()) for b in self.loader)  # its own worker threads load its batches
+            return i
+
+    ds = IteratesItsLoaderOnce()
+    ds.loader = stoker.DataLoader(ds, batch_size=2, num_workers=1, worker_mode="thread")
+    assert run_with_deadline(lambda: [b.tolist() for b in ds.loader], 20) == [[6, 1], [2, 3]]
 
 
 class _Counting(torch.utils.data.IterableDataset):

@@ -654,7 +654,7 @@ class DataLoader(_TorchDataLoader):
                 held = _persistent_iterators.get(self)
                 it = held() if held is not None else None
                 if it is None:
-                    it = PersistentIterator(self)
+                    it = PersistentIterator()
                     _persistent_iterators[self] = weakref.ref(it)
             it._reset(self._stoker_iter)  # after the batch another thread is being served, if one is
             return it

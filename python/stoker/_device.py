@@ -38,7 +38,7 @@ import torch
 
 from stoker import _cuda
 from stoker._native import core
-from stoker._turns import Turns, one_at_a_time
+from stoker._turns import Turns, close_in_turn, one_at_a_time
 
 __all__ = ["CudaTarget", "DeviceIterator", "fence_queue", "poll", "stamp", "to_device"]
 
@@ -157,7 +157,7 @@ class DeviceIterator:
     staged batches are not counted as served."""
 
     def __init__(self, inner, target, depth: int, cursor=None, transform: Callable | None = None) -> None:
-        self._turns = Turns(getattr(inner, "_loader", None))
+        self._turns = Turns()
         self._inner = inner
         self._target = target
         self._depth = max(1, int(depth))
@@ -224,6 +224,8 @@ class DeviceIterator:
         while not self._inner_done and len(self._staged) < self._depth + 1:
             if not self._stage_one():
                 break
+        if self._turns.closing:  # another thread asked for it to close (its inner iterator has): it ends now
+            raise StopIteration
         self._release_finished()
         if not self._staged:
             self.close()
@@ -244,7 +246,12 @@ class DeviceIterator:
         return value
 
     def close(self) -> None:
-        """Stops the inner iterator; host buffers are kept until their copies are done, then released."""
+        """Stops the inner iterator; host buffers are kept until their copies are done, then released. From
+        another thread than one in next(), once that next() has ended (see close_in_turn)."""
+        if not self._closed:
+            close_in_turn(self, self._close, self._inner.close)
+
+    def _close(self) -> None:
         if self._closed:
             return
         self._closed = True

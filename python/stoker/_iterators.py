@@ -14,7 +14,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait_futures
 from concurrent.futures import TimeoutError as _FutureTimeout
@@ -27,7 +27,7 @@ from torch.utils.data.dataloader import _DatasetKind
 from stoker import _collate, _cuda, _device, _resume
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
-from stoker._turns import Turns, one_at_a_time, serve
+from stoker._turns import Turns, close_in_turn, one_at_a_time, serve
 from stoker._workers import (Interrupted, IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool,
                              Zygote, is_stateful, load_batch, set_thread_worker_info, shutdown_all,
                              start_method_of, warn_ring_not_pinned)
@@ -108,7 +108,7 @@ class _Iterator:
     _fence = None
 
     def __init__(self, loader) -> None:
-        self._turns = Turns(loader)
+        self._turns = Turns()
         self._loader = loader
         self._index_sampler = loader._index_sampler
         self._num_threads = int(loader.num_workers)
@@ -270,7 +270,10 @@ class _Iterator:
 
     def _finish(self):
         """Ends the epoch: the cursor moves to the next one and StopIteration is raised. (Its position, which
-        may hold the epoch's workers and their ring, is no longer asked for.)"""
+        may hold the epoch's workers and their ring, is no longer asked for.) An iterator another thread
+        asked to close meanwhile ends without ending the epoch."""
+        if self._turns.closing:
+            raise StopIteration
         self._cursor.finished = True
         self._cursor.position = None
         self.close()
@@ -332,7 +335,16 @@ class _Iterator:
     def __del__(self) -> None:
         self.close()
 
+    _wake: Callable[[], None] | None = None  # ends a wait for a batch (see close)
+
     def close(self) -> None:
+        """Ends this iterator (its worker threads or processes stop). From another thread than one in next(),
+        once that next() has ended: one waiting for a batch ends at once with StopIteration where loading can
+        be interrupted (worker threads and processes), else after the batch it is loading."""
+        if not self._closed:
+            close_in_turn(self, self._close, self._wake)
+
+    def _close(self) -> None:
         self._closed = True
 
 
@@ -341,8 +353,8 @@ class PersistentIterator:
     epoch it was serving ends, its prefetched batches are dropped) and hands out this same object again, now
     serving the next epoch. Whatever else is asked of it is asked of the epoch's own iterator."""
 
-    def __init__(self, loader) -> None:
-        self._turns = Turns(loader)
+    def __init__(self) -> None:
+        self._turns = Turns()
         self._inner = None  # until the first reset begins the first epoch
 
     @one_at_a_time
@@ -511,7 +523,7 @@ class ArrayIterator(_Iterator):
         capsules = self._source.gather(self._pool, indices, self._cursor.served)  # (this batch's number)
         return self._shaped(capsules, window)
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if not self._closed:
             self._closed = True
             if not self._inline and self._pid == os.getpid():  # in a forked child there are no threads to stop
@@ -608,10 +620,12 @@ class PythonIterator(_Iterator):
             num_threads, base_seed, dataset = self._num_threads, self._base_seed, self._dataset
             init_errors: list = []
 
+            me = weakref.ref(self)  # (the threads must not keep this iterator alive)
+
             def start_worker() -> None:
                 wid = next(worker_ids)
                 threading.current_thread().name = f"stoker_worker_{wid}"
-                serve(loader)  # asking this loader for a batch from here is refused, not a wait for good
+                serve(me)  # asking this iterator for a batch from here is refused, not a wait for good
                 # get_worker_info() answers per thread (worker_method "thread"); the threads share the process's
                 # random generators, which are therefore not seeded per worker.
                 set_thread_worker_info(wid, num_threads, base_seed + wid, dataset)
@@ -707,12 +721,14 @@ class PythonIterator(_Iterator):
     def _served_number(self) -> int | None:
         return self._taken
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if not self._closed:
             self._closed = True
             if self._pool is not None and self._pid == os.getpid():
                 self._stop.set = True  # batches being loaded stop at their next sample
                 self._pool.shutdown(wait=False, cancel_futures=True)
+
+    _wake = _close  # (safe beside a next(): the threads stop, and the batch waited for raises, at once)
 
 
 class IterableIterator(_Iterator):
@@ -754,8 +770,8 @@ class IterableIterator(_Iterator):
         self._started()
 
     def _next(self):
-        if self._closed:
-            self._finish()
+        if self._closed:  # (closed mid-epoch: the epoch is left, not ended)
+            raise StopIteration
         try:
             data = self._source.next_data()
         except StopIteration:
@@ -853,8 +869,7 @@ class ProcessIterator(_Iterator):
         except RuntimeError:
             self.close()
             raise
-        if self._batches.interrupted:  # close() was asked for by another thread meanwhile: this one closes
-            self.close()
+        if self._batches.interrupted:  # close() was asked for by another thread meanwhile (see close)
             raise StopIteration
         if item is None:
             self._finish()
@@ -865,23 +880,8 @@ class ProcessIterator(_Iterator):
             self._finish()
         raise value
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        turns = self._turns
-        if self._pid == os.getpid() and turns.owner != threading.get_ident():
-            if not turns.lock.acquire(blocking=False):
-                # Another thread is in next(), reading the workers' pipes: closing them under it could hand its
-                # read a descriptor opened again meanwhile. It closes this iterator itself as soon as it looks
-                # (within a quarter of a second while it waits), and its next() ends with StopIteration.
-                self._batches.interrupted = True
-                return
-            try:
-                self._close()
-            finally:
-                turns.lock.release()
-            return
-        self._close()
+    def _wake(self) -> None:
+        self._batches.interrupted = True  # the wait for the workers' next message ends within _POLL_S
 
     def _close(self) -> None:
         if not self._closed:

@@ -17,7 +17,7 @@ from stoker import _cuda, _device
 from stoker._cursor import Cursor
 from stoker._native import POOL, core, from_dlpack
 from stoker._shard import SEED_MASK, check_count, is_seed, resolve_shard
-from stoker._turns import Turns, one_at_a_time
+from stoker._turns import Turns, close_in_turn, one_at_a_time
 
 __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
@@ -552,7 +552,7 @@ class _PackedIterator:
     parallel and handed over in order)."""
 
     def __init__(self, loader: PackedLoader, plan, rows: np.ndarray, cursor: Cursor) -> None:
-        self._turns = Turns(loader)
+        self._turns = Turns()
         self._loader, self._plan, self._rows, self._cursor = loader, plan, rows, cursor
         self._num_batches = loader._num_batches(len(rows))
         self._next_batch = cursor.served
@@ -630,7 +630,11 @@ class _PackedIterator:
         return batch
 
     def close(self) -> None:
-        """Stops building ahead (batches built and not taken are dropped); idempotent."""
+        """Stops building ahead (batches built and not taken are dropped); idempotent. From another thread than
+        one in next(), once that next() has ended."""
+        close_in_turn(self, self._close)
+
+    def _close(self) -> None:
         pipe, self._pipe = self._pipe, None
         helper, self._helper = self._helper, None
         if not self._forked:  # in a forked child there are no threads to stop

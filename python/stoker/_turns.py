@@ -2,18 +2,26 @@
 another. A loader's iterator read from two threads at once would interleave two readers of one worker pipe (a
 message torn between them, and the other reader waiting for good) or two consumers of one native pipeline.
 
-A loader's own worker threads (they run its dataset and collate_fn) are known as such: one that asks an
-iterator of that loader for a batch is refused, as the thread iterating it would be, where it would otherwise
-wait for the batches it is loading itself."""
+An iterator's own worker threads (they run its dataset and collate_fn) are known as such: one that asks that
+iterator (or a wrapper of it) for a batch is refused, as the thread iterating it would be, where it would
+otherwise wait for the batches it is loading itself.
+
+close() from another thread than the one in its turn runs in turn too (close_in_turn): it wakes that thread
+where the iterator can (its wait for a batch ends), and the iterator is closed once that turn has ended, never
+under it."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
 import weakref
+from typing import Callable
 
-__all__ = ["Turns", "one_at_a_time", "serve"]
+__all__ = ["Turns", "close_in_turn", "one_at_a_time", "serve"]
+
+_CLOSE_WAIT_S = 2.0  # how long close() from another thread waits for the turn running to end
 
 
 _forks = 0  # forks this process is a child of (each fork's child counts one more)
@@ -26,25 +34,35 @@ def _count_fork() -> None:
 
 os.register_at_fork(after_in_child=_count_fork)
 
-_serving = threading.local()  # .loader: a weak reference to the loader whose worker thread this is
+_serving = threading.local()  # .iterator: a weak reference to the iterator whose worker thread this is
 
 
-def serve(loader) -> None:
-    """Marks the calling thread as a worker thread of `loader` (for as long as the thread lives)."""
-    _serving.loader = weakref.ref(loader)
+def serve(iterator: weakref.ref) -> None:
+    """Marks the calling thread as a worker thread of the iterator `iterator` refers to (while the thread
+    lives)."""
+    _serving.iterator = iterator
+
+
+def _wraps(outer, inner) -> bool:
+    """Whether `outer` is `inner` or wraps it (a persistent or device-staging iterator's `_inner`)."""
+    while outer is not None:
+        if outer is inner:
+            return True
+        outer = getattr(outer, "__dict__", {}).get("_inner")
+    return False
 
 
 class Turns:
-    """The lock an object's one-at-a-time methods share, which thread holds it, and the loader the object
-    serves batches of (None: no loader's worker threads are refused)."""
+    """The lock an object's one-at-a-time methods share, which thread holds it, and whether another thread
+    asked for the object to close meanwhile."""
 
-    __slots__ = ("lock", "owner", "forks", "loader")
+    __slots__ = ("lock", "owner", "forks", "closing")
 
-    def __init__(self, loader=None) -> None:
+    def __init__(self) -> None:
         self.lock = threading.Lock()
         self.owner: int | None = None
         self.forks = _forks
-        self.loader = loader
+        self.closing = False
 
 
 def one_at_a_time(method):
@@ -57,23 +75,48 @@ def one_at_a_time(method):
         turns = self._turns
         if turns.forks != _forks:
             # A forked child's copy of a lock a thread of the parent may have held: nobody here would release it.
-            turns = self._turns = Turns(turns.loader)
+            turns = self._turns = Turns()
         me = threading.get_ident()
         if turns.owner == me:  # only this thread writes its own id there
             raise RuntimeError(
                 f"{type(self).__name__}.{method.__name__}() was called while it was running, from the same "
                 f"thread: a dataset, sampler or collate_fn asked the iterator that is loading it for a batch")
-        serving = getattr(_serving, "loader", None)
-        if serving is not None and turns.loader is not None and serving() is turns.loader:
+        serving = getattr(_serving, "iterator", None)
+        if serving is not None and _wraps(self, serving()):
             raise RuntimeError(
-                f"{type(self).__name__}.{method.__name__}() was called from one of its loader's worker threads "
-                f"({threading.current_thread().name}): a dataset or collate_fn asked an iterator of the loader "
-                f"that is loading it for a batch, which would wait for the batches this thread loads")
+                f"{type(self).__name__}.{method.__name__}() was called from one of its own worker threads "
+                f"({threading.current_thread().name}): a dataset or collate_fn asked the iterator that is "
+                f"loading it for a batch, which would wait for the batches this thread loads")
         with turns.lock:  # (taken and released by `with`: a KeyboardInterrupt between the two cannot keep it)
             try:
                 turns.owner = me
                 return method(self, *args, **kwargs)
             finally:
-                turns.owner = None
+                try:
+                    if turns.closing:  # asked for by another thread during this turn: closed now it has ended
+                        with contextlib.suppress(Exception):  # (what this turn raised, if it did, is raised)
+                            self.close()
+                finally:
+                    turns.owner = None
 
     return in_turn
+
+
+def close_in_turn(obj, close_now: Callable[[], None], wake: Callable[[], None] | None = None) -> None:
+    """Closes `obj` (which has ``_turns``) with `close_now()`, never while a thread is in its turn: at once
+    from the thread in its turn or with none in it; from another thread while one is, after `wake()` (which
+    ends that thread's wait for a batch, if given) and once the turn has ended, waiting for that up to
+    _CLOSE_WAIT_S seconds. If it has not ended by then, the thread in turn closes `obj` as its turn ends."""
+    turns = obj._turns
+    if turns.forks != _forks or turns.owner == threading.get_ident():
+        close_now()
+        return
+    turns.closing = True  # (before the lock is tried: a turn ending meanwhile sees it and closes)
+    if wake is not None:
+        wake()
+    if turns.lock.acquire(timeout=_CLOSE_WAIT_S):
+        try:
+            close_now()
+            turns.closing = False
+        finally:
+            turns.lock.release()
