@@ -63,3 +63,49 @@ def test_interpreter_exit_with_live_iterators_is_clean():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done" and proc.stderr == ""
+
+
+def test_interpreter_exit_while_daemon_threads_are_in_native_calls_is_clean():
+    # A daemon thread coming back from a call that let go of the GIL once the interpreter finalizes is ended
+    # by pthread_exit as it takes the GIL: the unwind must not meet a noexcept destructor (an abort, every run
+    # before). Threads spinning on such a call are sure to be in one at exit.
+    code = textwrap.dedent("""
+        import threading, time
+        from stoker import _core
+
+        def spin():
+            while True:
+                _core.cuda_available()
+
+        for _ in range(4):
+            threading.Thread(target=spin, daemon=True).start()
+        time.sleep(0.2)
+        print("done")
+    """)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "done" and proc.stderr == ""
+
+
+def test_interpreter_exit_while_daemon_threads_wait_for_worker_batches_is_clean():
+    # Their next() is woken and ends before the interpreter stops them (within a quarter of a second).
+    code = textwrap.dedent("""
+        import threading, time, torch, stoker
+
+        class Slow(torch.utils.data.Dataset):
+            def __len__(self):
+                return 100
+            def __getitem__(self, i):
+                time.sleep(100 if i >= 4 else 0)
+                return torch.tensor([i])
+
+        its = [iter(stoker.DataLoader(Slow(), batch_size=4, num_workers=1)) for _ in range(2)]
+        for it in its:
+            threading.Thread(target=lambda it=it: list(it), daemon=True).start()
+        time.sleep(1.0)
+        print("done")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "done" and proc.stderr == ""

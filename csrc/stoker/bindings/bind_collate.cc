@@ -205,7 +205,7 @@ bool write_padded(const PadInput& in, const std::vector<int64_t>& pad_values, in
         return false;
     }
   }
-  py::gil_scoped_release release;
+  ReleaseGil release;
   pad_batch(layout, in.seqs.data(), in.lengths.data(), pad_values.data(), base);
   return true;
 }
@@ -282,7 +282,7 @@ void register_collate(py::module_& m) {
     for (int64_t d : shape) numel *= static_cast<size_t>(d);
     std::shared_ptr<Block> block;
     {
-      py::gil_scoped_release release;  // a page-locked pool may call the driver to allocate
+      ReleaseGil release;  // a page-locked pool may call the driver to allocate
       block = pool.acquire(count * numel * dtype.itemsize());
       stack_views(views, shape, dtype.itemsize(), static_cast<uint8_t*>(block->data));
     }

@@ -91,7 +91,7 @@ struct PyRowHelper {
   // Finishes and drops the pending batch, stops the thread.
   void stop() {
     {
-      py::gil_scoped_release release;
+      ReleaseGil release;
       std::lock_guard<std::mutex> lock(mu);
       pending.reset();
       helper->stop();
@@ -119,7 +119,7 @@ struct PyPackPipeline {
     if (pipeline && !pipeline->owned_here()) {
       (void)pipeline.release();  // a forked child: leaked, never destroyed (see PackPipeline::owned_here)
     } else if (pipeline) {
-      py::gil_scoped_release release;  // joining waits for a batch being built, which needs no GIL
+      ReleaseGil release;  // joining waits for a batch being built, which needs no GIL
       pipeline.reset();
     }
   }
@@ -167,7 +167,7 @@ void register_packing(py::module_& m) {
                            int long_docs, bool shuffle_rows, uint64_t seed, uint64_t epoch, int64_t rank,
                            int64_t world_size) {
         std::vector<int64_t> ord = order_of(source, order, long_docs);
-        py::gil_scoped_release release;
+        ReleaseGil release;
         return std::make_shared<PackPlan>(plan_shard(source.lengths.data(), ord, rank, world_size, seq_len, window,
                                                      static_cast<LongDocs>(long_docs), shuffle_rows, seed, epoch));
       },
@@ -179,7 +179,7 @@ void register_packing(py::module_& m) {
         std::vector<int64_t> ord = order_of(source, order, long_docs);
         std::vector<int64_t> counts;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           counts = shard_row_counts(source.lengths.data(), ord, world_size, seq_len, window,
                                     static_cast<LongDocs>(long_docs));
         }
@@ -206,7 +206,7 @@ void register_packing(py::module_& m) {
         PackedBatch b;
         bool begun_next = false;
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           std::unique_lock<std::mutex> lock;
           if (helper != nullptr) lock = std::unique_lock<std::mutex>(helper->mu);
           RowHelper* h = helper != nullptr ? helper->helper.get() : nullptr;
@@ -258,7 +258,7 @@ void register_packing(py::module_& m) {
              PackedBatch b;
              bool more;
              {
-               py::gil_scoped_release release;
+               ReleaseGil release;
                more = p.pipeline->next(&b);
              }
              if (!more) return py::none();
@@ -269,7 +269,7 @@ void register_packing(py::module_& m) {
                              [](const PyPackPipeline& p) { return p.pipeline ? p.pipeline->delivered() : 0; })
       .def("stop", [](PyPackPipeline& p) {
              if (!p.pipeline) return;
-             py::gil_scoped_release release;
+             ReleaseGil release;
              p.pipeline->stop();
            });
 }

@@ -66,7 +66,7 @@ void register_pipeline(py::module_& m) {
              GatheredBatch batch;
              std::vector<int64_t> indices(idx.data(), idx.data() + idx.size());
              {
-               py::gil_scoped_release release;
+               ReleaseGil release;
                batch.rows = static_cast<int64_t>(indices.size());
                const size_t bytes = source->batch_layout(batch.rows, &batch.offsets);
                batch.block = pool->acquire(bytes);
@@ -112,7 +112,7 @@ void register_pipeline(py::module_& m) {
              GatheredBatch batch;
              bool more;
              {
-               py::gil_scoped_release release;
+               ReleaseGil release;
                more = p.pipeline->next(&batch);
              }
              if (!more) return py::none();
@@ -120,7 +120,7 @@ void register_pipeline(py::module_& m) {
            })
       .def_property_readonly("delivered", [](const PyArrayPipeline& p) { return p.pipeline->delivered(); })
       .def("stop", [](PyArrayPipeline& p) {
-             py::gil_scoped_release release;
+             ReleaseGil release;
              p.pipeline->stop();
            });
 }

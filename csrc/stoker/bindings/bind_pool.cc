@@ -14,7 +14,7 @@ void run_finished(FenceQueue& q) {
   std::exception_ptr failure;
   FenceQueue::Releases run = q.finished(&failure);
   if (!run.empty()) {
-    py::gil_scoped_release release;
+    ReleaseGil release;
     for (auto& r : run) r();
     run.clear();  // the closures (holding pools and rings) go without the GIL too
   }
@@ -27,7 +27,7 @@ void register_pool(py::module_& m) {
   py::class_<FenceQueue, std::shared_ptr<FenceQueue>>(m, "FenceQueue",
       "Holds back the return of page-locked memory released by the user until the GPU has passed that point.")
       .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
-           py::arg("device"), py::call_guard<py::gil_scoped_release>())
+           py::arg("device"), py::call_guard<ReleaseGil>())
       // The events are recorded and queried with the GIL held (a few non-blocking driver calls, cheaper than a
       // GIL hand-off); the releases run without it (returning memory can free it, or unregister a ring).
       .def("stamp", [](FenceQueue& q, const std::vector<std::pair<int, uintptr_t>>& streams) {
@@ -51,7 +51,7 @@ void register_pool(py::module_& m) {
              return pool;
            }),
            py::arg("max_cached_bytes"), py::arg("pin_device") = py::none(), py::arg("grow_to") = 0,
-           py::call_guard<py::gil_scoped_release>(),
+           py::call_guard<ReleaseGil>(),
            "With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context. The "
            "cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed at max_cached_bytes).")
       .def_property_readonly("pinned", &BufferPool::pinned)
@@ -71,7 +71,7 @@ void register_pool(py::module_& m) {
       .def("set_max_cached_bytes", &BufferPool::set_max_cached_bytes, py::arg("bytes"))
       .def("set_growth", &BufferPool::set_growth, py::arg("grow_to"),
            "The cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed).")
-      .def("forget_peak", &BufferPool::forget_peak, py::call_guard<py::gil_scoped_release>(),
+      .def("forget_peak", &BufferPool::forget_peak, py::call_guard<ReleaseGil>(),
            "The peak counts again from the bytes out now; cached blocks past the bound are freed.")
       .def("set_fence", &BufferPool::set_fence, py::arg("fence").none(true),
            "Blocks returned from now on go back through the fence queue (None: straight to the cache).")
@@ -86,7 +86,7 @@ void register_pool(py::module_& m) {
         }
         std::shared_ptr<Block> block;
         {
-          py::gil_scoped_release release;  // a page-locked pool may call the driver (milliseconds)
+          ReleaseGil release;  // a page-locked pool may call the driver (milliseconds)
           block = p.acquire(numel * t.itemsize());
         }
         void* data = block->data;
@@ -115,7 +115,7 @@ void register_pool(py::module_& m) {
   py::class_<SlotRing, std::shared_ptr<SlotRing>>(m, "SlotRing")
       .def(py::init<const std::string&, size_t, int>(), py::arg("path"), py::arg("slot_bytes"), py::arg("slots"))
       .def("acquire", &SlotRing::acquire)
-      .def("retire", &SlotRing::retire, py::call_guard<py::gil_scoped_release>(),
+      .def("retire", &SlotRing::retire, py::call_guard<ReleaseGil>(),
            "The pool is done with the ring: free slots give back their memory now, lent ones as they return.")
       .def("release", &SlotRing::release, py::arg("slot"), py::arg("fenced") = true,
            "Returns a slot; through the fence queue (when set) unless fenced=False: a batch the user never got.")
@@ -126,7 +126,7 @@ void register_pool(py::module_& m) {
       .def("set_fence", &SlotRing::set_fence, py::arg("fence").none(true),
            "Slots released from now on go back through the fence queue before they are lent again.")
       .def("pin", [](SlotRing& ring, int device) { ring.pin(cuda::primary_context(device)); }, py::arg("device"),
-           py::call_guard<py::gil_scoped_release>(),
+           py::call_guard<ReleaseGil>(),
            "From now on each slot is page-locked (cuMemHostRegister) in the device's primary context as far as its "
            "batches reach, when it is leased.")
       .def_property_readonly("pin_error", &SlotRing::pin_error, "Why page-locking stopped ('' while it goes on).")
@@ -137,7 +137,7 @@ void register_pool(py::module_& m) {
         STOKER_CHECK_AS(ValueError, used <= ring->slot_bytes(), "a batch of ", used, " bytes does not fit a slot of ",
                         ring->slot_bytes(), " bytes");
         if (used > 0) {
-          py::gil_scoped_release release;  // page-locking can take milliseconds
+          ReleaseGil release;  // page-locking can take milliseconds
           ring->pin_slot(slot, used);
         }
         return lease;

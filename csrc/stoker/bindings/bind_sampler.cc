@@ -21,7 +21,7 @@ void register_sampler(py::module_& m) {
         py::array_t<int64_t> out(len);
         int64_t* data = out.mutable_data();
         {
-          py::gil_scoped_release release;
+          ReleaseGil release;
           s.batch_indices(b, data);
         }
         return out;

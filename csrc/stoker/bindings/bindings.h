@@ -21,6 +21,23 @@ void register_collate(py::module_& m);
 void register_packing(py::module_& m);
 void register_cuda(py::module_& m);
 
+/// Lets go of the GIL for its scope, as py::gil_scoped_release does, except that taking it back may unwind: a
+/// (daemon) thread that comes back once the interpreter is finalizing is ended by pthread_exit as it takes the
+/// GIL, an unwind that a noexcept destructor (py::gil_scoped_release's) turns into an abort of the process
+/// ("terminate called without an active exception"); here it passes on to pybind11's dispatcher, which lets it
+/// through, and the thread ends as a daemon thread in Python code does. Every binding that lets go of the GIL
+/// uses this.
+class ReleaseGil {
+ public:
+  ReleaseGil() : state_(PyEval_SaveThread()) {}
+  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(state_); }
+  ReleaseGil(const ReleaseGil&) = delete;
+  ReleaseGil& operator=(const ReleaseGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
 /// A `dltensor` capsule owning `managed`; if nobody consumes it, its destructor frees the tensor.
 py::capsule to_capsule(DLManagedTensor* managed);
 
