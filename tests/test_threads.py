@@ -234,6 +234,57 @@ def test_close_from_another_thread_ends_the_loop_waiting_for_a_batch(setup):
         assert sorted(v for b in run_with_deadline(lambda: list(loader), 30) for v in _values(b)) == list(range(40))
 
 
+class ClosesAtSample(torch.utils.data.Sampler):
+    """Samples 0..63 in order; at sample 30 it closes the iterator it draws for (from inside its next())."""
+
+    it = None
+
+    def __len__(self):
+        return 64
+
+    def __iter__(self):
+        for i in range(64):
+            if i == 30 and self.it is not None:
+                self.it.close()
+            yield i
+
+
+@pytest.mark.parametrize("kw", [{}, {"num_workers": 2, "worker_mode": "thread"}, {"num_workers": 2},
+                                {"num_workers": 2, "persistent_workers": True}], ids=["nw0", "threads", "processes",
+                                                                                     "persistent"])
+def test_a_sampler_that_closes_the_iterator_it_draws_for_ends_the_loop(kw):
+    sampler = ClosesAtSample()
+    loader = stoker.DataLoader(Numbers(), batch_size=4, sampler=sampler, **kw)
+    sampler.it = it = iter(loader)
+    served = run_with_deadline(lambda: [v for b in it for v in _values(b)], 30)
+    assert served == list(range(len(served))) and 4 <= len(served) < 64
+    state = loader.state_dict()
+    assert (state["epoch"], state["batches_served"]) == (0, len(served) // 4)
+    if kw.get("persistent_workers"):  # the workers go on serving the next epoch
+        sampler.it = None
+        assert run_with_deadline(lambda: [v for b in loader for v in _values(b)], 30) == list(range(64))
+
+
+def test_a_dataset_that_closes_its_iterator_from_a_worker_thread_ends_the_loop():
+    class ClosesAtSample(torch.utils.data.Dataset):
+        it = None
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            if i == 30:
+                self.it.close()  # (from a worker thread, while the loop waits for this very batch)
+            return torch.tensor([i])
+
+    ds = ClosesAtSample()
+    loader = stoker.DataLoader(ds, batch_size=4, num_workers=1, worker_mode="thread")
+    ds.it = it = iter(loader)
+    served = run_with_deadline(lambda: [v for b in it for v in _values(b)], 30)
+    assert served == list(range(len(served))) and len(served) < 64
+    assert loader.state_dict()["epoch"] == 0
+
+
 class AsksItsOwnIterator(torch.utils.data.Dataset):
     it = None
 

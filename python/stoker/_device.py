@@ -228,7 +228,7 @@ class DeviceIterator:
             raise StopIteration
         self._release_finished()
         if not self._staged:
-            self.close()
+            self._close()
             if self._cursor is not None:
                 self._cursor.finished = True
             raise StopIteration

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory as _pin_memory
 from torch.utils.data.dataloader import _DatasetKind
 
-from stoker import _collate, _cuda, _device, _resume
+from stoker import _collate, _cuda, _device, _resume, _turns
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._turns import Turns, close_in_turn, one_at_a_time, serve
@@ -43,8 +43,13 @@ _live: weakref.WeakSet = weakref.WeakSet()
 def _close_live_iterators() -> None:
     # Threads reading user arrays must stop before the interpreter frees them; the set holds only weak
     # references, so this hook keeps no iterator alive.
-    for it in list(_live):
-        it.close()
+    # A next() blocked in a daemon thread is woken where it can be, and waited for briefly (all at once: a
+    # first pass wakes them all); one that cannot be woken is not waited for.
+    live = list(_live)
+    for wait in (False, True):
+        _turns.exiting(wait)
+        for it in live:
+            it.close()
     shutdown_all()  # persistent worker pools too
 
 
@@ -276,7 +281,7 @@ class _Iterator:
             raise StopIteration
         self._cursor.finished = True
         self._cursor.position = None
-        self.close()
+        self._close()
         raise StopIteration
 
     def __iter__(self):
@@ -691,7 +696,7 @@ class PythonIterator(_Iterator):
                 self._finish()
         if self._init_error is not None:
             error, self._init_error = self._init_error, None
-            self.close()  # as torch's loader, whose worker failing to start ends its epoch
+            self._close()  # as torch's loader, whose worker failing to start ends its epoch
             raise error
         self._taken = None
         try:
@@ -728,7 +733,11 @@ class PythonIterator(_Iterator):
                 self._stop.set = True  # batches being loaded stop at their next sample
                 self._pool.shutdown(wait=False, cancel_futures=True)
 
-    _wake = _close  # (safe beside a next(): the threads stop, and the batch waited for raises, at once)
+    @property
+    def _wake(self):
+        # (Safe beside a next(): the threads stop, and the batch waited for raises, at once. Without worker
+        # threads there is nothing to wake.)
+        return self._close if self._pool is not None else None
 
 
 class IterableIterator(_Iterator):
@@ -867,7 +876,7 @@ class ProcessIterator(_Iterator):
         except Interrupted:
             item = None
         except RuntimeError:
-            self.close()
+            self._close()
             raise
         if self._batches.interrupted:  # close() was asked for by another thread meanwhile (see close)
             raise StopIteration

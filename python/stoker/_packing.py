@@ -17,7 +17,7 @@ from stoker import _cuda, _device
 from stoker._cursor import Cursor
 from stoker._native import POOL, core, from_dlpack
 from stoker._shard import SEED_MASK, check_count, is_seed, resolve_shard
-from stoker._turns import Turns, close_in_turn, one_at_a_time
+from stoker._turns import Turns, close_in_turn, exiting, one_at_a_time
 
 __all__ = ["PackedLoader", "TokenDataset", "write_token_files"]
 
@@ -601,7 +601,7 @@ class _PackedIterator:
         b = self._next_batch
         if b >= self._num_batches:
             self._cursor.finished = True
-            self.close()
+            self._close()
             raise StopIteration
         if self._pipe is not None:
             if self._forked:
@@ -611,7 +611,7 @@ class _PackedIterator:
             try:
                 built = self._pipe.next()
             except BaseException:
-                self.close()  # from here on batches are built on demand: this one raises again if asked again
+                self._close()  # from here on batches are built on demand: this one raises again if asked again
                 raise
             if built is None:
                 raise RuntimeError(f"the packing threads stopped before batch {b} of {self._num_batches}")
@@ -680,5 +680,6 @@ if hasattr(os, "register_at_fork"):
 @atexit.register
 def _close_live_packed() -> None:
     # Threads reading the token files must stop before the interpreter frees them; only weak references here.
+    exiting()  # (a next() blocked in a daemon thread is not waited for)
     for it in list(_live_packed):
         it.close()

@@ -19,9 +19,12 @@ import threading
 import weakref
 from typing import Callable
 
-__all__ = ["Turns", "close_in_turn", "one_at_a_time", "serve"]
+__all__ = ["Turns", "close_in_turn", "exiting", "one_at_a_time", "serve"]
 
 _CLOSE_WAIT_S = 2.0  # how long close() from another thread waits for the turn running to end
+_EXIT_WAIT_S = 1.0  # the same at exit, for a turn that close() can wake (see close_in_turn)
+_exiting = False  # the interpreter exits: a turn blocked in a daemon thread may never end
+_exit_wait_s = _EXIT_WAIT_S
 
 
 _forks = 0  # forks this process is a child of (each fork's child counts one more)
@@ -93,30 +96,51 @@ def one_at_a_time(method):
                 return method(self, *args, **kwargs)
             finally:
                 try:
-                    if turns.closing:  # asked for by another thread during this turn: closed now it has ended
+                    if turns.closing:  # close() was asked for during this turn: it is closed now it has ended
                         with contextlib.suppress(Exception):  # (what this turn raised, if it did, is raised)
-                            self.close()
+                            self._close()
                 finally:
                     turns.owner = None
 
     return in_turn
 
 
+def exiting(wait: bool = True) -> None:
+    """Called by the exit hooks before they close what is live (see close_in_turn); `wait=False` for a first
+    pass that only wakes every turn (so that the waits of the second pass overlap)."""
+    global _exiting, _exit_wait_s
+    _exiting = True
+    _exit_wait_s = _EXIT_WAIT_S if wait else 0.0
+
+
 def close_in_turn(obj, close_now: Callable[[], None], wake: Callable[[], None] | None = None) -> None:
-    """Closes `obj` (which has ``_turns``) with `close_now()`, never while a thread is in its turn: at once
-    from the thread in its turn or with none in it; from another thread while one is, after `wake()` (which
-    ends that thread's wait for a batch, if given) and once the turn has ended, waiting for that up to
-    _CLOSE_WAIT_S seconds. If it has not ended by then, the thread in turn closes `obj` as its turn ends."""
+    """Closes `obj` (which has ``_turns``, and ``_close``, the same as `close_now`) with `close_now()`, never
+    while a thread is in its turn: at once with none in it; while one is, after `wake()` (which ends that
+    thread's wait for a batch, if given) and once the turn has ended. A thread other than the one in turn
+    waits for that up to _CLOSE_WAIT_S seconds (at exit, _EXIT_WAIT_S for a turn it woke, else not at all);
+    the thread in turn (a sampler or collate_fn closing the iterator that calls it) and the iterator's own
+    worker threads (whose batch the turn may be waiting for) do not wait. If the turn has not ended by then,
+    the thread in turn closes `obj` as its turn ends."""
     turns = obj._turns
-    if turns.forks != _forks or turns.owner == threading.get_ident():
+    if turns.forks != _forks:  # a forked child's copy: no thread of this process is in its turn
         close_now()
         return
     turns.closing = True  # (before the lock is tried: a turn ending meanwhile sees it and closes)
     if wake is not None:
         wake()
-    if turns.lock.acquire(timeout=_CLOSE_WAIT_S):
-        try:
-            close_now()
-            turns.closing = False
-        finally:
-            turns.lock.release()
+    serving = getattr(_serving, "iterator", None)
+    if turns.owner == threading.get_ident() or (serving is not None and _wraps(obj, serving())):
+        wait = 0.0
+    elif _exiting:
+        # A woken turn ends soon (its thread leaves the native calls it was in before the interpreter stops
+        # it: one stopped in a call that let go of the GIL aborts the process); another may never end.
+        wait = _exit_wait_s if wake is not None else 0.0
+    else:
+        wait = _CLOSE_WAIT_S
+    if not (turns.lock.acquire(timeout=wait) if wait else turns.lock.acquire(blocking=False)):
+        return
+    try:
+        close_now()
+        turns.closing = False
+    finally:
+        turns.lock.release()
