@@ -1,8 +1,24 @@
 #include "stoker/common/check.h"
 #include "stoker/bindings/bindings.h"
 
+#include <pythread.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 namespace stoker::bindings {
 namespace {
+
+std::atomic<unsigned long> main_thread_ident{0};
+
+bool interpreter_finalizing() {
+#if PY_VERSION_HEX >= 0x030D0000
+  return Py_IsFinalizing() != 0;
+#else
+  return _Py_IsFinalizing() != 0;
+#endif
+}
 
 constexpr const char* kCapsuleName = "dltensor";
 
@@ -15,6 +31,18 @@ void free_unconsumed(PyObject* capsule) {
 }
 
 }  // namespace
+
+void note_main_thread() {
+  main_thread_ident.store(
+      py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>());
+}
+
+ReleaseGil::~ReleaseGil() noexcept(false) {
+  if (interpreter_finalizing() && PyThread_get_thread_ident() != main_thread_ident.load()) {
+    for (;;) std::this_thread::sleep_for(std::chrono::hours(24));
+  }
+  PyEval_RestoreThread(state_);
+}
 
 py::capsule to_capsule(DLManagedTensor* managed) {
   PyObject* cap = PyCapsule_New(managed, kCapsuleName, &free_unconsumed);

@@ -50,8 +50,11 @@ void register_cuda(py::module_& m) {
      "std[c] from uint8 [N,C,H,W] (or [N,H,W,C] with channels_last) device memory.");
 
   py::class_<cuda::Event, std::shared_ptr<cuda::Event>>(m, "CudaEvent")
-      .def(py::init([](int device) { return std::make_shared<cuda::Event>(cuda::primary_context(device)); }),
-           py::arg("device"), py::call_guard<ReleaseGil>())
+      .def(py::init([](int device) {
+             ReleaseGil release;  // (inside the factory: pybind11 registers the new instance with the GIL)
+             return std::make_shared<cuda::Event>(cuda::primary_context(device));
+           }),
+           py::arg("device"))
       .def_property_readonly("handle", [](const cuda::Event& e) { return reinterpret_cast<uintptr_t>(e.get()); })
       .def("record", [](const cuda::Event& e, uintptr_t stream) { e.record(reinterpret_cast<cuda::CUstream>(stream)); },
            py::arg("stream"), py::call_guard<ReleaseGil>(),
@@ -64,8 +67,11 @@ void register_cuda(py::module_& m) {
       "Makes later work on a foreign stream (a handle, e.g. torch's current stream) wait for this event.");
 
   py::class_<cuda::Stream, std::shared_ptr<cuda::Stream>>(m, "CudaStream")
-      .def(py::init([](int device) { return std::make_shared<cuda::Stream>(cuda::primary_context(device)); }),
-           py::arg("device"), py::call_guard<ReleaseGil>())
+      .def(py::init([](int device) {
+             ReleaseGil release;  // (inside the factory: pybind11 registers the new instance with the GIL)
+             return std::make_shared<cuda::Stream>(cuda::primary_context(device));
+           }),
+           py::arg("device"))
       .def_property_readonly("handle", [](const cuda::Stream& s) { return reinterpret_cast<uintptr_t>(s.get()); })
       .def_property_readonly("device", [](const cuda::Stream& s) { return s.context()->ordinal(); })
       .def("copy_to_device", [](const cuda::Stream& s, uintptr_t dst, uintptr_t src, size_t bytes) {

@@ -26,8 +26,11 @@ void run_finished(FenceQueue& q) {
 void register_pool(py::module_& m) {
   py::class_<FenceQueue, std::shared_ptr<FenceQueue>>(m, "FenceQueue",
       "Holds back the return of page-locked memory released by the user until the GPU has passed that point.")
-      .def(py::init([](int device) { return std::make_shared<FenceQueue>(cuda::primary_context(device)); }),
-           py::arg("device"), py::call_guard<ReleaseGil>())
+      .def(py::init([](int device) {
+             ReleaseGil release;  // (inside the factory: pybind11 registers the new instance with the GIL)
+             return std::make_shared<FenceQueue>(cuda::primary_context(device));
+           }),
+           py::arg("device"))
       // The events are recorded and queried with the GIL held (a few non-blocking driver calls, cheaper than a
       // GIL hand-off); the releases run without it (returning memory can free it, or unregister a ring).
       .def("stamp", [](FenceQueue& q, const std::vector<std::pair<int, uintptr_t>>& streams) {
@@ -45,13 +48,13 @@ void register_pool(py::module_& m) {
 
   py::class_<BufferPool, std::shared_ptr<BufferPool>>(m, "BufferPool")
       .def(py::init([](size_t max_cached_bytes, std::optional<int> pin_device, size_t grow_to) {
+             ReleaseGil release;  // (inside the factory: pybind11 registers the new instance with the GIL)
              auto pool = pin_device ? std::make_shared<BufferPool>(max_cached_bytes, cuda::primary_context(*pin_device))
                                     : std::make_shared<BufferPool>(max_cached_bytes);
              pool->set_growth(grow_to);
              return pool;
            }),
            py::arg("max_cached_bytes"), py::arg("pin_device") = py::none(), py::arg("grow_to") = 0,
-           py::call_guard<ReleaseGil>(),
            "With pin_device, blocks are page-locked (cuMemHostAlloc) once, in that device's primary context. The "
            "cache's bound follows the most bytes handed out at once, up to grow_to (0: fixed at max_cached_bytes).")
       .def_property_readonly("pinned", &BufferPool::pinned)

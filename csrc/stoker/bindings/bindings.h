@@ -21,22 +21,30 @@ void register_collate(py::module_& m);
 void register_packing(py::module_& m);
 void register_cuda(py::module_& m);
 
-/// Lets go of the GIL for its scope, as py::gil_scoped_release does, except that taking it back may unwind: a
-/// (daemon) thread that comes back once the interpreter is finalizing is ended by pthread_exit as it takes the
-/// GIL, an unwind that a noexcept destructor (py::gil_scoped_release's) turns into an abort of the process
-/// ("terminate called without an active exception"); here it passes on to pybind11's dispatcher, which lets it
-/// through, and the thread ends as a daemon thread in Python code does. Every binding that lets go of the GIL
-/// uses this.
+/// Lets go of the GIL for its scope, as py::gil_scoped_release does, but safe at interpreter exit. A (daemon)
+/// thread taking the GIL back once the interpreter finalizes is ended by pthread_exit, an unwind that
+/// py::gil_scoped_release's noexcept destructor turned into an abort of the process ("terminate called
+/// without an active exception"). Here:
+/// * a thread (not the main one) that comes back once finalizing has begun sleeps for good instead, as
+///   CPython 3.14 makes it: it never unwinds (the process is ending);
+/// * one already waiting for the GIL when it begins (the usual case) is unwound: this destructor may throw,
+///   and pybind11's dispatcher lets the unwind through. The scope's Python references are then dropped
+///   without the GIL while the main thread finalizes (not seen to fail; the abort was certain).
+/// Every binding that lets go of the GIL uses this.
 class ReleaseGil {
  public:
   ReleaseGil() : state_(PyEval_SaveThread()) {}
-  ~ReleaseGil() noexcept(false) { PyEval_RestoreThread(state_); }
+  ~ReleaseGil() noexcept(false);
   ReleaseGil(const ReleaseGil&) = delete;
   ReleaseGil& operator=(const ReleaseGil&) = delete;
 
  private:
   PyThreadState* state_;
 };
+
+/// Records which thread is the main one (it finalizes the interpreter, and is never parked by ReleaseGil);
+/// called once, with the GIL, when the module is imported.
+void note_main_thread();
 
 /// A `dltensor` capsule owning `managed`; if nobody consumes it, its destructor frees the tensor.
 py::capsule to_capsule(DLManagedTensor* managed);

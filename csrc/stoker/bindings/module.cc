@@ -2,6 +2,7 @@
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "stoker's native engine (private: use the stoker package)";
+  stoker::bindings::note_main_thread();
   stoker::bindings::register_errors(m);
   stoker::bindings::register_cuda(m);
   stoker::bindings::register_sampler(m);
