@@ -37,7 +37,12 @@ def _count_fork() -> None:
 
 os.register_at_fork(after_in_child=_count_fork)
 
-_serving = threading.local()  # .iterator: a weak reference to the iterator whose worker thread this is
+class _Serving(threading.local):
+    iterator = None  # a weak reference to the iterator whose worker thread this is (a class default: no
+    # AttributeError raised and caught at each look, which cost more than the rest of a turn)
+
+
+_serving = _Serving()
 
 
 def serve(iterator: weakref.ref) -> None:
@@ -84,7 +89,7 @@ def one_at_a_time(method):
             raise RuntimeError(
                 f"{type(self).__name__}.{method.__name__}() was called while it was running, from the same "
                 f"thread: a dataset, sampler or collate_fn asked the iterator that is loading it for a batch")
-        serving = getattr(_serving, "iterator", None)
+        serving = _serving.iterator
         if serving is not None and _wraps(self, serving()):
             raise RuntimeError(
                 f"{type(self).__name__}.{method.__name__}() was called from one of its own worker threads "
@@ -128,7 +133,7 @@ def close_in_turn(obj, close_now: Callable[[], None], wake: Callable[[], None] |
     turns.closing = True  # (before the lock is tried: a turn ending meanwhile sees it and closes)
     if wake is not None:
         wake()
-    serving = getattr(_serving, "iterator", None)
+    serving = _serving.iterator
     if turns.owner == threading.get_ident() or (serving is not None and _wraps(obj, serving())):
         wait = 0.0
     elif _exiting:
