@@ -88,8 +88,10 @@ def test_interpreter_exit_while_daemon_threads_are_in_native_calls_is_clean():
         assert proc.stdout.strip() == "done" and proc.stderr == ""
 
 
-def test_interpreter_exit_while_daemon_threads_wait_for_worker_batches_is_clean():
-    # Their next() is woken and ends before the interpreter stops them (within a quarter of a second).
+@pytest.mark.parametrize("mode", ["process", "thread"])
+def test_interpreter_exit_while_daemon_threads_wait_for_worker_batches_is_clean(mode):
+    # Their next() is woken and ends before the interpreter stops them (within a quarter of a second with
+    # worker processes); a worker thread in a sample that never returns is a daemon: exit does not wait for it.
     code = textwrap.dedent("""
         import threading, time, torch, stoker
 
@@ -97,15 +99,16 @@ def test_interpreter_exit_while_daemon_threads_wait_for_worker_batches_is_clean(
             def __len__(self):
                 return 100
             def __getitem__(self, i):
-                time.sleep(100 if i >= 4 else 0)
+                if i >= 4:
+                    threading.Event().wait()  # never set
                 return torch.tensor([i])
 
-        its = [iter(stoker.DataLoader(Slow(), batch_size=4, num_workers=1)) for _ in range(2)]
+        its = [iter(stoker.DataLoader(Slow(), batch_size=4, num_workers=1, worker_mode=MODE)) for _ in range(2)]
         for it in its:
             threading.Thread(target=lambda it=it: list(it), daemon=True).start()
         time.sleep(1.0)
         print("done")
-    """)
+    """).replace("MODE", repr(mode))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done" and proc.stderr == ""

@@ -15,7 +15,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as _wait_futures
 from concurrent.futures import TimeoutError as _FutureTimeout
 
@@ -28,8 +28,8 @@ from stoker import _collate, _cuda, _device, _resume, _turns
 from stoker._arrays import array_ranges
 from stoker._native import POOL, core, from_dlpack
 from stoker._turns import Turns, close_in_turn, one_at_a_time, serve
-from stoker._workers import (Interrupted, IterablePosition, IterableSource, ProcessBatches, Stop, WorkerPool,
-                             Zygote, is_stateful, load_batch, set_thread_worker_info, shutdown_all,
+from stoker._workers import (Interrupted, IterablePosition, IterableSource, ProcessBatches, Stop, ThreadPool,
+                             WorkerPool, Zygote, is_stateful, load_batch, set_thread_worker_info, shutdown_all,
                              start_method_of, warn_ring_not_pinned)
 from stoker._workers import _add_note as _add_worker_note
 
@@ -642,10 +642,9 @@ class PythonIterator(_Iterator):
                                          "stoker: raised by worker_init_fn")
                         init_errors.append(exc)
 
-            self._pool = ThreadPoolExecutor(self._num_threads, "stoker_worker", initializer=start_worker)
-            # The executor starts threads lazily and reuses idle ones, so a short epoch could run on fewer
-            # threads (and call worker_init_fn fewer times) than asked: start them all now (however long
-            # worker_init_fn takes, as torch waits for its workers).
+            self._pool = ThreadPool(self._num_threads, "stoker_worker", start_worker)
+            # Every thread's worker_init_fn has run before the first batch is asked for (however long it takes,
+            # as torch waits for its workers).
             barrier = threading.Barrier(self._num_threads)
             for f in [self._pool.submit(barrier.wait) for _ in range(self._num_threads)]:
                 f.result()

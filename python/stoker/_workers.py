@@ -40,6 +40,7 @@ import time
 import traceback
 import warnings
 import weakref
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import numpy as np
@@ -54,9 +55,9 @@ from stoker import _native
 from stoker._arrays import dlpack_type_of_torch
 from stoker._collate import set_arena
 
-__all__ = ["Interrupted", "IterablePosition", "IterableSource", "ProcessBatches", "WorkerPool", "Zygote",
-           "close_zygotes", "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info", "shutdown_all",
-           "start_method_of", "warn_ring_not_pinned"]
+__all__ = ["Interrupted", "IterablePosition", "IterableSource", "ProcessBatches", "ThreadPool", "WorkerPool",
+           "Zygote", "close_zygotes", "is_stateful", "load_batch", "seed_sample", "set_thread_worker_info",
+           "shutdown_all", "start_method_of", "warn_ring_not_pinned"]
 
 _POLL_S = 0.25  # how often a waiting main process checks that its workers live
 _PARENT_CHECK_S = 1.0  # how often an idle worker checks that its parent lives
@@ -140,6 +141,72 @@ class Stop:
 
     def __init__(self) -> None:
         self.set = False
+
+
+class ThreadPool:
+    """Worker threads for a loader's batches: `num_threads` threads that run `initializer()` then the calls
+    submitted, in order, each answered through a Future (what ``concurrent.futures.ThreadPoolExecutor`` does
+    here, its threads started at once). They are daemon threads: a sample that never returns does not keep the
+    interpreter from exiting, where the executor's threads are joined at exit, as torch's worker processes are
+    ended at exit, not waited for."""
+
+    def __init__(self, num_threads: int, name: str, initializer: Callable[[], None]) -> None:
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()  # (future, fn, args), or None: a thread ends
+        self._lock = threading.Lock()
+        self._shut = False
+        self._threads = [threading.Thread(target=_serve_tasks, args=(self._tasks, initializer),
+                                          name=f"{name}_{i}", daemon=True) for i in range(num_threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        with self._lock:
+            if self._shut:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future = Future()
+            self._tasks.put((future, fn, args))
+            return future
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """The threads end after the calls begun (and, unless `cancel_futures`, those queued: cancelled else)."""
+        with self._lock:
+            if not self._shut:
+                self._shut = True
+                if cancel_futures:
+                    while True:
+                        try:
+                            task = self._tasks.get_nowait()
+                        except queue.Empty:
+                            break
+                        if task is not None:
+                            task[0].cancel()
+                for _ in self._threads:
+                    self._tasks.put(None)
+        if wait:
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join()
+
+
+def _serve_tasks(tasks: queue.SimpleQueue, initializer: Callable[[], None]) -> None:
+    # (A function of its own, not a method: the thread must not keep the pool alive.)
+    initializer()
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        future, fn, args = task
+        del task
+        if future.set_running_or_notify_cancel():
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - the future's caller receives it
+                future.set_exception(exc)
+                del exc
+            else:
+                future.set_result(result)
+                del result
+        del future, fn, args  # (nothing of a finished batch is kept while the thread waits for the next)
 
 
 class Interrupted(Exception):
