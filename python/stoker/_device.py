@@ -249,7 +249,7 @@ class DeviceIterator:
         """Stops the inner iterator; host buffers are kept until their copies are done, then released. From
         another thread than one in next(), once that next() has ended (see close_in_turn)."""
         if not self._closed:
-            close_in_turn(self, self._close, self._inner.close)
+            close_in_turn(self, self._inner.close)
 
     def _close(self) -> None:
         if self._closed:

@@ -347,7 +347,7 @@ class _Iterator:
         once that next() has ended: one waiting for a batch ends at once with StopIteration where loading can
         be interrupted (worker threads and processes), else after the batch it is loading."""
         if not self._closed:
-            close_in_turn(self, self._close, self._wake)
+            close_in_turn(self, self._wake)
 
     def _close(self) -> None:
         self._closed = True
@@ -730,7 +730,7 @@ class PythonIterator(_Iterator):
             self._closed = True
             if self._pool is not None and self._pid == os.getpid():
                 self._stop.set = True  # batches being loaded stop at their next sample
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool.shutdown()
 
     @property
     def _wake(self):
@@ -871,7 +871,7 @@ class ProcessIterator(_Iterator):
         if self._closed:
             raise StopIteration
         try:
-            item = None if self._batches.interrupted else self._batches.next()
+            item = self._batches.next()
         except Interrupted:
             item = None
         except RuntimeError:

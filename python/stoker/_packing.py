@@ -632,7 +632,7 @@ class _PackedIterator:
     def close(self) -> None:
         """Stops building ahead (batches built and not taken are dropped); idempotent. From another thread than
         one in next(), once that next() has ended."""
-        close_in_turn(self, self._close)
+        close_in_turn(self)
 
     def _close(self) -> None:
         pipe, self._pipe = self._pipe, None

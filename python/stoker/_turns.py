@@ -118,17 +118,17 @@ def exiting(wait: bool = True) -> None:
     _exit_wait_s = _EXIT_WAIT_S if wait else 0.0
 
 
-def close_in_turn(obj, close_now: Callable[[], None], wake: Callable[[], None] | None = None) -> None:
-    """Closes `obj` (which has ``_turns``, and ``_close``, the same as `close_now`) with `close_now()`, never
-    while a thread is in its turn: at once with none in it; while one is, after `wake()` (which ends that
-    thread's wait for a batch, if given) and once the turn has ended. A thread other than the one in turn
+def close_in_turn(obj, wake: Callable[[], None] | None = None) -> None:
+    """Closes `obj` (which has ``_turns`` and ``_close``) with ``obj._close()``, never while a thread is in its
+    turn: at once with none in it; while one is, after `wake()` (which ends that thread's wait for a batch, if
+    given) and once the turn has ended. A thread other than the one in turn
     waits for that up to _CLOSE_WAIT_S seconds (at exit, _EXIT_WAIT_S for a turn it woke, else not at all);
     the thread in turn (a sampler or collate_fn closing the iterator that calls it) and the iterator's own
     worker threads (whose batch the turn may be waiting for) do not wait. If the turn has not ended by then,
     the thread in turn closes `obj` as its turn ends."""
     turns = obj._turns
     if turns.forks != _forks:  # a forked child's copy: no thread of this process is in its turn
-        close_now()
+        obj._close()
         return
     turns.closing = True  # (before the lock is tried: a turn ending meanwhile sees it and closes)
     if wake is not None:
@@ -137,15 +137,15 @@ def close_in_turn(obj, close_now: Callable[[], None], wake: Callable[[], None] |
     if turns.owner == threading.get_ident() or (serving is not None and _wraps(obj, serving())):
         wait = 0.0
     elif _exiting:
-        # A woken turn ends soon (its thread leaves the native calls it was in before the interpreter stops
-        # it: one stopped in a call that let go of the GIL aborts the process); another may never end.
+        # A woken turn ends soon (its thread is out of stoker's calls before the interpreter stops it);
+        # another may never end.
         wait = _exit_wait_s if wake is not None else 0.0
     else:
         wait = _CLOSE_WAIT_S
     if not (turns.lock.acquire(timeout=wait) if wait else turns.lock.acquire(blocking=False)):
         return
     try:
-        close_now()
+        obj._close()
         turns.closing = False
     finally:
         turns.lock.release()

@@ -167,25 +167,19 @@ class ThreadPool:
             self._tasks.put((future, fn, args))
             return future
 
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        """The threads end after the calls begun (and, unless `cancel_futures`, those queued: cancelled else)."""
+    def shutdown(self) -> None:
+        """Cancels the calls queued; the threads end after those begun (nobody waits for them)."""
         with self._lock:
             if not self._shut:
                 self._shut = True
-                if cancel_futures:
-                    while True:
-                        try:
-                            task = self._tasks.get_nowait()
-                        except queue.Empty:
-                            break
-                        if task is not None:
-                            task[0].cancel()
+                while True:
+                    try:
+                        task = self._tasks.get_nowait()
+                    except queue.Empty:
+                        break
+                    task[0].cancel()  # (no None is queued before this)
                 for _ in self._threads:
                     self._tasks.put(None)
-        if wait:
-            for t in self._threads:
-                if t is not threading.current_thread():
-                    t.join()
 
 
 def _serve_tasks(tasks: queue.SimpleQueue, initializer: Callable[[], None]) -> None:
